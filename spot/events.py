@@ -1,0 +1,47 @@
+"""`events.jsonl`: one JSON object per line, appended and flushed as things happen."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+
+class EventLog:
+    def __init__(self, path: Path | None):
+        """path=None gives a log that records nothing (ranks other than 0)."""
+        self.path = path
+        self._lock = threading.Lock()
+        self._file = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(path, "a", buffering=1)  # noqa: SIM115 - closed in close()
+
+    def emit(self, event: str, **fields: Any) -> dict:
+        record = {"event": event, "time": round(time.time(), 6), **fields}
+        if self._file is not None:
+            line = json.dumps(record, sort_keys=False, default=str)
+            with self._lock:
+                self._file.write(line + "\n")
+                self._file.flush()
+        return record
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def read_events(path: Path) -> list[dict]:
+    """Every complete line of an events file (a torn last line from a killed process is ignored)."""
+    events = []
+    if not path.exists():
+        return events
+    for line in path.read_text().splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return events

@@ -1,0 +1,59 @@
+"""When to checkpoint: a fixed interval, or Young/Daly's optimum from measured cost and risk.
+
+Young/Daly: with a checkpoint costing C seconds of stalled training and a mean time between
+interruptions M, the interval that minimises expected lost time is T = sqrt(2 * C * M).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+from spot.config import CheckpointConfig
+from spot.events import EventLog
+
+
+class CheckpointSchedule:
+    def __init__(self, cfg: CheckpointConfig, interruption_rate_per_hour: float, events: EventLog):
+        self.cfg = cfg
+        self.events = events
+        self.mtbf_seconds = (
+            3600.0 / interruption_rate_per_hour if interruption_rate_per_hour > 0 else None
+        )
+        self.interval_seconds = cfg.every_minutes * 60 if cfg.every_minutes else None
+        self._last_step = 0
+        self._last_time = time.monotonic()
+        self._stalls: list[float] = []
+
+    def start(self, step: int) -> None:
+        self._last_step = step
+        self._last_time = time.monotonic()
+
+    def due(self, step: int) -> bool:
+        if self.cfg.every_steps and step - self._last_step >= self.cfg.every_steps:
+            return True
+        return (
+            self.interval_seconds is not None
+            and time.monotonic() - self._last_time >= self.interval_seconds
+        )
+
+    def record(self, step: int, stall_seconds: float, persist_seconds: float | None) -> None:
+        """Called after each checkpoint; re-estimates the interval under policy=young_daly."""
+        self._last_step = step
+        self._last_time = time.monotonic()
+        if self.cfg.policy != "young_daly" or self.mtbf_seconds is None:
+            return
+        self._stalls.append(stall_seconds)
+        cost = sorted(self._stalls)[len(self._stalls) // 2]
+        optimum = math.sqrt(2 * max(cost, 1e-3) * self.mtbf_seconds)
+        floor = persist_seconds or 0.0
+        self.interval_seconds = max(optimum, floor)
+        self.events.emit(
+            "checkpoint_interval",
+            step=step,
+            interval_seconds=round(self.interval_seconds, 3),
+            policy="young_daly",
+            stall_seconds=round(cost, 6),
+            mtbf_seconds=round(self.mtbf_seconds, 1),
+            why="persist time" if floor > optimum else "sqrt(2 * stall * mtbf)",
+        )

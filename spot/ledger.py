@@ -1,0 +1,42 @@
+"""The data ledger (`data.ledger=true`): which dataset indices each rank consumed at each step.
+
+`<run dir>/ledger/rank-<r>.jsonl`, one line per step. On resume, lines past the restored step
+are dropped, so the ledger always describes the surviving run and can prove exactly-once.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from spot.fsutil import atomic_write_bytes
+
+
+def ledger_path(run_dir: Path, rank: int) -> Path:
+    return run_dir / "ledger" / f"rank-{rank}.jsonl"
+
+
+def read_ledger(path: Path) -> list[dict]:
+    entries = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError:  # a line torn by a kill
+                continue
+    return entries
+
+
+class Ledger:
+    def __init__(self, run_dir: Path, rank: int, resumed_step: int):
+        self.path = ledger_path(run_dir, rank)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = [e for e in read_ledger(self.path) if e.get("step", 0) <= resumed_step]
+        atomic_write_bytes(self.path, "".join(json.dumps(e) + "\n" for e in kept).encode())
+        self._file = open(self.path, "a", buffering=1)  # noqa: SIM115 - closed in close()
+
+    def record(self, step: int, epoch: int, indices: list[int]) -> None:
+        self._file.write(json.dumps({"step": step, "epoch": epoch, "indices": indices}) + "\n")
+
+    def close(self) -> None:
+        self._file.close()

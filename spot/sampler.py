@@ -1,0 +1,117 @@
+"""Exactly-once data order that survives restarts and world-size changes.
+
+The order of an epoch's samples depends only on (seed, epoch). A step consumes the next
+`world_size * batch_size` samples of that order, rank r taking its contiguous share. The position
+is one number, the samples of the epoch consumed so far: a restart with any world size hands out
+exactly the rest, re-sharded over the ranks it has now, and loads none of what it skips.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+
+class ResumableBatchSampler:
+    """A batch sampler for `DataLoader(batch_sampler=...)` that can be stopped and resumed.
+
+    The training loop calls `advance()` after each optimizer step (not when a batch is fetched:
+    a DataLoader prefetches ahead), and `next_epoch()` when the iterator is exhausted.
+    """
+
+    def __init__(
+        self,
+        dataset_size: int,
+        batch_size: int,
+        *,
+        seed: int,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        if dataset_size < 1 or batch_size < 1:
+            raise ValueError(
+                f"dataset_size={dataset_size} and batch_size={batch_size} must be >= 1"
+            )
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        self.dataset_size = dataset_size
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self.consumed = 0
+        self._order: tuple[int, torch.Tensor] | None = None
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        """The global order of the epoch's samples: a function of (seed, epoch) only."""
+        if self._order is not None and self._order[0] == epoch:
+            return self._order[1]
+        if self.shuffle:
+            generator = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**63)
+            order = torch.randperm(self.dataset_size, generator=generator)
+        else:
+            order = torch.arange(self.dataset_size)
+        self._order = (epoch, order)
+        return order
+
+    def rank_share(self, order: torch.Tensor, consumed: int) -> list[int]:
+        """This rank's indices of the step that starts at `consumed`."""
+        step = order[consumed : consumed + self.step_size(consumed)]
+        return step.tensor_split(self.world_size)[self.rank].tolist()
+
+    def current_indices(self) -> list[int]:
+        """This rank's indices of the step the sampler's position is at."""
+        return self.rank_share(self.epoch_order(self.epoch), self.consumed)
+
+    def step_size(self, consumed: int | None = None) -> int:
+        """Samples of the epoch (all ranks together) that the step starting at `consumed` takes."""
+        consumed = self.consumed if consumed is None else consumed
+        return min(self.world_size * self.batch_size, self.dataset_size - consumed)
+
+    def steps_per_epoch(self) -> int:
+        return -(-self.dataset_size // (self.world_size * self.batch_size))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = self.epoch_order(self.epoch)
+        position = self.consumed
+        while position < self.dataset_size:
+            yield self.rank_share(order, position)
+            position += self.step_size(position)
+
+    def __len__(self) -> int:
+        remaining = self.dataset_size - self.consumed
+        return -(-remaining // (self.world_size * self.batch_size))
+
+    def advance(self) -> None:
+        self.consumed += self.step_size()
+
+    @property
+    def epoch_finished(self) -> bool:
+        return self.consumed >= self.dataset_size
+
+    def next_epoch(self) -> None:
+        self.epoch += 1
+        self.consumed = 0
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "consumed": self.consumed,
+            "dataset_size": self.dataset_size,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("dataset_size", "seed", "shuffle"):
+            if state[key] != getattr(self, key):
+                raise ValueError(
+                    f"data position was saved with {key}={state[key]!r}, this run has "
+                    f"{getattr(self, key)!r}: the remaining samples cannot be matched"
+                )
+        self.epoch = int(state["epoch"])
+        self.consumed = int(state["consumed"])

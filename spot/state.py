@@ -1,0 +1,63 @@
+"""Everything a resumed run needs, gathered into checkpoint components and put back exactly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from spot import rng
+from spot.checkpoint import CheckpointUnusable, check_state_dict_compatible
+from spot.sampler import ResumableBatchSampler
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module whose state dict is saved: without DDP's `module.` prefix, so a checkpoint
+    moves between single-process and distributed runs."""
+    return getattr(model, "module", model)
+
+
+@dataclass
+class TrainingState:
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    sampler: ResumableBatchSampler
+    step: int = 0
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        """Components of a checkpoint, taken at a step boundary (after the optimizer step)."""
+        return {
+            "model": unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "trainer": {
+                "step": self.step,
+                "sampler": self.sampler.state_dict(),
+                "rng": rng.capture(),
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Check everything first, then load: a checkpoint that does not fit is refused whole."""
+        check_state_dict_compatible(state["model"], unwrap(self.model).state_dict())
+        saved_groups = state["optimizer"]["param_groups"]
+        live_groups = self.optimizer.param_groups
+        if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in live_groups]:
+            raise CheckpointUnusable(
+                "checkpoint optimizer has other parameter groups than this one"
+            )
+        try:
+            self.sampler.load_state_dict(state["trainer"]["sampler"])
+        except ValueError as exc:
+            raise CheckpointUnusable(str(exc)) from None
+        unwrap(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["trainer"]["step"])
+        rng.restore(state["trainer"]["rng"])
