@@ -1,0 +1,121 @@
+"""Shared helpers: run train.py as a real subprocess, stop it at a failpoint, read its results."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Small and fast, but crossing epoch boundaries (4096 samples / 64 per step = 64 steps per epoch).
+FAST = [
+    "logger=none",
+    "trainer.batch_size=64",
+    "trainer.log_every=1000",
+    "model.hidden=32",
+]
+
+
+def train_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SPOT_", "HYDRA_"))}
+    env.update({"OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"})
+    env.update(extra)
+    return env
+
+
+def run_train(args: list[str], *, timeout: float = 180, env: dict | None = None, cwd: Path = REPO):
+    return subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=cwd,
+        env=env or train_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def run_until_failpoint(args: list[str], failpoint: str, marker_dir: Path, timeout: float = 180):
+    """Start train.py armed with a failpoint; when it reaches it, SIGKILL it. Returns the step."""
+    name = failpoint.split("@")[0]
+    marker = marker_dir / name
+    marker.unlink(missing_ok=True)
+    env = train_env(SPOT_FAILPOINTS=failpoint, SPOT_FAILPOINT_DIR=str(marker_dir))
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + timeout
+    try:
+        while not marker.exists():
+            if proc.poll() is not None:
+                raise AssertionError(
+                    f"train.py exited {proc.returncode} before {failpoint}:\n{proc.stdout.read()}"
+                )
+            if time.monotonic() > deadline:
+                raise AssertionError(f"train.py never reached {failpoint}")
+            time.sleep(0.02)
+        proc.kill()  # SIGKILL: no handler, no cleanup, like a reclaimed machine
+    finally:
+        proc.wait(timeout=30)
+        proc.stdout.close()
+    assert proc.returncode == -9
+    return int(marker.read_text())
+
+
+def run_dir_of(root: Path) -> Path:
+    """The single run directory under a run root (<root>/<name>/<id>)."""
+    dirs = [p for p in root.glob("*/*") if p.is_dir() and not p.name.startswith(".")]
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+def final_state(run_dir: Path) -> dict:
+    """The newest checkpoint's components, verified, as loaded tensors."""
+    from spot.checkpoint import CheckpointManager, list_step_dirs
+
+    step, path = list_step_dirs(run_dir / "checkpoints")[0]
+    return CheckpointManager.load(path).state
+
+
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's raw bits as integers (so -0.0 != 0.0 and NaN payloads count)."""
+    flat = t.detach().cpu().contiguous().flatten()
+    return flat.view(_SAME_SIZE_INT[flat.element_size()]) if flat.is_floating_point() else flat
+
+
+def assert_bitwise_equal(a, b, where: str = "") -> None:
+    """Recursively compare state trees; tensors must be identical bit for bit."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor), where
+        assert a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(_bits(a), _bits(b)), f"differs at {where}"
+    elif isinstance(a, dict):
+        assert set(a) == set(b), f"keys differ at {where}: {set(a) ^ set(b)}"
+        for k in a:
+            assert_bitwise_equal(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_bitwise_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+@pytest.fixture
+def markers(tmp_path: Path) -> Path:
+    d = tmp_path / "failpoints"
+    d.mkdir()
+    return d
