@@ -18,6 +18,7 @@ import hydra
 import torch
 import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -58,6 +59,16 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def build(node: DictConfig, key: str):
+    """Instantiate a `_target_` node; a wrong argument is a config error, not a traceback."""
+    try:
+        return instantiate(node)
+    except InstantiationException as exc:
+        cause = exc.__cause__ or exc
+        message = " ".join(str(cause).split())
+        raise ConfigError(key, f"{type(cause).__name__}: {message}") from None
+
+
 def train(cfg: DictConfig, overrides: list[str]) -> int:
     s = validate(cfg)
     run_id = s.run.id or identity.run_id_from_overrides(overrides)
@@ -69,6 +80,20 @@ def train(cfg: DictConfig, overrides: list[str]) -> int:
     if s.trainer.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
+
+    # Model, data, optimizer and schedule, all from the config.
+    seed_everything(s.seed)
+    dataset = build(cfg.data.dataset, "data.dataset")
+    model = build(cfg.model, "model").to(device)
+    optimizer = instantiate(cfg.optimizer)(model.parameters())
+    sampler = ResumableBatchSampler(
+        len(dataset), s.trainer.batch_size, seed=s.seed, shuffle=s.data.shuffle
+    )
+    max_steps = s.trainer.max_steps or s.trainer.max_epochs * sampler.steps_per_epoch()
+    if s.trainer.max_epochs:
+        max_steps = min(max_steps, s.trainer.max_epochs * sampler.steps_per_epoch())
+    scheduler = build_scheduler(instantiate(cfg.scheduler), optimizer, max_steps)
+    state = TrainingState(model, optimizer, scheduler, sampler)
 
     # The run directory, its config and its event log: the same for every restart.
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -93,20 +118,6 @@ def train(cfg: DictConfig, overrides: list[str]) -> int:
         },
     )
     checkpoints.remove_stale()
-
-    # Model, data, optimizer and schedule, all from the config.
-    seed_everything(s.seed)
-    dataset = instantiate(cfg.data.dataset)
-    model = instantiate(cfg.model).to(device)
-    optimizer = instantiate(cfg.optimizer)(model.parameters())
-    sampler = ResumableBatchSampler(
-        len(dataset), s.trainer.batch_size, seed=s.seed, shuffle=s.data.shuffle
-    )
-    max_steps = s.trainer.max_steps or s.trainer.max_epochs * sampler.steps_per_epoch()
-    if s.trainer.max_epochs:
-        max_steps = min(max_steps, s.trainer.max_epochs * sampler.steps_per_epoch())
-    scheduler = build_scheduler(instantiate(cfg.scheduler), optimizer, max_steps)
-    state = TrainingState(model, optimizer, scheduler, sampler)
 
     # Resume from the newest checkpoint that verifies, or start fresh.
     began = time.perf_counter()

@@ -4,6 +4,8 @@ Labels come from a fixed random "teacher" so that a model can actually learn the
 falls, which makes a training run on a laptop meaningful.
 """
 
+import math
+
 import torch
 from torch.utils.data import Dataset
 
@@ -35,9 +37,9 @@ class SyntheticImages(Dataset):
         coords = torch.linspace(-1, 1, image_size)
         yy, xx = torch.meshgrid(coords, coords, indexing="ij")
         for c in range(num_classes):
-            angle = 2 * torch.pi * c / num_classes
+            angle = 2 * math.pi * c / num_classes
             blob = torch.exp(
-                -((xx - 0.5 * torch.cos(angle)) ** 2 + (yy - 0.5 * torch.sin(angle)) ** 2) / 0.1
+                -((xx - 0.5 * math.cos(angle)) ** 2 + (yy - 0.5 * math.sin(angle)) ** 2) / 0.1
             )
             self.x[self.y == c] += blob
 

@@ -1,0 +1,99 @@
+"""The commands a user types: multirun sweeps that resume, the example experiments, and the
+README's quick start (`make train`) on a clean clone."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from spot.events import read_events
+from tests.conftest import FAST, REPO, run_train, train_env
+
+pytestmark = pytest.mark.slow
+
+
+def test_multirun_runs_each_job_once_and_skips_finished(tmp_path: Path):
+    args = ["-m", "optimizer.lr=0.1,0.01", "trainer.max_steps=12", *FAST, f"run.root={tmp_path}"]
+    first = run_train(args)
+    assert first.returncode == 0, first.stderr
+    runs = sorted(p for p in (tmp_path / "default").iterdir())
+    assert len(runs) == 2 and all((p / "COMPLETE").exists() for p in runs)
+    configs = {(p / "config.yaml").read_text().count("lr: 0.1\n") for p in runs}
+    assert configs == {0, 1}, "the two jobs must have different run directories and configs"
+    events_before = [(p / "events.jsonl").read_text() for p in runs]
+
+    again = run_train(args)
+    assert again.returncode == 0, again.stderr
+    assert (again.stdout + again.stderr).count("already complete") == 2
+    assert [(p / "events.jsonl").read_text() for p in runs] == events_before
+    assert sorted(p for p in (tmp_path / "default").iterdir()) == runs
+
+
+def test_multirun_resumes_an_unfinished_job(tmp_path: Path):
+    """A sweep cut short (one job done, the other interrupted) resumes the unfinished one."""
+    args = [
+        "-m",
+        "trainer.max_steps=10,30",
+        *FAST,
+        "checkpoint.every_steps=5",
+        f"run.root={tmp_path}",
+    ]
+    assert run_train(args).returncode == 0
+    runs = sorted((tmp_path / "default").iterdir(), key=lambda p: (p / "COMPLETE").read_text())
+    unfinished = runs[-1]
+    (unfinished / "COMPLETE").unlink()  # as if it was reclaimed after its step-25 checkpoint
+    for step_dir in (unfinished / "checkpoints").glob("step-00000003*"):
+        shutil.rmtree(step_dir)
+    result = run_train(args)
+    assert result.returncode == 0, result.stderr
+    assert (result.stdout + result.stderr).count("already complete") == 1
+    resumes = [e for e in read_events(unfinished / "events.jsonl") if e["event"] == "resume"]
+    assert [e["step"] for e in resumes] == [25]
+    assert (unfinished / "COMPLETE").read_text().strip() == "30"
+
+
+def test_cnn_experiment_with_wandb_offline(tmp_path: Path):
+    """The second model family, and the default logger (W&B, offline, no network)."""
+    result = run_train(
+        [
+            "+experiment=cnn",
+            "trainer.max_steps=6",
+            "checkpoint.every_steps=3",
+            f"run.root={tmp_path}",
+        ]
+    )
+    assert result.returncode == 0, result.stderr
+    run_dir = next((tmp_path / "cnn").iterdir())
+    assert (run_dir / "COMPLETE").exists()
+    assert list((run_dir / "wandb").glob("offline-run-*")), "W&B offline run not written"
+    assert [
+        e["step"] for e in read_events(run_dir / "events.jsonl") if e["event"] == "checkpoint"
+    ] == [3, 6]
+
+
+def test_make_train_on_a_clean_clone(tmp_path: Path):
+    """The README's first command, from a fresh `git clone` (reusing this venv: installing it is
+    what `make test` itself just proved on CI's clean clone)."""
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "--quiet", str(REPO), str(clone)], check=True)
+    venv = Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv"))
+    if not (venv / ".installed").exists():
+        pytest.skip("run through `make test` to reuse its venv")
+    result = subprocess.run(
+        ["make", "train", f"VENV={venv}", "ARGS=trainer.max_steps=60"],
+        cwd=clone,
+        env=train_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    run_dir = next((clone / "runs" / "example").iterdir())
+    assert (run_dir / "COMPLETE").exists()
+    assert f"run complete at step 60: {run_dir.relative_to(clone)}" in result.stdout + result.stderr

@@ -1,0 +1,196 @@
+"""Configuration: every group composes with Hydra's compose API, and every bad value is refused
+with one line naming the key, a non-zero exit, and no run directory."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from spot.config import ConfigError, Settings, validate
+from spot.exitcodes import EXIT_BAD_CONFIG
+from spot.identity import run_id_from_overrides
+from tests.conftest import REPO, run_train
+
+CONF = REPO / "conf"
+
+
+def composed(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def test_contract_groups_and_options_exist():
+    expected = {
+        "cloud": {"local", "aws", "gcp", "azure", "slurm"},
+        "storage": {"local", "s3"},
+        "checkpoint": {"default"},
+        "elastic": {"single", "elastic"},
+        "logger": {"wandb", "none"},
+        "experiment": {"example"},
+    }
+    for group, wanted in expected.items():
+        assert wanted <= set(options(group)), group
+    for group in ("model", "data", "optimizer", "scheduler", "trainer"):
+        assert options(group), group
+
+
+@pytest.mark.parametrize(
+    "group,option",
+    [
+        (g, o)
+        for g in (
+            "cloud",
+            "storage",
+            "elastic",
+            "logger",
+            "model",
+            "data",
+            "optimizer",
+            "scheduler",
+        )
+        for o in options(g)
+    ],
+)
+def test_every_option_composes_and_validates(group, option):
+    extra = {
+        "storage": ["storage.bucket=my-bucket"],
+        "model": ["data=images"] if option == "cnn" else [],
+        "data": ["model=cnn"] if option == "images" else [],
+    }
+    cfg = composed(f"{group}={option}", *extra.get(group, []))
+    settings = validate(cfg)
+    assert isinstance(settings, Settings)
+
+
+def test_defaults_match_the_contract():
+    s = validate(composed())
+    assert (s.cloud.name, s.storage.backend, s.logger.backend, s.logger.mode) == (
+        "local",
+        "local",
+        "wandb",
+        "offline",
+    )
+    assert (s.checkpoint.every_minutes, s.checkpoint.keep_last, s.checkpoint.async_save) == (
+        15,
+        3,
+        True,
+    )
+    assert (s.checkpoint.policy, s.checkpoint.on_corrupt) == ("fixed", "previous")
+    assert (s.trainer.device, s.run.root, s.run.id) == ("auto", "runs", None)
+    aws = validate(composed("cloud=aws")).cloud
+    assert (aws.notice_seconds, aws.price.on_demand_per_hour, aws.price.spot_per_hour) == (
+        120,
+        24.48,
+        7.35,
+    )
+    assert validate(composed("cloud=gcp")).cloud.notice_seconds == 30
+
+
+def test_experiment_sets_run_name():
+    cfg = composed("+experiment=example")
+    assert cfg.run.name == "example"
+    validate(cfg)
+
+
+def test_validate_raises_one_line_naming_the_key():
+    with pytest.raises(ConfigError) as err:
+        validate(composed("checkpoint.every_minutes=0"))
+    assert err.value.key == "checkpoint.every_minutes"
+    assert "\n" not in str(err.value)
+
+
+def test_run_id_is_stable_and_ignores_non_training_keys():
+    a = run_id_from_overrides(["optimizer.lr=0.1", "trainer.max_steps=10"])
+    assert a == run_id_from_overrides(["trainer.max_steps=10", "optimizer.lr=0.1"])
+    assert a == run_id_from_overrides(
+        [
+            "optimizer.lr=0.1",
+            "trainer.max_steps=10",
+            "cloud=aws",
+            "storage=s3",
+            "storage.bucket=b",
+            "elastic=elastic",
+            "logger=none",
+            "run.root=/x",
+            "checkpoint.every_steps=5",
+            "data.ledger=true",
+        ]
+    )
+    assert a != run_id_from_overrides(["optimizer.lr=0.2", "trainer.max_steps=10"])
+    assert len(a) == 12 and a.isalnum()
+
+
+# Each: the override, the key the one-line message must name.
+BAD = [
+    ("cloud=foo", "cloud"),
+    ("checkpoint.every_steps=-5", "checkpoint.every_steps"),
+    ("checkpoint.every_minutes=0", "checkpoint.every_minutes"),
+    ("checkpoint.keep_last=0", "checkpoint.keep_last"),
+    ("checkpoint.policy=sometimes", "checkpoint.policy"),
+    ("checkpoint.on_corrupt=ignore", "checkpoint.on_corrupt"),
+    ("elastic.min_nodes=3", "elastic.min_nodes"),
+    ("storage=s3", "storage.bucket"),
+    ("trainer.device=tpu", "trainer.device"),
+    ("trainer.batch_size=abc", "trainer.batch_size"),
+    ("trainer.max_steps=0", "trainer.max_steps"),
+    ("trainer.nonsense=1", "trainer.nonsense"),
+    ("elastic.lr_scaling=cubic", "elastic.lr_scaling"),
+    ("logger.mode=loud", "logger.mode"),
+    ("cloud.metadata_url=ftp://x", "cloud.metadata_url"),
+    ("run.name=../escape", "run.name"),
+    ("optimizer.lr=-1", "optimizer"),
+    ("+experiment=nope", "experiment"),
+    ("model._target_=nowhere.Model", "model._target_"),
+    ("data.dataset.size=-3", "data.dataset"),
+    ("model.hidden=abc", "model"),
+]
+
+
+def test_bad_configuration_table(tmp_path: Path):
+    def attempt(case):
+        override, key = case
+        root = tmp_path / key.replace("/", "_")
+        return case, root, run_train([override, f"run.root={root}"], timeout=120)
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(attempt, BAD))
+    for (override, key), root, result in results:
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == EXIT_BAD_CONFIG, (override, result.returncode, result.stderr)
+        assert len(lines) == 1, (override, lines)
+        assert lines[0].startswith(f"config error: {key}:"), (override, lines[0])
+        assert "Traceback" not in result.stderr
+        assert not root.exists(), f"{override} created {root}"
+    assert not (tmp_path / ".multirun").exists()
+
+
+def test_bad_value_in_one_multirun_job_stops_before_any_job(tmp_path: Path):
+    result = run_train(
+        [
+            "-m",
+            "trainer.batch_size=8,0",
+            "logger=none",
+            "trainer.max_steps=2",
+            f"run.root={tmp_path}",
+        ]
+    )
+    assert result.returncode == EXIT_BAD_CONFIG
+    assert (
+        result.stderr.strip() == "config error: trainer.batch_size: 0 is not allowed; must be > 0"
+    )
+    assert not any(tmp_path.iterdir())
+
+
+def test_resolved_config_round_trips(tmp_path: Path):
+    cfg = composed("+experiment=example")
+    path = tmp_path / "c.yaml"
+    OmegaConf.save(cfg, path)
+    assert validate(OmegaConf.load(path)).run.name == "example"
