@@ -216,3 +216,40 @@ def test_stale_temporaries_are_removed(tmp_path):
     m = manager(root)
     m.remove_stale()
     assert list(root.iterdir()) == []
+
+
+def test_spot_cli_lists_verifies_and_inspects(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    root = tmp_path / "run" / "checkpoints"
+    m = manager(root)
+    for step in (10, 20):
+        m.save(step, make_state(step), {"epoch": 0})
+
+    def spot(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "spot", *args],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    listed = spot("list", str(tmp_path / "run"))
+    assert listed.returncode == 0 and listed.stdout.count("valid") == 2
+    flip = root / "step-000000020" / "optimizer.pt"
+    data = flip.read_bytes()
+    flip.write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])
+    assert spot("list", str(root)).returncode == 0, "list reads manifests only"
+    verified = spot("verify", str(root))
+    assert verified.returncode == 1
+    assert "INVALID: optimizer.pt fails its sha256 checksum" in verified.stdout
+    inspected = spot("inspect", str(root))
+    assert (
+        inspected.returncode == 0
+        and "step: 10" in inspected.stdout
+        and "w: (64, 64)" in inspected.stdout
+    )

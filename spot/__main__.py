@@ -1,0 +1,113 @@
+"""`python -m spot <command>`: the library's tools.
+
+list PATH      every checkpoint under PATH (a run directory, its checkpoints/, or one step-*)
+verify PATH    check every checkpoint fully (sizes, checksums, weights_only load); exit 1 if any is bad
+inspect PATH   the newest valid checkpoint's manifest and tensors (or the one PATH names)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+from pathlib import Path
+
+import torch
+
+from spot import manifest
+from spot.checkpoint import CheckpointManager, list_step_dirs
+from spot.manifest import STEP_DIR, CorruptCheckpoint
+
+
+def _checkpoint_dirs(path: Path) -> list[Path]:
+    if STEP_DIR.match(path.name):
+        return [path]
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    if not path.is_dir():
+        raise SystemExit(
+            f"error: {path} is not a run directory, a checkpoints directory or a step-* directory"
+        )
+    return [p for _, p in list_step_dirs(path)]
+
+
+def _when(ts: float | None) -> str:
+    return dt.datetime.fromtimestamp(ts).isoformat(timespec="seconds") if ts else "-"
+
+
+def cmd_list(path: Path, full: bool) -> int:
+    dirs = _checkpoint_dirs(path)
+    if not dirs:
+        print(f"no checkpoints in {path}")
+        return 0
+    print(f"{'step':>9}  {'epoch':>5}  {'bytes':>12}  {'created':19}  status")
+    bad = 0
+    for d in dirs:
+        try:
+            m = (manifest.verify if full else manifest.read)(d)
+            print(
+                f"{m.step:>9}  {m.get('epoch', '-'):>5}  {m.total_bytes:>12}  {_when(m.get('created')):19}  valid"
+            )
+        except CorruptCheckpoint as exc:
+            bad += 1
+            print(f"{d.name[5:]:>9}  {'-':>5}  {'-':>12}  {'-':19}  INVALID: {exc}")
+    return 1 if bad else 0
+
+
+def cmd_inspect(path: Path) -> int:
+    for d in _checkpoint_dirs(path):
+        try:
+            loaded = CheckpointManager.load(d)
+        except CorruptCheckpoint as exc:
+            print(f"{d.name}: INVALID: {exc}", file=sys.stderr)
+            continue
+        m = loaded.manifest
+        print(f"{d}")
+        for key in (
+            "step",
+            "epoch",
+            "samples_in_epoch",
+            "world_size",
+            "config_digest",
+            "library_version",
+            "run",
+        ):
+            print(f"  {key}: {m.get(key)}")
+        for name, entry in m.components.items():
+            print(
+                f"  {name}: {entry['file']} {entry['bytes']} bytes sha256 {entry['sha256'][:16]}..."
+            )
+        tensors = [(k, v) for k, v in loaded.state["model"].items() if isinstance(v, torch.Tensor)]
+        count = sum(v.numel() for _, v in tensors)
+        print(f"  model: {len(tensors)} tensors, {count} parameters and buffers")
+        for k, v in tensors[:20]:
+            print(f"    {k}: {tuple(v.shape)} {str(v.dtype).removeprefix('torch.')}")
+        return 0
+    print(f"no valid checkpoint in {path}", file=sys.stderr)
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m spot", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (
+        ("list", "list checkpoints (manifests only: fast)"),
+        ("verify", "verify every checkpoint completely"),
+        ("inspect", "show the newest valid checkpoint"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("path", type=Path)
+    args = parser.parse_args(argv)
+    if str(args.path).startswith("s3://"):
+        print(
+            "error: s3:// paths need remote storage, which this version does not have yet",
+            file=sys.stderr,
+        )
+        return 2
+    if args.command == "inspect":
+        return cmd_inspect(args.path)
+    return cmd_list(args.path, full=args.command == "verify")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
