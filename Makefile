@@ -33,9 +33,8 @@ train: install ## a short CPU training on built-in synthetic data, with checkpoi
 test: install-test lint ## lint, then the whole test suite on CPU (what .ci/run calls)
 	$(BIN)/python -m pytest
 
-lint: install-test ## ruff check and format check (the pre-commit hooks, offline)
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+lint: install-test ## the pre-commit hooks (ruff, format, weights_only loads, YAML), all offline
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pre-commit run --all-files --show-diff-on-failure
 
 format: install-test ## apply ruff fixes and formatting
 	$(BIN)/ruff check --fix .
