@@ -1,0 +1,48 @@
+"""When to checkpoint: fixed steps or minutes, and Young/Daly from measured cost."""
+
+from __future__ import annotations
+
+import math
+import time
+
+from spot.config import CheckpointConfig
+from spot.events import EventLog, read_events
+from spot.interval import CheckpointSchedule
+
+
+def test_every_steps():
+    s = CheckpointSchedule(CheckpointConfig(every_steps=5, every_minutes=None), 0.0, EventLog(None))
+    s.start(0)
+    assert [
+        step for step in range(1, 12) if s.due(step) and (s.record(step, 0.0, None) or True)
+    ] == [5, 10]
+
+
+def test_every_minutes_uses_elapsed_time():
+    s = CheckpointSchedule(
+        CheckpointConfig(every_steps=None, every_minutes=0.001), 0.0, EventLog(None)
+    )
+    s.start(0)
+    assert not s.due(1)
+    time.sleep(0.08)
+    assert s.due(2)
+    s.record(2, 0.0, None)
+    assert not s.due(3)
+
+
+def test_young_daly_interval_from_measured_stall(tmp_path):
+    events = EventLog(tmp_path / "events.jsonl")
+    cfg = CheckpointConfig(every_steps=None, every_minutes=15, policy="young_daly")
+    s = CheckpointSchedule(cfg, interruption_rate_per_hour=0.05, events=events)
+    assert s.interval_seconds == 900  # until a cost is measured: every_minutes
+    s.record(10, stall_seconds=2.0, persist_seconds=1.0)
+    mtbf = 3600 / 0.05
+    assert math.isclose(s.interval_seconds, math.sqrt(2 * 2.0 * mtbf))
+    s.record(20, stall_seconds=2.0, persist_seconds=5000.0)  # persisting is slower than the optimum
+    assert s.interval_seconds == 5000.0
+    why = [
+        e["why"]
+        for e in read_events(tmp_path / "events.jsonl")
+        if e["event"] == "checkpoint_interval"
+    ]
+    assert why == ["sqrt(2 * stall * mtbf)", "persist time"]
