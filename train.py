@@ -25,10 +25,15 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from spot import identity
-from spot.checkpoint import CheckpointManager, CheckpointUnusable
+from spot.checkpoint import CheckpointManager, CheckpointUnusable, CheckpointWriteError
 from spot.config import ConfigError, training_view, validate
 from spot.events import EventLog
-from spot.exitcodes import EXIT_BAD_CONFIG, EXIT_CHECKPOINT_UNUSABLE, EXIT_COMPLETE
+from spot.exitcodes import (
+    EXIT_BAD_CONFIG,
+    EXIT_CHECKPOINT_UNUSABLE,
+    EXIT_CHECKPOINT_WRITE_FAILED,
+    EXIT_COMPLETE,
+)
 from spot.failpoints import failpoint
 from spot.fsutil import atomic_write_bytes
 from spot.interval import CheckpointSchedule
@@ -109,6 +114,8 @@ def train(cfg: DictConfig, overrides: list[str]) -> int:
         keep_last=s.checkpoint.keep_last,
         async_save=s.checkpoint.async_save,
         on_corrupt=s.checkpoint.on_corrupt,
+        on_error=s.checkpoint.on_error,
+        when_busy=s.checkpoint.when_busy,
         events=events,
         meta={
             "run": {"name": s.run.name, "id": run_id},
@@ -154,9 +161,10 @@ def train(cfg: DictConfig, overrides: list[str]) -> int:
 
     def save(reason: str) -> None:
         info = {"reason": reason, "epoch": state.epoch, "samples_in_epoch": sampler.consumed}
-        stall = checkpoints.save(state.step, state.state_dict(), info)
-        schedule.record(state.step, stall, checkpoints.last_persist_seconds)
-        metrics.log({"ckpt/stall_seconds": stall}, step=state.step)
+        stall = checkpoints.save(state.step, state.state_dict(), info, final=reason == "final")
+        if stall is not None:  # None: skipped while the previous one is written (when_busy=skip)
+            schedule.record(state.step, stall, checkpoints.last_persist_seconds)
+            metrics.log({"ckpt/stall_seconds": stall}, step=state.step)
 
     model.train()
     while not finished():
@@ -216,6 +224,9 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         code = EXIT_BAD_CONFIG
+    except CheckpointWriteError as exc:  # the previous checkpoint is intact
+        print(f"checkpoint error: {exc}", file=sys.stderr)
+        code = EXIT_CHECKPOINT_WRITE_FAILED
     if hydra_cfg.mode == RunMode.RUN or code not in (EXIT_COMPLETE,):
         sys.exit(code)
 

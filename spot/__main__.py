@@ -73,10 +73,8 @@ def cmd_inspect(path: Path) -> int:
             "run",
         ):
             print(f"  {key}: {m.get(key)}")
-        for name, entry in m.components.items():
-            print(
-                f"  {name}: {entry['file']} {entry['bytes']} bytes sha256 {entry['sha256'][:16]}..."
-            )
+        for file, entry in m.files.items():
+            print(f"  {file}: {entry['bytes']} bytes, {m['hash']} {entry['digest']}")
         tensors = [(k, v) for k, v in loaded.state["model"].items() if isinstance(v, torch.Tensor)]
         count = sum(v.numel() for _, v in tensors)
         print(f"  model: {len(tensors)} tensors, {count} parameters and buffers")

@@ -4,13 +4,16 @@ A save writes every component into a temporary directory, fsyncs it, writes `man
 and renames the directory to `step-<9 digits>`: a reader sees a whole checkpoint or none.
 Retention runs only after a new checkpoint is committed and never touches the one just written.
 Loading verifies sizes and checksums before unpickling anything, with `weights_only=True`.
+With async_save the training loop only copies the state into a reused host buffer; writing,
+fsyncing and committing happen in one background thread, at most one checkpoint in flight.
 """
 
 from __future__ import annotations
 
-import io
+import contextlib
 import logging
 import os
+import threading
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,11 +23,12 @@ from typing import Any
 
 import torch
 
-from spot import manifest
+from spot import manifest, tensorfile
 from spot.events import EventLog
 from spot.failpoints import failpoint
-from spot.fsutil import HashingWriter, fsync_dir, remove_tree, write_file_durably
+from spot.fsutil import fsync_dir, remove_tree, write_file_durably
 from spot.manifest import MANIFEST, STEP_DIR, CorruptCheckpoint, Manifest, step_dir_name
+from spot.tensorfile import SnapshotBuffer
 
 log = logging.getLogger(__name__)
 
@@ -46,21 +50,6 @@ class LoadedCheckpoint:
     @property
     def step(self) -> int:
         return self.manifest.step
-
-
-def snapshot(obj: Any) -> Any:
-    """A host-memory copy of a state tree, so training can go on while it is written."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: snapshot(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(snapshot(v) for v in obj)
-    return obj
-
-
-def load_component(data: bytes) -> Any:
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
 def list_step_dirs(root: Path) -> list[tuple[int, Path]]:
@@ -107,6 +96,12 @@ def check_state_dict_compatible(saved: dict, live: dict, what: str = "model") ->
         raise CheckpointUnusable(f"checkpoint {what} does not fit this {what}: {detail}")
 
 
+def _lower_priority() -> None:
+    """Background writer threads yield the CPU to the training loop (Linux: per-thread nice)."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+
+
 class CheckpointManager:
     def __init__(
         self,
@@ -117,47 +112,96 @@ class CheckpointManager:
         on_corrupt: str,
         events: EventLog,
         meta: dict[str, Any],
+        on_error: str = "stop",
+        when_busy: str = "wait",
     ):
-        """meta (config_digest, training_config, world_size, run) goes into every manifest."""
+        """meta (config_digest, training_config, world_size, run) goes into every manifest.
+
+        on_error: "stop" raises a failed save's error in the training loop; "continue" logs it,
+        counts it and goes on (the previous checkpoint stays the newest). when_busy: "wait" makes a
+        new checkpoint wait for the one in flight; "skip" skips it instead.
+        """
         self.root = Path(root)
         self.keep_last = keep_last
         self.on_corrupt = on_corrupt
+        self.on_error = on_error
+        self.when_busy = when_busy
         self.events = events
         self.meta = meta
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="ckpt") if async_save else None
-        self._pending: Future | None = None
+        self._executor = (
+            ThreadPoolExecutor(1, thread_name_prefix="ckpt", initializer=_lower_priority)
+            if async_save
+            else None
+        )
+        self._buffer = SnapshotBuffer()
+        self._pending: tuple[int, Future] | None = None
         self.last_committed_step: int | None = None
         self.last_persist_seconds: float | None = None
+        self.failures = 0
+        self.skipped = 0
+
+    @property
+    def snapshot_bytes(self) -> int:
+        """Host memory held for snapshots: one copy of the state (0 for synchronous saves)."""
+        return self._buffer.nbytes
 
     # ---- saving ---------------------------------------------------------------------------
 
-    def save(self, step: int, state: dict[str, Any], info: dict[str, Any]) -> float:
-        """Checkpoint `state` at `step`; return the seconds the caller was blocked (the stall).
+    def save(
+        self, step: int, state: dict[str, Any], info: dict[str, Any], *, final: bool = False
+    ) -> float | None:
+        """Checkpoint `state` at `step`; return the seconds the caller was blocked (the stall), or
+        None if the checkpoint was skipped because the previous one is still being written.
 
-        Asynchronous: wait for the previous save, copy state to host memory, persist in the
-        background. Synchronous: persist before returning. Either way a failure of an earlier
-        background save is raised here as CheckpointWriteError.
+        Asynchronous: wait for the previous save, copy state into the snapshot buffer, persist in
+        the background. Synchronous: persist before returning. A final (or emergency) checkpoint
+        is never skipped, and its failure is always raised, whatever on_error says.
         """
         start = time.perf_counter()
-        self.wait()
+        busy = self._pending is not None and not self._pending[1].done()
+        if busy and self.when_busy == "skip" and not final:
+            self.skipped += 1
+            self.events.emit("checkpoint_skipped", step=step, reason="previous still being written")
+            return None
+        self._collect(strict=final)
+        info = {**info, "requested_at": round(time.time(), 6)}
         if self._executor is None:
-            self._persist(step, state, info, start)
+            try:
+                self._persist(step, tensorfile.direct(state), info, start)
+            except CheckpointWriteError as exc:
+                self._failed(step, exc, strict=final)
             return time.perf_counter() - start
-        copy = snapshot(state)
+        components = self._buffer.capture(state)
         stall = time.perf_counter() - start
-        self._pending = self._executor.submit(self._persist, step, copy, info, None, stall)
+        future = self._executor.submit(self._persist, step, components, info, None, stall)
+        self._pending = (step, future)
         return stall
 
     def wait(self) -> None:
-        """Block until any background save has committed; raise its error if it failed."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
+        """Block until any background save has committed; its failure is always raised."""
+        self._collect(strict=True)
 
     def poll(self) -> None:
-        """Raise a finished background save's error now, without waiting for a running one."""
-        if self._pending is not None and self._pending.done():
-            self.wait()
+        """Handle a finished background save's failure now, without waiting for a running one."""
+        if self._pending is not None and self._pending[1].done():
+            self._collect(strict=False)
+
+    def _collect(self, strict: bool) -> None:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        step, future = pending
+        try:
+            future.result()
+        except CheckpointWriteError as exc:
+            self._failed(step, exc, strict)
+
+    def _failed(self, step: int, exc: CheckpointWriteError, strict: bool) -> None:
+        self.failures += 1
+        self.events.emit("checkpoint_failed", step=step, error=str(exc), failures=self.failures)
+        if strict or self.on_error == "stop":
+            raise exc
+        log.warning("%s (checkpoint.on_error=continue: training goes on)", exc)
 
     def close(self) -> None:
         try:
@@ -167,7 +211,12 @@ class CheckpointManager:
                 self._executor.shutdown(wait=True)
 
     def _persist(
-        self, step: int, state: dict, info: dict, start: float | None, stall: float | None = None
+        self,
+        step: int,
+        components: dict[str, tensorfile.Component],
+        info: dict,
+        start: float | None,
+        stall: float | None = None,
     ) -> None:
         began = time.perf_counter()
         final = self.root / step_dir_name(step)
@@ -175,13 +224,8 @@ class CheckpointManager:
         try:
             tmp.mkdir(parents=True)
             files = {}
-            for name, obj in state.items():
-                writer = HashingWriter(tmp / f"{name}.pt")
-                try:
-                    torch.save(obj, writer)
-                finally:
-                    digest = writer.close()
-                files[name] = {"file": f"{name}.pt", "bytes": writer.bytes, "sha256": digest}
+            for name, component in components.items():
+                files.update(tensorfile.write_component(tmp, name, component))
                 failpoint("checkpoint.component_written", step)
             body = manifest.build(
                 files, {**self.meta, **info, "step": step, "created": time.time()}
@@ -193,7 +237,8 @@ class CheckpointManager:
             os.replace(tmp, final)
             fsync_dir(self.root)
         except Exception as exc:
-            remove_tree(tmp)
+            with contextlib.suppress(OSError):
+                remove_tree(tmp)
             raise CheckpointWriteError(f"checkpoint at step {step} failed: {exc}") from exc
         persist = time.perf_counter() - began
         self.last_committed_step = step
@@ -208,7 +253,7 @@ class CheckpointManager:
             bytes=total,
             stall_seconds=round(stall, 6),
             persist_seconds=round(persist, 6),
-            **{k: info[k] for k in ("reason", "epoch") if k in info},
+            **{k: info[k] for k in ("reason", "epoch", "requested_at") if k in info},
         )
         failpoint("checkpoint.committed", step)
         self._retain(step)
@@ -271,17 +316,9 @@ class CheckpointManager:
 
     @staticmethod
     def load(path: Path) -> LoadedCheckpoint:
-        """Verify every file against the manifest, then unpickle with weights_only=True."""
+        """Verify every file against the manifest, then rebuild each component."""
         m = manifest.read(path)
-        state = {}
-        for name in m.components:
-            data = manifest.read_component(path, m, name)
-            try:
-                state[name] = load_component(data)
-            except Exception as exc:  # a checksummed file that still will not load is corrupt
-                raise CorruptCheckpoint(
-                    f"{name} does not load: {type(exc).__name__}: {exc}"
-                ) from None
+        state = {name: manifest.load_component(path, m, name) for name in m.components}
         return LoadedCheckpoint(path=path, manifest=m, state=state)
 
     def _quarantine(self, path: Path) -> None:

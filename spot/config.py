@@ -62,6 +62,8 @@ class CheckpointConfig:
     keep_last: int = 3
     async_save: bool = True
     on_corrupt: str = "previous"
+    on_error: str = "stop"
+    when_busy: str = "wait"
 
 
 @dataclass
@@ -236,6 +238,8 @@ def validate(cfg: DictConfig) -> Settings:
     if ck.keep_last < 1:
         raise ConfigError("checkpoint.keep_last", f"{ck.keep_last} is not allowed; must be >= 1")
     _one_of("checkpoint.on_corrupt", ck.on_corrupt, ("previous", "fail"))
+    _one_of("checkpoint.on_error", ck.on_error, ("stop", "continue"))
+    _one_of("checkpoint.when_busy", ck.when_busy, ("wait", "skip"))
 
     e = s.elastic
     _positive("elastic.min_nodes", e.min_nodes)

@@ -2,42 +2,28 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import uuid
 from pathlib import Path
 
-HASH_ALGORITHM = "sha256"
+import xxhash
+
+# xxh3-128: ~8 GiB/s on one core here against ~1 GiB/s for SHA-256, so verifying a checkpoint costs
+# a small fraction of reading it. It detects corruption (torn writes, bit rot, truncation), which
+# is its job here; it is not a signature: whoever can rewrite a file can rewrite the manifest too,
+# and code execution is prevented by weights_only loading, not by the checksum.
+HASH_ALGORITHM = "xxh3_128"
 
 
-class HashingWriter:
-    """A write-only file wrapper that hashes and counts bytes as they go to disk (one pass)."""
-
-    def __init__(self, path: Path):
-        self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
-        self._hash = hashlib.new(HASH_ALGORITHM)
-        self.bytes = 0
-
-    def write(self, data) -> int:
-        view = memoryview(data)
-        self._hash.update(view)
-        self.bytes += view.nbytes
-        return self._file.write(view)
-
-    def flush(self) -> None:
-        self._file.flush()
-
-    def close(self) -> str:
-        """Flush, fsync and close; return the hex digest."""
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        return self._hash.hexdigest()
+def new_hasher():
+    return xxhash.xxh3_128()
 
 
 def digest_bytes(data: bytes | memoryview) -> str:
-    return hashlib.new(HASH_ALGORITHM, data).hexdigest()
+    hasher = new_hasher()
+    hasher.update(data)
+    return hasher.hexdigest()
 
 
 def fsync_dir(path: Path) -> None:

@@ -2,6 +2,9 @@
 
 Young/Daly: with a checkpoint costing C seconds of stalled training and a mean time between
 interruptions M, the interval that minimises expected lost time is T = sqrt(2 * C * M).
+C is the median stall measured so far (the first checkpoint is taken after the first step, to
+measure it); T is never shorter than the last background persist, so checkpoints never queue up.
+Under young_daly, every_steps and every_minutes are not used.
 """
 
 from __future__ import annotations
@@ -30,6 +33,10 @@ class CheckpointSchedule:
         self._last_time = time.monotonic()
 
     def due(self, step: int) -> bool:
+        if self.cfg.policy == "young_daly":
+            if not self._stalls:  # no measured cost yet: checkpoint now to measure it
+                return step > self._last_step
+            return time.monotonic() - self._last_time >= self.interval_seconds
         if self.cfg.every_steps and step - self._last_step >= self.cfg.every_steps:
             return True
         return (

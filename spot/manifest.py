@@ -1,19 +1,23 @@
 """`manifest.json`: the commit marker of a checkpoint. A checkpoint without a valid one does not exist.
 
-The manifest names every component file with its size and checksum, the step, epoch, world size,
-config digest and library version, and carries a checksum of itself, so a flipped byte in the
-manifest is caught like one in a component.
+The manifest names every file of every component with its size and checksum (see
+`spot/tensorfile.py` for the two files of a component), the step, epoch, world size, config digest
+and library version, and carries a checksum of itself, so a flipped byte in the manifest is caught
+like one in a component.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from spot import __version__
+import torch
+
+from spot import __version__, tensorfile
 from spot.fsutil import HASH_ALGORITHM, digest_bytes
 
 MANIFEST = "manifest.json"
@@ -37,13 +41,17 @@ def _self_digest(body: dict) -> str:
 
 
 def build(files: dict[str, dict], meta: dict[str, Any]) -> bytes:
-    """files: {component: {"file": name, "bytes": n, "sha256": hex}}; meta: step, epoch, ..."""
+    """files: {"model.bin": {"bytes": n, "digest": hex}, ...}; meta: step, epoch, ...
+
+    The components are the names that have both a .pt and a .bin file."""
+    components = sorted({f.rsplit(".", 1)[0] for f in files})
     body = {
         "format": FORMAT_VERSION,
         "library_version": __version__,
         "hash": HASH_ALGORITHM,
         **meta,
-        "components": files,
+        "components": components,
+        "files": files,
     }
     body["manifest_digest"] = _self_digest(body)
     return json.dumps(body, indent=1, sort_keys=True).encode()
@@ -59,8 +67,12 @@ class Manifest:
         return int(self.body["step"])
 
     @property
-    def components(self) -> dict[str, dict]:
+    def components(self) -> list[str]:
         return self.body["components"]
+
+    @property
+    def files(self) -> dict[str, dict]:
+        return self.body["files"]
 
     def __getitem__(self, key: str) -> Any:
         return self.body[key]
@@ -70,7 +82,7 @@ class Manifest:
 
     @property
     def total_bytes(self) -> int:
-        return sum(int(c["bytes"]) for c in self.components.values())
+        return sum(int(f["bytes"]) for f in self.files.values())
 
 
 def read(ckpt_dir: Path) -> Manifest:
@@ -97,16 +109,25 @@ def read(ckpt_dir: Path) -> Manifest:
         )
     if body.get("hash") != HASH_ALGORITHM:
         raise CorruptCheckpoint(f"manifest hash {body.get('hash')!r}, expected {HASH_ALGORITHM}")
-    components = body.get("components")
-    if not isinstance(components, dict):
-        raise CorruptCheckpoint("manifest has no components")
+    components, files = body.get("components"), body.get("files")
+    if not isinstance(components, list) or not isinstance(files, dict):
+        raise CorruptCheckpoint("manifest has no components or files")
+    for file, entry in files.items():
+        if not _SAFE_FILE.match(file) or file == MANIFEST:
+            raise CorruptCheckpoint(f"manifest names an unsafe file {file!r}")
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("bytes"), int)
+            or "digest" not in entry
+        ):
+            raise CorruptCheckpoint(f"manifest entry for {file} lacks bytes or digest")
     missing = [c for c in REQUIRED_COMPONENTS if c not in components]
     if missing:
         raise CorruptCheckpoint(f"manifest lacks component(s): {', '.join(missing)}")
-    for name, entry in components.items():
-        file = entry.get("file", "") if isinstance(entry, dict) else ""
-        if not _SAFE_FILE.match(file) or file == MANIFEST:
-            raise CorruptCheckpoint(f"component {name!r} names an unsafe file {file!r}")
+    for name in components:
+        for suffix in (".pt", ".bin"):
+            if f"{name}{suffix}" not in files:
+                raise CorruptCheckpoint(f"manifest lists component {name!r} without {name}{suffix}")
     match = STEP_DIR.match(ckpt_dir.name)
     if match and int(match.group(1)) != body.get("step"):
         raise CorruptCheckpoint(
@@ -115,26 +136,51 @@ def read(ckpt_dir: Path) -> Manifest:
     return Manifest(path=path, body=body)
 
 
-def read_component(ckpt_dir: Path, manifest: Manifest, name: str) -> bytes:
-    """The component's bytes, checked against the manifest's size and checksum."""
-    entry = manifest.components[name]
-    path = ckpt_dir / entry["file"]
+def read_file(ckpt_dir: Path, manifest: Manifest, file: str) -> bytes:
+    """A small file's bytes, checked against the manifest's size and checksum."""
+    entry = manifest.files[file]
     try:
-        data = path.read_bytes()
+        data = (ckpt_dir / file).read_bytes()
     except FileNotFoundError:
-        raise CorruptCheckpoint(f"{entry['file']} is missing") from None
-    if len(data) != int(entry["bytes"]):
-        raise CorruptCheckpoint(
-            f"{entry['file']} has {len(data)} bytes, manifest says {entry['bytes']}"
-        )
-    if digest_bytes(data) != entry[HASH_ALGORITHM]:
-        raise CorruptCheckpoint(f"{entry['file']} fails its {HASH_ALGORITHM} checksum")
+        raise CorruptCheckpoint(f"{file} is missing") from None
+    if len(data) != entry["bytes"]:
+        raise CorruptCheckpoint(f"{file} has {len(data)} bytes, manifest says {entry['bytes']}")
+    if digest_bytes(data) != entry["digest"]:
+        raise CorruptCheckpoint(f"{file} fails its {HASH_ALGORITHM} checksum")
     return data
+
+
+def read_blob(ckpt_dir: Path, manifest: Manifest, file: str) -> torch.Tensor:
+    """A tensor blob in one uint8 tensor, checked against the manifest's size and checksum."""
+    entry = manifest.files[file]
+    try:
+        blob, digest = tensorfile.read_blob(ckpt_dir / file, entry["bytes"])
+    except FileNotFoundError:
+        raise CorruptCheckpoint(f"{file} is missing") from None
+    except tensorfile.TensorFileError as exc:
+        raise CorruptCheckpoint(str(exc)) from None
+    if digest != entry["digest"]:
+        raise CorruptCheckpoint(f"{file} fails its {HASH_ALGORITHM} checksum")
+    return blob
+
+
+def load_component(ckpt_dir: Path, manifest: Manifest, name: str) -> Any:
+    """Verify a component's two files, then rebuild it (structure loaded with weights_only=True)."""
+    structure = read_file(ckpt_dir, manifest, f"{name}.pt")
+    blob = read_blob(ckpt_dir, manifest, f"{name}.bin")
+    try:
+        skeleton = torch.load(io.BytesIO(structure), map_location="cpu", weights_only=True)
+        return tensorfile.rebuild(skeleton, blob)
+    except Exception as exc:  # a checksummed file that still does not load is corrupt
+        raise CorruptCheckpoint(f"{name} does not load: {type(exc).__name__}: {exc}") from None
 
 
 def verify(ckpt_dir: Path) -> Manifest:
     """Full check: the manifest and every file it names. Raises CorruptCheckpoint."""
     manifest = read(ckpt_dir)
-    for name in manifest.components:
-        read_component(ckpt_dir, manifest, name)
+    for file in manifest.files:
+        if file.endswith(".bin"):
+            read_blob(ckpt_dir, manifest, file)
+        else:
+            read_file(ckpt_dir, manifest, file)
     return manifest

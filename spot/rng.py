@@ -41,13 +41,15 @@ def restore(state: dict) -> None:
             npst["cached_gaussian"],
         )
     )
-    torch.set_rng_state(state["torch"])
+    # clone(): a restored state may be a slice of a larger buffer, and set_rng_state reads the
+    # storage from its start (it crashes on a view with an offset).
+    torch.set_rng_state(state["torch"].clone())
     cuda = state.get("cuda")
     if cuda is not None and torch.cuda.is_available():
         if len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda)
+            torch.cuda.set_rng_state_all([c.clone() for c in cuda])
         else:  # another machine shape: restore what maps one to one, the current device
-            torch.cuda.set_rng_state(cuda[0])
+            torch.cuda.set_rng_state(cuda[0].clone())
 
 
 def seed_everything(seed: int) -> None:

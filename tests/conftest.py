@@ -119,3 +119,16 @@ def markers(tmp_path: Path) -> Path:
     d = tmp_path / "failpoints"
     d.mkdir()
     return d
+
+
+def rewrite_manifest(ckpt: Path, change_files) -> None:
+    """Rewrite a checkpoint's manifest, self-consistent (its own checksum updated), after
+    `change_files(files)` edits the file table: how a buggy or hostile writer would do it."""
+    from spot import manifest
+
+    body = manifest.read(ckpt).body
+    files = dict(body["files"])
+    change_files(files)
+    generated = ("format", "library_version", "hash", "components", "files")
+    meta = {k: v for k, v in body.items() if k not in generated}
+    (ckpt / "manifest.json").write_bytes(manifest.build(files, meta))

@@ -18,7 +18,8 @@ from spot.checkpoint import (
     list_step_dirs,
 )
 from spot.events import EventLog, read_events
-from tests.conftest import assert_bitwise_equal
+from spot.fsutil import digest_bytes
+from tests.conftest import assert_bitwise_equal, rewrite_manifest
 
 DIGEST = "d" * 16
 
@@ -59,7 +60,8 @@ def test_round_trip_is_bitwise(tmp_path, async_save):
     assert loaded.step == 7
     assert_bitwise_equal(state, loaded.state)
     body = json.loads((loaded.path / "manifest.json").read_text())
-    assert body["components"]["model"]["bytes"] == (loaded.path / "model.pt").stat().st_size
+    assert body["files"]["model.bin"]["bytes"] == (loaded.path / "model.bin").stat().st_size
+    assert body["components"] == ["model", "optimizer", "scheduler", "trainer"]
     assert body["world_size"] == 1 and body["config_digest"] == DIGEST and body["epoch"] == 0
 
 
@@ -116,7 +118,7 @@ def test_corrupt_newest_falls_back_and_is_moved_aside(tmp_path):
     m = manager(root)
     for step in (1, 2):
         m.save(step, make_state(step), {})
-    model = root / "step-000000002" / "model.pt"
+    model = root / "step-000000002" / "model.bin"
     data = model.read_bytes()
     model.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
     loaded = m.load_latest(DIGEST, {"lr": 0.1})
@@ -128,7 +130,9 @@ def test_corrupt_newest_falls_back_and_is_moved_aside(tmp_path):
         for e in read_events(tmp_path / "events.jsonl")
         if e["event"] == "corrupt_checkpoint_skipped"
     ]
-    assert skipped[0]["step"] == 2 and "checksum" in skipped[0]["reason"]
+    assert (
+        skipped[0]["step"] == 2 and "model.bin fails its xxh3_128 checksum" in skipped[0]["reason"]
+    )
 
 
 def test_on_corrupt_fail(tmp_path):
@@ -157,15 +161,7 @@ def test_unsafe_file_names_are_refused(tmp_path):
     m = manager(root)
     m.save(3, make_state(3), {})
     ckpt = root / "step-000000003"
-    body = manifest.read(ckpt).body
-    files = dict(body["components"])
-    files["model"] = {**files["model"], "file": "../../outside.pt"}
-    meta = {
-        k: v
-        for k, v in body.items()
-        if k not in ("format", "library_version", "hash", "components")
-    }
-    (ckpt / "manifest.json").write_bytes(manifest.build(files, meta))
+    rewrite_manifest(ckpt, lambda files: files.update({"../../outside.pt": files.pop("model.pt")}))
     with pytest.raises(manifest.CorruptCheckpoint, match="unsafe file"):
         manifest.read(ckpt)
 
@@ -185,18 +181,9 @@ def test_pickled_code_is_never_run(tmp_path):
 
     evil = ckpt / "trainer.pt"
     torch.save({"x": Exploit()}, evil, pickle_module=pickle)
-    body = manifest.read(ckpt).body
-    files = dict(body["components"])
     data = evil.read_bytes()
-    from spot.fsutil import digest_bytes
-
-    files["trainer"] = {"file": "trainer.pt", "bytes": len(data), "sha256": digest_bytes(data)}
-    meta = {
-        k: v
-        for k, v in body.items()
-        if k not in ("format", "library_version", "hash", "components")
-    }
-    (ckpt / "manifest.json").write_bytes(manifest.build(files, meta))
+    entry = {"bytes": len(data), "digest": digest_bytes(data)}
+    rewrite_manifest(ckpt, lambda files: files.update({"trainer.pt": entry}))
     with pytest.raises(manifest.CorruptCheckpoint, match="does not load"):
         CheckpointManager.load(ckpt)
     assert not canary.exists()
@@ -240,13 +227,13 @@ def test_spot_cli_lists_verifies_and_inspects(tmp_path):
 
     listed = spot("list", str(tmp_path / "run"))
     assert listed.returncode == 0 and listed.stdout.count("valid") == 2
-    flip = root / "step-000000020" / "optimizer.pt"
+    flip = root / "step-000000020" / "optimizer.bin"
     data = flip.read_bytes()
-    flip.write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])
+    flip.write_bytes(data[:2] + bytes([data[2] ^ 1]) + data[3:])
     assert spot("list", str(root)).returncode == 0, "list reads manifests only"
     verified = spot("verify", str(root))
     assert verified.returncode == 1
-    assert "INVALID: optimizer.pt fails its sha256 checksum" in verified.stdout
+    assert "INVALID: optimizer.bin fails its xxh3_128 checksum" in verified.stdout
     inspected = spot("inspect", str(root))
     assert (
         inspected.returncode == 0

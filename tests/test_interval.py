@@ -37,7 +37,8 @@ def test_young_daly_interval_from_measured_stall(tmp_path):
     events = EventLog(tmp_path / "events.jsonl")
     cfg = CheckpointConfig(every_steps=None, every_minutes=15, policy="young_daly")
     s = CheckpointSchedule(cfg, interruption_rate_per_hour=0.05, events=events)
-    assert s.interval_seconds == 900  # until a cost is measured: every_minutes
+    s.start(0)
+    assert s.due(1)  # no cost measured yet: the first checkpoint comes at once
     s.record(10, stall_seconds=2.0, persist_seconds=1.0)
     mtbf = 3600 / 0.05
     assert math.isclose(s.interval_seconds, math.sqrt(2 * 2.0 * mtbf))

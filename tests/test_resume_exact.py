@@ -20,6 +20,7 @@ from tests.conftest import (
     FAST,
     assert_bitwise_equal,
     final_state,
+    rewrite_manifest,
     run_dir_of,
     run_train,
     run_until_failpoint,
@@ -96,12 +97,12 @@ def interrupted(tmp_path_factory) -> Path:
 
 
 def _truncate(ckpt: Path) -> None:
-    path = ckpt / "optimizer.pt"
+    path = ckpt / "optimizer.bin"
     path.write_bytes(path.read_bytes()[:-100])
 
 
 def _flip_byte(ckpt: Path) -> None:
-    path = ckpt / "model.pt"
+    path = ckpt / "model.bin"
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
@@ -112,20 +113,16 @@ def _delete_manifest(ckpt: Path) -> None:
 
 
 def _manifest_names_missing_file(ckpt: Path) -> None:
-    m = manifest.read(ckpt)
-    body = {
-        k: v
-        for k, v in m.body.items()
-        if k not in ("format", "library_version", "hash", "components")
+    extra = {
+        "ghost.pt": {"bytes": 10, "digest": "0" * 32},
+        "ghost.bin": {"bytes": 64, "digest": "0" * 32},
     }
-    files = dict(m.components)
-    files["extra"] = {"file": "ghost.pt", "bytes": 10, "sha256": "0" * 64}
-    (ckpt / "manifest.json").write_bytes(manifest.build(files, body))
+    rewrite_manifest(ckpt, lambda files: files.update(extra))
 
 
 CORRUPTIONS = {
-    "truncated": (_truncate, "bytes"),
-    "flipped": (_flip_byte, "checksum"),
+    "truncated": (_truncate, "optimizer.bin has"),
+    "flipped": (_flip_byte, "model.bin fails its xxh3_128 checksum"),
     "no_manifest": (_delete_manifest, "no manifest"),
     "missing_file": (_manifest_names_missing_file, "ghost.pt is missing"),
 }
@@ -157,7 +154,7 @@ def test_on_corrupt_fail_stops_with_clear_error(interrupted, tmp_path):
     assert "step-000000080" in result.stderr and "on_corrupt=fail" in result.stderr
     assert "Traceback" not in result.stderr
     # Nothing was deleted or moved: the operator can inspect it.
-    assert (run_dir_of(root) / "checkpoints" / "step-000000080" / "model.pt").exists()
+    assert (run_dir_of(root) / "checkpoints" / "step-000000080" / "model.bin").exists()
 
 
 def test_checkpoint_of_another_config_is_refused(interrupted, tmp_path):
