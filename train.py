@@ -154,17 +154,22 @@ def train(cfg: DictConfig, overrides: list[str]) -> int:
     ledger = Ledger(run_dir, rank=0, resumed_step=state.step) if s.data.ledger else None
     schedule = CheckpointSchedule(s.checkpoint, s.cloud.interruption_rate_per_hour, events)
     schedule.start(state.step)
+    first_step = state.step
     progress = Progress(max_steps, state.step, s.trainer.log_every)
 
     def finished() -> bool:
         return state.step >= max_steps or (s.trainer.max_epochs or 1e18) <= state.epoch
 
+    overlap = state.unchanged_until_update() if s.checkpoint.overlap else ()
+
     def save(reason: str) -> None:
         info = {"reason": reason, "epoch": state.epoch, "samples_in_epoch": sampler.consumed}
-        stall = checkpoints.save(state.step, state.state_dict(), info, final=reason == "final")
-        if stall is not None:  # None: skipped while the previous one is written (when_busy=skip)
-            schedule.record(state.step, stall, checkpoints.last_persist_seconds)
-            metrics.log({"ckpt/stall_seconds": stall}, step=state.step)
+        final = reason == "final"
+        if (
+            checkpoints.save(state.step, state.state_dict(), info, final=final, defer=overlap)
+            is not None
+        ):
+            schedule.saved(state.step)  # None: skipped, the previous is still being written
 
     model.train()
     while not finished():
@@ -181,6 +186,7 @@ def train(cfg: DictConfig, overrides: list[str]) -> int:
             loss.backward()
             if s.trainer.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), s.trainer.grad_clip)
+            checkpoints.before_update()  # a checkpoint still copying this state finishes first
             optimizer.step()
             scheduler.step()
             if ledger is not None:
@@ -188,6 +194,13 @@ def train(cfg: DictConfig, overrides: list[str]) -> int:
             state.step += 1
             sampler.advance()
             checkpoints.poll()
+            if state.step == first_step + 1:  # the state's layout is known: allocate its snapshot
+                checkpoints.prepare(state.state_dict())
+            for step, stall, persist in checkpoints.measurements():
+                schedule.measured(stall, persist, step)
+                metrics.log(
+                    {"ckpt/stall_seconds": stall, "ckpt/persist_seconds": persist}, step=step
+                )
 
             lr = scheduler.get_last_lr()[0]
             progress.update(state.step, loss=loss.item(), lr=lr)

@@ -86,12 +86,18 @@ def cmd_inspect(path: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        from spot import bench
+
+        return bench.main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m spot", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (
         ("list", "list checkpoints (manifests only: fast)"),
         ("verify", "verify every checkpoint completely"),
         ("inspect", "show the newest valid checkpoint"),
+        ("bench", "checkpoint performance on this machine (python -m spot bench --help)"),
     ):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("path", type=Path)

@@ -16,6 +16,8 @@ import os
 import threading
 import time
 import uuid
+from collections import deque
+from collections.abc import Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,6 +137,9 @@ class CheckpointManager:
         )
         self._buffer = SnapshotBuffer()
         self._pending: tuple[int, Future] | None = None
+        self._copied: threading.Event | None = None
+        self._copy_wait = 0.0
+        self._measured: deque[tuple[int, float, float]] = deque()
         self.last_committed_step: int | None = None
         self.last_persist_seconds: float | None = None
         self.failures = 0
@@ -148,14 +153,23 @@ class CheckpointManager:
     # ---- saving ---------------------------------------------------------------------------
 
     def save(
-        self, step: int, state: dict[str, Any], info: dict[str, Any], *, final: bool = False
+        self,
+        step: int,
+        state: dict[str, Any],
+        info: dict[str, Any],
+        *,
+        final: bool = False,
+        defer: Collection[str] = (),
     ) -> float | None:
-        """Checkpoint `state` at `step`; return the seconds the caller was blocked (the stall), or
-        None if the checkpoint was skipped because the previous one is still being written.
+        """Checkpoint `state` at `step`; return the seconds the caller was blocked so far, or
+        None if skipped because the previous one is still being written (when_busy=skip).
 
-        Asynchronous: wait for the previous save, copy state into the snapshot buffer, persist in
-        the background. Synchronous: persist before returning. A final (or emergency) checkpoint
-        is never skipped, and its failure is always raised, whatever on_error says.
+        Asynchronous: wait for the previous save, copy the state into the snapshot buffer,
+        persist in the background. Components named in `defer` (state that does not change until
+        the next optimizer step) are copied in the background too, while training goes on: the
+        caller must call `before_update()` before it changes them. Synchronous: persist before
+        returning. A final (or emergency) checkpoint is never skipped, and its failure is always
+        raised, whatever on_error says.
         """
         start = time.perf_counter()
         busy = self._pending is not None and not self._pending[1].done()
@@ -171,11 +185,44 @@ class CheckpointManager:
             except CheckpointWriteError as exc:
                 self._failed(step, exc, strict=final)
             return time.perf_counter() - start
-        components = self._buffer.capture(state)
+        components, copy_deferred = self._buffer.capture(state, defer=() if final else defer)
+        copied = threading.Event()
+        self._copied, self._copy_wait = copied, 0.0
         stall = time.perf_counter() - start
-        future = self._executor.submit(self._persist, step, components, info, None, stall)
-        self._pending = (step, future)
+
+        def copy_then_persist() -> None:
+            try:
+                copy_deferred()
+            finally:
+                copied.set()
+            self._persist(step, components, info, None, stall)
+
+        self._pending = (step, self._executor.submit(copy_then_persist))
         return stall
+
+    def before_update(self) -> float:
+        """Wait until the background copy of deferred state is done (call before the optimizer
+        step); return the seconds waited, which count as stall."""
+        copied, self._copied = self._copied, None
+        if copied is None or copied.is_set():
+            return 0.0
+        start = time.perf_counter()
+        copied.wait()
+        waited = time.perf_counter() - start
+        self._copy_wait += waited
+        return waited
+
+    def prepare(self, state: dict[str, Any]) -> None:
+        """Allocate the snapshot buffer for this state in the background, before it is needed."""
+        if self._executor is not None and self._pending is None:
+            self._pending = (-1, self._executor.submit(self._buffer.reserve, state))
+
+    def measurements(self) -> list[tuple[int, float, float]]:
+        """(step, stall, persist seconds) of checkpoints committed since the last call."""
+        done = []
+        while self._measured:
+            done.append(self._measured.popleft())
+        return done
 
     def wait(self) -> None:
         """Block until any background save has committed; its failure is always raised."""
@@ -245,6 +292,9 @@ class CheckpointManager:
         self.last_persist_seconds = persist
         if stall is None:
             stall = time.perf_counter() - start
+        else:  # asynchronous: add the wait for the deferred copy (before_update), if any yet
+            stall += self._copy_wait
+        self._measured.append((step, stall, persist))
         total = sum(f["bytes"] for f in files.values())
         self.events.emit(
             "checkpoint",

@@ -61,6 +61,7 @@ class CheckpointConfig:
     policy: str = "fixed"
     keep_last: int = 3
     async_save: bool = True
+    overlap: bool = True
     on_corrupt: str = "previous"
     on_error: str = "stop"
     when_busy: str = "wait"

@@ -26,16 +26,23 @@ class CheckpointSchedule:
         self.interval_seconds = cfg.every_minutes * 60 if cfg.every_minutes else None
         self._last_step = 0
         self._last_time = time.monotonic()
+        self._saved = False
         self._stalls: list[float] = []
 
     def start(self, step: int) -> None:
+        """Training starts (or resumes) at `step`: the interval starts now."""
         self._last_step = step
         self._last_time = time.monotonic()
 
+    def saved(self, step: int) -> None:
+        """A checkpoint was taken at `step`: the interval restarts."""
+        self.start(step)
+        self._saved = True
+
     def due(self, step: int) -> bool:
         if self.cfg.policy == "young_daly":
-            if not self._stalls:  # no measured cost yet: checkpoint now to measure it
-                return step > self._last_step
+            if not self._stalls:  # nothing measured yet: take one checkpoint first, to measure
+                return not self._saved and step > self._last_step
             return time.monotonic() - self._last_time >= self.interval_seconds
         if self.cfg.every_steps and step - self._last_step >= self.cfg.every_steps:
             return True
@@ -44,23 +51,21 @@ class CheckpointSchedule:
             and time.monotonic() - self._last_time >= self.interval_seconds
         )
 
-    def record(self, step: int, stall_seconds: float, persist_seconds: float | None) -> None:
-        """Called after each checkpoint; re-estimates the interval under policy=young_daly."""
-        self._last_step = step
-        self._last_time = time.monotonic()
+    def measured(self, stall_seconds: float, persist_seconds: float, step: int) -> None:
+        """A checkpoint committed: under young_daly, re-estimate the interval from its cost."""
         if self.cfg.policy != "young_daly" or self.mtbf_seconds is None:
             return
         self._stalls.append(stall_seconds)
         cost = sorted(self._stalls)[len(self._stalls) // 2]
         optimum = math.sqrt(2 * max(cost, 1e-3) * self.mtbf_seconds)
-        floor = persist_seconds or 0.0
-        self.interval_seconds = max(optimum, floor)
+        self.interval_seconds = max(optimum, persist_seconds)
         self.events.emit(
             "checkpoint_interval",
             step=step,
             interval_seconds=round(self.interval_seconds, 3),
             policy="young_daly",
             stall_seconds=round(cost, 6),
+            persist_seconds=round(persist_seconds, 6),
             mtbf_seconds=round(self.mtbf_seconds, 1),
-            why="persist time" if floor > optimum else "sqrt(2 * stall * mtbf)",
+            why="persist time" if persist_seconds > optimum else "sqrt(2 * stall * mtbf)",
         )

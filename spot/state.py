@@ -43,6 +43,13 @@ class TrainingState:
             },
         }
 
+    def unchanged_until_update(self) -> tuple[str, ...]:
+        """Components that nothing changes before the next optimizer step: safe to copy while the
+        next forward and backward run. Not a model with buffers (batch norm updates them in
+        forward)."""
+        has_buffers = any(True for _ in unwrap(self.model).buffers())
+        return ("optimizer",) if has_buffers else ("optimizer", "model")
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Check everything first, then load: a checkpoint that does not fit is refused whole."""
         check_state_dict_compatible(state["model"], unwrap(self.model).state_dict())

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Callable, Collection
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from spot.fsutil import new_hasher, write_file_durably
 
 ALIGN = 64
 _CHUNK = 64 * 2**20  # hash and write in pieces so neither holds the GIL for long
+_HASHER = ThreadPoolExecutor(1, thread_name_prefix="ckpt-hash")
 
 
 class TensorFileError(Exception):
@@ -83,7 +86,13 @@ class SnapshotBuffer:
     def nbytes(self) -> int:
         return 0 if self._buffer is None else self._buffer.numel()
 
-    def capture(self, state: dict[str, Any]) -> dict[str, Component]:
+    @property
+    def data(self) -> torch.Tensor | None:
+        """The whole buffer (every component's bytes, as written)."""
+        return self._buffer
+
+    def _plan(self, state: dict[str, Any]):
+        """Flatten the state, fit the buffer to its layout; return the copies to make."""
         flat = {}
         for name, tree in state.items():
             tensors: list[torch.Tensor] = []
@@ -92,31 +101,52 @@ class SnapshotBuffer:
             (name, [(t.shape, t.dtype, t.device.type) for t in tensors])
             for name, (_, tensors) in flat.items()
         ]
-        regions, total = {}, 0
+        total = 0
+        placements: dict[str, tuple[int, int, list[tuple[int, torch.Tensor]]]] = {}
         for name, (_, tensors) in flat.items():
-            start = total
+            start, copies = total, []
             for t in tensors:
-                total = _align(total) + t.numel() * t.element_size()
+                total = _align(total)
+                copies.append((total, t))
+                total += t.numel() * t.element_size()
             total = _align(total)
-            regions[name] = (start, total)
+            placements[name] = (start, total, copies)
         if layout != self._layout:
             self._buffer = None  # free the old one before allocating the new
             on_cuda = any(dev == "cuda" for _, specs in layout for *_, dev in specs)
-            self._buffer = torch.zeros(total, dtype=torch.uint8, pin_memory=on_cuda)
-            self._layout = layout
-        components = {}
-        for name, (skeleton, tensors) in flat.items():
-            start, end = regions[name]
-            offset = start
-            for t in tensors:
-                offset = _align(offset)
-                n = t.numel() * t.element_size()
-                self._buffer[offset : offset + n].copy_(_bytes_of(t), non_blocking=True)
-                offset += n
-            components[name] = Component(skeleton, self._buffer[start:end])
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.synchronize()
-        return components
+            # zero_() touches every page now (torch.zeros would map them lazily): a fresh page's
+            # first touch costs ~10x a copy on some VMs, and should not happen inside a stall.
+            buffer = torch.empty(total, dtype=torch.uint8, pin_memory=on_cuda).zero_()
+            self._buffer, self._layout = buffer, layout
+        return flat, placements
+
+    def reserve(self, state: dict[str, Any]) -> None:
+        """Allocate (and fault in) the buffer for this state's layout ahead of the first capture."""
+        self._plan(state)
+
+    def capture(
+        self, state: dict[str, Any], defer: Collection[str] = ()
+    ) -> tuple[dict[str, Component], Callable[[], None]]:
+        """Copy the state into the buffer. Components named in `defer` are not copied yet: the
+        returned function copies them (from another thread, while the caller goes on, as long as
+        nothing changes those tensors until it has returned)."""
+        flat, placements = self._plan(state)
+        buffer = self._buffer
+
+        def copy(names) -> None:
+            for name in names:
+                for offset, t in placements[name][2]:
+                    n = t.numel() * t.element_size()
+                    buffer[offset : offset + n].copy_(_bytes_of(t), non_blocking=True)
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.synchronize()
+
+        copy([name for name in flat if name not in defer])
+        components = {
+            name: Component(skeleton, buffer[placements[name][0] : placements[name][1]])
+            for name, (skeleton, _) in flat.items()
+        }
+        return components, lambda: copy([name for name in flat if name in defer])
 
 
 def direct(state: dict[str, Any]) -> dict[str, Component]:
@@ -140,19 +170,25 @@ def direct(state: dict[str, Any]) -> dict[str, Component]:
     return components
 
 
+def _digest(views: list[memoryview]) -> str:
+    hasher = new_hasher()
+    for view in views:
+        for i in range(0, len(view), _CHUNK):
+            hasher.update(view[i : i + _CHUNK])
+    return hasher.hexdigest()
+
+
 def _write_blob(path: Path, parts: list[torch.Tensor] | torch.Tensor) -> tuple[int, str]:
-    hasher, size = new_hasher(), 0
-    with open(path, "wb") as f:
-        for part in parts if isinstance(parts, list) else [parts]:
-            view = memoryview(part.numpy()) if part.numel() else memoryview(b"")
+    """Write the bytes while another thread hashes them (xxhash releases the GIL)."""
+    parts = parts if isinstance(parts, list) else [parts]
+    views = [memoryview(p.numpy()) for p in parts if p.numel()]
+    digest = _HASHER.submit(_digest, views)
+    with open(path, "wb", buffering=0) as f:
+        for view in views:
             for i in range(0, len(view), _CHUNK):
-                chunk = view[i : i + _CHUNK]
-                f.write(chunk)
-                hasher.update(chunk)
-            size += len(view)
-        f.flush()
+                f.write(view[i : i + _CHUNK])
         os.fsync(f.fileno())
-    return size, hasher.hexdigest()
+    return sum(len(v) for v in views), digest.result()
 
 
 def write_component(directory: Path, name: str, component: Component) -> dict[str, dict]:
@@ -171,19 +207,28 @@ def write_component(directory: Path, name: str, component: Component) -> dict[st
 
 
 def read_blob(path: Path, size: int) -> tuple[torch.Tensor, str]:
-    """The file's bytes in one uint8 tensor (one read call), and their digest."""
+    """The file's bytes in one uint8 tensor, and their digest, hashed as the chunks arrive."""
     blob = torch.empty(size, dtype=torch.uint8)
     view = memoryview(blob.numpy()) if size else memoryview(bytearray())
-    with open(path, "rb") as f:
-        got = f.readinto(view)
+    hasher = new_hasher()
+    pending = None
+    with open(path, "rb", buffering=0) as f:
+        got = 0
+        while got < size:
+            n = f.readinto(view[got : got + _CHUNK])
+            if not n:
+                break
+            if pending is not None:
+                pending.result()
+            pending = _HASHER.submit(hasher.update, view[got : got + n])
+            got += n
         extra = f.read(1)
+    if pending is not None:
+        pending.result()
     if got != size or extra:
         raise TensorFileError(
             f"{path.name} has {'more' if extra else got} bytes, manifest says {size}"
         )
-    hasher = new_hasher()
-    for i in range(0, size, _CHUNK):
-        hasher.update(view[i : i + _CHUNK])
     return blob, hasher.hexdigest()
 
 

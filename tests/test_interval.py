@@ -17,7 +17,7 @@ def test_every_steps():
     for step in range(1, 12):
         if s.due(step):
             due.append(step)
-            s.record(step, 0.0, None)
+            s.saved(step)
     assert due == [5, 10]
 
 
@@ -29,7 +29,7 @@ def test_every_minutes_uses_elapsed_time():
     assert not s.due(1)
     time.sleep(0.08)
     assert s.due(2)
-    s.record(2, 0.0, None)
+    s.saved(2)
     assert not s.due(3)
 
 
@@ -38,11 +38,14 @@ def test_young_daly_interval_from_measured_stall(tmp_path):
     cfg = CheckpointConfig(every_steps=None, every_minutes=15, policy="young_daly")
     s = CheckpointSchedule(cfg, interruption_rate_per_hour=0.05, events=events)
     s.start(0)
-    assert s.due(1)  # no cost measured yet: the first checkpoint comes at once
-    s.record(10, stall_seconds=2.0, persist_seconds=1.0)
+    assert s.due(1)  # no cost measured yet: the first checkpoint comes at once, to measure it
+    s.saved(1)
+    assert not s.due(2) and not s.due(50)  # and only one until its cost is known
+    s.measured(stall_seconds=2.0, persist_seconds=1.0, step=1)
     mtbf = 3600 / 0.05
     assert math.isclose(s.interval_seconds, math.sqrt(2 * 2.0 * mtbf))
-    s.record(20, stall_seconds=2.0, persist_seconds=5000.0)  # persisting is slower than the optimum
+    assert not s.due(51)  # 1200 s have not passed
+    s.measured(stall_seconds=2.0, persist_seconds=5000.0, step=2)  # persisting is slower than T
     assert s.interval_seconds == 5000.0
     why = [
         e["why"]

@@ -1,0 +1,314 @@
+"""`python -m spot bench`: checkpoint performance on this machine and this disk, side by side.
+
+Every figure is measured in the same run on the same state (an MLP with AdamW state, about
+`--size-gib` in all) and printed as the median of `--repeats` repetitions with min and max, next
+to the ratio the project's targets are stated in. Reads are cold: the files' pages are dropped
+from the page cache (posix_fadvise DONTNEED) before each load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from spot.checkpoint import CheckpointManager
+from spot.events import EventLog
+from spot.tensorfile import SnapshotBuffer
+
+WIDTH = 1024
+
+
+def build_state(size_bytes: int, seed: int = 0):
+    """A model plus AdamW state of about `size_bytes` (parameters, exp_avg, exp_avg_sq: 12 B each)."""
+    torch.manual_seed(seed)
+    per_layer = WIDTH * WIDTH + WIDTH
+    layers = max(1, round(size_bytes / 12 / per_layer))
+    model = nn.Sequential(*[nn.Linear(WIDTH, WIDTH) for _ in range(layers)])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    train_step(model, optimizer)
+    return model, optimizer
+
+
+def forward_backward(model: nn.Module, optimizer: torch.optim.Optimizer, batch: int = 8) -> None:
+    loss = model(torch.randn(batch, WIDTH)).square().mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    forward_backward(model, optimizer)
+    optimizer.step()
+
+
+def checkpointed_step(manager: CheckpointManager, model, optimizer, step: int) -> float:
+    """Checkpoint at a step boundary the way train.py does, then the next step; return the stall
+    (the save call plus any wait for the deferred copy before the optimizer step)."""
+    stall = manager.save(step, full_state(model, optimizer, step), {}, defer=("optimizer",))
+    forward_backward(model, optimizer)
+    stall += manager.before_update()
+    optimizer.step()
+    return stall
+
+
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> dict:
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": {"last_epoch": step},
+        "trainer": {"step": step, "rng": torch.get_rng_state()},
+    }
+
+
+def state_bytes(state) -> int:
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(state_bytes(v) for v in state.values())
+    if isinstance(state, list | tuple):
+        return sum(state_bytes(v) for v in state)
+    return 0
+
+
+def drop_cache(path: Path) -> None:
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    for file in files:
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _raw_write(path: Path, data: torch.Tensor) -> None:
+    with open(path, "wb", buffering=0) as f:
+        f.write(memoryview(data.numpy()))
+        os.fsync(f.fileno())
+
+
+def _torch_save(state: dict, path: Path) -> None:
+    torch.save(state, path)
+    fsync_path(path)
+
+
+def _cold(fn: Callable[[Path], object], path: Path) -> float:
+    drop_cache(path)
+    return timed(lambda: fn(path))
+
+
+def measure(model, optimizer, work: Path, repeats: int, with_dcp: bool) -> dict[str, list[float]]:
+    results: dict[str, list[float]] = {}
+    manager = CheckpointManager(
+        work / "project",
+        keep_last=1,
+        async_save=True,
+        on_corrupt="fail",
+        events=EventLog(None),
+        meta={"config_digest": "bench", "world_size": 1},
+    )
+    manager.prepare(full_state(model, optimizer, 0))
+    buffer = SnapshotBuffer()
+    buffer.reserve(full_state(model, optimizer, 0))
+    raw_file, torch_file = work / "raw.bin", work / "torch.pt"
+    for rep in range(repeats + 1):  # repetition 0 warms up (first page faults, allocator)
+        step = rep + 1
+        stall = checkpointed_step(manager, model, optimizer, step)
+        manager.wait()
+        figures = {"stall": stall, "persist": manager.last_persist_seconds}
+        state = full_state(model, optimizer, step)
+        figures["memory_copy"] = timed(partial(buffer.capture, state))
+        figures["raw_write_fsync"] = timed(partial(_raw_write, raw_file, buffer.data))
+        figures["torch_save_fsync"] = timed(partial(_torch_save, state, torch_file))
+        figures["restore_verify"] = _cold(CheckpointManager.load, manager.root / f"step-{step:09d}")
+        figures["torch_load"] = _cold(
+            partial(torch.load, map_location="cpu", weights_only=True), torch_file
+        )
+        if with_dcp:
+            figures["dcp_stall"], figures["dcp_total"] = measure_dcp(model, optimizer, work / "dcp")
+        for name, seconds in figures.items():
+            results.setdefault(f"warmup_{name}" if rep == 0 else name, []).append(seconds)
+    manager.close()
+    return results
+
+
+def measure_dcp(model, optimizer, path: Path) -> tuple[float, float]:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        start = time.perf_counter()
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        future = dcp.async_save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+        stall = time.perf_counter() - start
+        future.result()
+        total = time.perf_counter() - start
+    shutil.rmtree(path, ignore_errors=True)
+    return stall, total
+
+
+def throughput(model, optimizer, work: Path, seconds: float, every: float, rounds: int) -> dict:
+    """Steps per second with a checkpoint every `every` seconds versus none, interleaved rounds."""
+    manager = CheckpointManager(
+        work / "e2e",
+        keep_last=1,
+        async_save=True,
+        on_corrupt="fail",
+        events=EventLog(None),
+        meta={"config_digest": "bench", "world_size": 1},
+    )
+    rates: dict[str, list[float]] = {"none": [], "checkpoint": []}
+    saves = 0
+    step = 0
+    for _ in range(rounds):
+        for mode in ("none", "checkpoint"):
+            start = last = time.perf_counter()
+            steps = 0
+            while (now := time.perf_counter()) - start < seconds:
+                step += 1
+                if mode == "checkpoint" and now - last >= every:
+                    checkpointed_step(manager, model, optimizer, step)
+                    last = time.perf_counter()
+                    saves += 1
+                else:
+                    train_step(model, optimizer)
+                steps += 1
+            manager.wait()  # the background persist counts against the round that caused it
+            rates[mode].append(steps / (time.perf_counter() - start))
+    manager.close()
+    none, ckpt = statistics.median(rates["none"]), statistics.median(rates["checkpoint"])
+    return {
+        "steps_per_second_none": none,
+        "steps_per_second_checkpoint": ckpt,
+        "loss": 1 - ckpt / none,
+        "checkpoints": saves,
+    }
+
+
+def summarize(samples: list[float]) -> str:
+    return f"{statistics.median(samples):8.3f} s  [{min(samples):.3f} - {max(samples):.3f}]"
+
+
+def report(results: dict, e2e: dict | None, info: dict) -> str:
+    med = {k: statistics.median(v) for k, v in results.items()}
+    lines = [
+        f"state: {info['state_gib']:.2f} GiB ({info['parameters'] / 1e6:.1f}M parameters + AdamW state), "
+        f"disk: {info['dir']}, {info['repeats']} repetitions, median [min - max]",
+        "",
+    ]
+    rows = [
+        ("stall", "training-loop stall, this project (async)", "stall"),
+        ("warmup_stall", "  first checkpoint (warm-up, not in the median)", None),
+        ("torch_save_fsync", "torch.save + fsync (synchronous)", None),
+        ("dcp_stall", "DCP async_save: stall until it returns", None),
+        ("dcp_total", "DCP async_save: total", None),
+        ("memory_copy", "memory copy into reused buffers (floor)", None),
+        ("raw_write_fsync", "raw sequential write + fsync (floor)", None),
+        ("persist", "background persist, this project", None),
+        ("restore_verify", "restore + verify, this project (cold)", None),
+        ("torch_load", "torch.load, weights_only (cold)", None),
+    ]
+    for key, label, _ in rows:
+        if key in results:
+            lines.append(f"{label:46s} {summarize(results[key])}")
+    lines += ["", "targets (ratios of medians):"]
+
+    def ratio(a: str, b: str, limit: float, text: str) -> None:
+        if a in med and b in med:
+            r = med[a] / med[b]
+            lines.append(
+                f"  {text:52s} {r:6.3f}  (target <= {limit})  {'ok' if r <= limit else 'MISSED'}"
+            )
+
+    ratio("stall", "torch_save_fsync", 0.10, "stall / torch.save+fsync")
+    ratio("stall", "dcp_stall", 1.0, "stall / DCP async_save stall")
+    ratio("persist", "raw_write_fsync", 1.25, "background persist / raw write+fsync")
+    ratio("restore_verify", "torch_load", 1.3, "restore+verify / torch.load")
+    lines.append(
+        f"  {'snapshot host memory / state size':52s} {info['snapshot_ratio']:6.3f}  (target <= 1.0)"
+    )
+    if e2e:
+        lines.append(
+            f"  {'throughput loss, checkpoint every ' + str(info['every']) + ' s':52s} "
+            f"{100 * e2e['loss']:5.1f}%  (target <= 3%)  "
+            f"[{e2e['steps_per_second_none']:.3f} vs {e2e['steps_per_second_checkpoint']:.3f} steps/s, "
+            f"{e2e['checkpoints']} checkpoints]"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m spot bench", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--size-gib", type=float, default=1.0, help="state size (default 1.0)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--dir", type=Path, default=None, help="where to write (default: a temp dir in the cwd)"
+    )
+    parser.add_argument("--no-dcp", action="store_true", help="skip torch.distributed.checkpoint")
+    parser.add_argument(
+        "--train-seconds", type=float, default=30.0, help="per mode and round; 0 skips"
+    )
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--every", type=float, default=10.0, help="checkpoint interval in the e2e run"
+    )
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = parser.parse_args(argv)
+    if args.size_gib <= 0 or args.repeats < 1:
+        parser.error("--size-gib must be > 0 and --repeats >= 1")
+
+    model, optimizer = build_state(int(args.size_gib * 2**30))
+    base = args.dir or Path.cwd()
+    base.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".spot-bench-", dir=base))
+    try:
+        results = measure(model, optimizer, work, args.repeats, with_dcp=not args.no_dcp)
+        e2e = None
+        if args.train_seconds > 0:
+            e2e = throughput(model, optimizer, work, args.train_seconds, args.every, args.rounds)
+        size = state_bytes(full_state(model, optimizer, 0))
+        snapshot = SnapshotBuffer()
+        snapshot.capture(full_state(model, optimizer, 0))
+        info = {
+            "state_gib": size / 2**30,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "dir": str(base),
+            "repeats": args.repeats,
+            "every": args.every,
+            "snapshot_ratio": snapshot.nbytes / size,
+        }
+        print(report(results, e2e, info))
+        if args.json:
+            args.json.write_text(
+                json.dumps({"info": info, "seconds": results, "e2e": e2e}, indent=1)
+            )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
