@@ -28,7 +28,7 @@ import torch
 from spot import manifest, tensorfile
 from spot.events import EventLog
 from spot.failpoints import failpoint
-from spot.fsutil import fsync_dir, remove_tree, write_file_durably
+from spot.fsutil import fsync_dir, lower_priority, remove_tree, write_file_durably
 from spot.manifest import MANIFEST, STEP_DIR, CorruptCheckpoint, Manifest, step_dir_name
 from spot.tensorfile import SnapshotBuffer
 
@@ -98,12 +98,6 @@ def check_state_dict_compatible(saved: dict, live: dict, what: str = "model") ->
         raise CheckpointUnusable(f"checkpoint {what} does not fit this {what}: {detail}")
 
 
-def _lower_priority() -> None:
-    """Background writer threads yield the CPU to the training loop (Linux: per-thread nice)."""
-    with contextlib.suppress(AttributeError, OSError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-
-
 class CheckpointManager:
     def __init__(
         self,
@@ -131,7 +125,7 @@ class CheckpointManager:
         self.events = events
         self.meta = meta
         self._executor = (
-            ThreadPoolExecutor(1, thread_name_prefix="ckpt", initializer=_lower_priority)
+            ThreadPoolExecutor(1, thread_name_prefix="ckpt", initializer=lower_priority)
             if async_save
             else None
         )

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import threading
 import uuid
 from pathlib import Path
 
@@ -24,6 +26,12 @@ def digest_bytes(data: bytes | memoryview) -> str:
     hasher = new_hasher()
     hasher.update(data)
     return hasher.hexdigest()
+
+
+def lower_priority() -> None:
+    """Make the calling thread yield the CPU to the training loop (Linux: per-thread nice)."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
 
 
 def fsync_dir(path: Path) -> None:
