@@ -4,9 +4,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # Overrides for `make train`, e.g. `make train ARGS="trainer.max_steps=500"`.
 ARGS ?=
+BENCH_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-test train test lint format clean
+.PHONY: help install install-test train test bench lint format clean
 
 help: ## list every target
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -32,6 +33,9 @@ train: install ## a short CPU training on built-in synthetic data, with checkpoi
 
 test: install-test lint ## lint, then the whole test suite on CPU (what .ci/run calls)
 	$(BIN)/python -m pytest
+
+bench: install ## checkpoint performance on this machine and disk (BENCH_ARGS="--size-gib 2")
+	$(BIN)/python -m spot bench $(BENCH_ARGS)
 
 lint: install-test ## the pre-commit hooks (ruff, format, weights_only loads, YAML), all offline
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pre-commit run --all-files --show-diff-on-failure

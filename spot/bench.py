@@ -107,10 +107,16 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def _raw_write(path: Path, data: torch.Tensor) -> None:
-    with open(path, "wb", buffering=0) as f:
-        f.write(memoryview(data.numpy()))
-        os.fsync(f.fileno())
+def _raw_write(path: Path, data: torch.Tensor, direct: bool = False) -> None:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if direct else 0)
+    fd = os.open(path, flags, 0o644)
+    try:
+        view, written = memoryview(data.numpy()), 0
+        while written < len(view):
+            written += os.write(fd, view[written : written + 2**30])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _torch_save(state: dict, path: Path) -> None:
@@ -145,6 +151,7 @@ def measure(model, optimizer, work: Path, repeats: int, with_dcp: bool) -> dict[
         state = full_state(model, optimizer, step)
         figures["memory_copy"] = timed(partial(buffer.capture, state))
         figures["raw_write_fsync"] = timed(partial(_raw_write, raw_file, buffer.data))
+        figures["raw_direct_fsync"] = timed(partial(_raw_write, raw_file, buffer.data, direct=True))
         figures["torch_save_fsync"] = timed(partial(_torch_save, state, torch_file))
         figures["restore_verify"] = _cold(CheckpointManager.load, manager.root / f"step-{step:09d}")
         figures["torch_load"] = _cold(
@@ -174,8 +181,13 @@ def measure_dcp(model, optimizer, path: Path) -> tuple[float, float]:
     return stall, total
 
 
-def throughput(model, optimizer, work: Path, seconds: float, every: float, rounds: int) -> dict:
-    """Steps per second with a checkpoint every `every` seconds versus none, interleaved rounds."""
+def throughput(model, optimizer, work: Path, every: float, pairs: int) -> dict:
+    """Training throughput with a checkpoint every `every` seconds versus none.
+
+    Measured in adjacent pairs of blocks `every` seconds long, one without a checkpoint and one
+    with a checkpoint at its start, in alternating order, so that the machine's drift (a shared
+    VM's speed wanders by 10% over minutes) cancels; the loss is 1 - the median of the pairs'
+    rate ratios."""
     manager = CheckpointManager(
         work / "e2e",
         keep_last=1,
@@ -184,31 +196,36 @@ def throughput(model, optimizer, work: Path, seconds: float, every: float, round
         events=EventLog(None),
         meta={"config_digest": "bench", "world_size": 1},
     )
-    rates: dict[str, list[float]] = {"none": [], "checkpoint": []}
-    saves = 0
     step = 0
-    for _ in range(rounds):
-        for mode in ("none", "checkpoint"):
-            start = last = time.perf_counter()
-            steps = 0
-            while (now := time.perf_counter()) - start < seconds:
-                step += 1
-                if mode == "checkpoint" and now - last >= every:
-                    checkpointed_step(manager, model, optimizer, step)
-                    last = time.perf_counter()
-                    saves += 1
-                else:
-                    train_step(model, optimizer)
-                steps += 1
-            rates[mode].append(steps / (time.perf_counter() - start))
-            manager.wait()  # untimed, so the next round starts with no write in flight
+
+    def block(checkpoint: bool) -> float:
+        nonlocal step
+        start, steps = time.perf_counter(), 0
+        while time.perf_counter() - start < every:
+            step += 1
+            if checkpoint and steps == 0:
+                checkpointed_step(manager, model, optimizer, step)
+            else:
+                train_step(model, optimizer)
+            steps += 1
+        rate = steps / (time.perf_counter() - start)
+        manager.wait()  # a persist still running at the block's end would be mis-attributed
+        return rate
+
+    block(True)  # warm-up: allocates the snapshot buffer
+    ratios, rates = [], {"none": [], "checkpoint": []}
+    for pair in range(pairs):
+        order = (False, True) if pair % 2 == 0 else (True, False)
+        got = {flag: block(flag) for flag in order}
+        rates["none"].append(got[False])
+        rates["checkpoint"].append(got[True])
+        ratios.append(got[True] / got[False])
     manager.close()
-    none, ckpt = statistics.median(rates["none"]), statistics.median(rates["checkpoint"])
     return {
-        "steps_per_second_none": none,
-        "steps_per_second_checkpoint": ckpt,
-        "loss": 1 - ckpt / none,
-        "checkpoints": saves,
+        "steps_per_second_none": statistics.median(rates["none"]),
+        "steps_per_second_checkpoint": statistics.median(rates["checkpoint"]),
+        "loss": 1 - statistics.median(ratios),
+        "checkpoints": pairs,
     }
 
 
@@ -231,6 +248,7 @@ def report(results: dict, e2e: dict | None, info: dict) -> str:
         ("dcp_total", "DCP async_save: total", None),
         ("memory_copy", "memory copy into reused buffers (floor)", None),
         ("raw_write_fsync", "raw sequential write + fsync (floor)", None),
+        ("raw_direct_fsync", "  the same with O_DIRECT", None),
         ("persist", "background persist, this project", None),
         ("restore_verify", "restore + verify, this project (cold)", None),
         ("torch_load", "torch.load, weights_only (cold)", None),
@@ -250,6 +268,7 @@ def report(results: dict, e2e: dict | None, info: dict) -> str:
     ratio("stall", "torch_save_fsync", 0.10, "stall / torch.save+fsync")
     ratio("stall", "dcp_stall", 1.0, "stall / DCP async_save stall")
     ratio("persist", "raw_write_fsync", 1.25, "background persist / raw write+fsync")
+    ratio("persist", "raw_direct_fsync", 1.25, "background persist / raw O_DIRECT write+fsync")
     ratio("restore_verify", "torch_load", 1.3, "restore+verify / torch.load")
     lines.append(
         f"  {'snapshot host memory / state size':52s} {info['snapshot_ratio']:6.3f}  (target <= 1.0)"
@@ -259,7 +278,7 @@ def report(results: dict, e2e: dict | None, info: dict) -> str:
             f"  {'throughput loss, checkpoint every ' + str(info['every']) + ' s':52s} "
             f"{100 * e2e['loss']:5.1f}%  (target <= 3%)  "
             f"[{e2e['steps_per_second_none']:.3f} vs {e2e['steps_per_second_checkpoint']:.3f} steps/s, "
-            f"{e2e['checkpoints']} checkpoints]"
+            f"median of {e2e['checkpoints']} pairs]"
         )
     return "\n".join(lines)
 
@@ -274,17 +293,12 @@ def main(argv: list[str] | None = None) -> int:
         "--dir", type=Path, default=None, help="where to write (default: a temp dir in the cwd)"
     )
     parser.add_argument("--no-dcp", action="store_true", help="skip torch.distributed.checkpoint")
-    parser.add_argument(
-        "--train-seconds", type=float, default=30.0, help="per mode and round; 0 skips"
-    )
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument(
-        "--every", type=float, default=10.0, help="checkpoint interval in the e2e run"
-    )
+    parser.add_argument("--every", type=float, default=10.0, help="checkpoint interval, e2e run")
+    parser.add_argument("--pairs", type=int, default=6, help="e2e block pairs (0 skips it)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
-    if args.size_gib <= 0 or args.repeats < 1:
-        parser.error("--size-gib must be > 0 and --repeats >= 1")
+    if args.size_gib <= 0 or args.repeats < 1 or args.every <= 0 or args.pairs < 0:
+        parser.error("need --size-gib > 0, --repeats >= 1, --every > 0, --pairs >= 0")
 
     model, optimizer = build_state(int(args.size_gib * 2**30))
     base = args.dir or Path.cwd()
@@ -293,8 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = measure(model, optimizer, work, args.repeats, with_dcp=not args.no_dcp)
         e2e = None
-        if args.train_seconds > 0:
-            e2e = throughput(model, optimizer, work, args.train_seconds, args.every, args.rounds)
+        if args.pairs > 0:
+            e2e = throughput(model, optimizer, work, args.every, args.pairs)
         size = state_bytes(full_state(model, optimizer, 0))
         snapshot = SnapshotBuffer()
         snapshot.capture(full_state(model, optimizer, 0))
