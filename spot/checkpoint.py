@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,6 +138,11 @@ class CheckpointManager:
         self.last_persist_seconds: float | None = None
         self.failures = 0
         self.skipped = 0
+        # Remote storage (spot.storage.S3Store) and its uploader's hooks; None: local only.
+        self.remote = None
+        self.on_commit: Callable[[int], None] | None = None
+        self.newest_uploaded: Callable[[], int | None] | None = None
+        self._retain_lock = threading.Lock()
 
     @property
     def snapshot_bytes(self) -> int:
@@ -300,21 +305,29 @@ class CheckpointManager:
             **{k: info[k] for k in ("reason", "epoch", "requested_at") if k in info},
         )
         failpoint("checkpoint.committed", step)
-        self._retain(step)
+        if self.on_commit is not None:
+            self.on_commit(step)
+        self.retain()
 
-    def _retain(self, newest: int) -> None:
-        """Keep the newest `keep_last` committed checkpoints; delete only ones older than `newest`."""
-        committed = []
-        for step, path in list_step_dirs(self.root):
-            try:
-                manifest.read(path)
-                committed.append((step, path))
-            except CorruptCheckpoint:
-                continue
-        keep = {step for step, _ in committed[: self.keep_last]} | {newest}
-        for step, path in committed:
-            if step < newest and step not in keep:
-                remove_tree(path)
+    def retain(self) -> None:
+        """Keep the newest `keep_last` committed checkpoints. With a remote, also keep every one
+        newer than the newest completely uploaded (it may exist only on this disk)."""
+        with self._retain_lock:
+            committed = []
+            for step, path in list_step_dirs(self.root):
+                try:
+                    manifest.read(path)
+                    committed.append((step, path))
+                except CorruptCheckpoint:
+                    continue
+            if not committed:
+                return
+            limit = committed[0][0]  # only ever delete ones older than the newest committed
+            if self.newest_uploaded is not None:
+                limit = min(limit, self.newest_uploaded() or -1)
+            for step, path in committed[self.keep_last :]:
+                if step < limit:
+                    remove_tree(path)
 
     def remove_stale(self) -> None:
         """Delete temporary directories left by a process killed mid-save. Call before training."""
@@ -326,25 +339,48 @@ class CheckpointManager:
     # ---- loading --------------------------------------------------------------------------
 
     def load_latest(self, config_digest: str, training_config: dict) -> LoadedCheckpoint | None:
-        """The newest checkpoint that verifies, loaded into memory; None if there is none.
+        """The newest checkpoint that verifies, local or remote, loaded into memory; or None.
 
-        A corrupt one is reported and moved aside (on_corrupt=previous) or stops the run (fail).
-        A valid one written by a different training config is refused: resuming it would
-        silently train something else.
+        A remote checkpoint newer than every local one is downloaded into the checkpoint
+        directory, verified, and used. A corrupt one is reported and moved aside (local) or
+        skipped (remote) with on_corrupt=previous, or stops the run (fail). A valid one written
+        by a different training config is refused: resuming it would train something else.
         """
-        for step, path in list_step_dirs(self.root):
+        local = dict(list_step_dirs(self.root))
+        remote = set(self.remote.committed_steps()) if self.remote is not None else set()
+        candidates = [(step, "local") for step in local] + [(step, "remote") for step in remote]
+        candidates.sort(key=lambda c: (c[0], c[1] == "local"), reverse=True)
+        for step, source in candidates:
+            path = local.get(step) if source == "local" else None
             try:
+                if path is None:
+                    began = time.perf_counter()
+                    path = self.remote.download(step, self.root)
+                    self.events.emit(
+                        "download",
+                        step=step,
+                        url=f"{self.remote.url}/{step_dir_name(step)}/",
+                        seconds=round(time.perf_counter() - began, 6),
+                    )
                 loaded = self.load(path)
             except CorruptCheckpoint as exc:
-                self.events.emit(
-                    "corrupt_checkpoint_skipped", step=step, path=str(path), reason=str(exc)
+                where = (
+                    str(path) if source == "local" else f"{self.remote.url}/{step_dir_name(step)}"
                 )
-                log.warning("skipping checkpoint %s: %s", path.name, exc)
+                self.events.emit(
+                    "corrupt_checkpoint_skipped",
+                    step=step,
+                    path=where,
+                    source=source,
+                    reason=str(exc),
+                )
+                log.warning("skipping checkpoint %s: %s", where, exc)
                 if self.on_corrupt == "fail":
                     raise CheckpointUnusable(
-                        f"checkpoint {path} is corrupt ({exc}); checkpoint.on_corrupt=fail"
+                        f"checkpoint {where} is corrupt ({exc}); checkpoint.on_corrupt=fail"
                     ) from None
-                self._quarantine(path)
+                if source == "local":
+                    self._quarantine(path)
                 continue
             if loaded.manifest.get("config_digest") != config_digest:
                 diffs = config_difference(

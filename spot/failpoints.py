@@ -24,6 +24,8 @@ def failpoint(name: str, step: int | None = None) -> None:
     if wanted is not None and wanted != step:
         return
     marker = Path(os.environ.get("SPOT_FAILPOINT_DIR", ".")) / name
-    marker.write_text(str(step))
+    partial = marker.with_name(f".{name}.{os.getpid()}")
+    partial.write_text(str(step))
+    os.replace(partial, marker)  # the watcher never sees a marker without its content
     while True:  # held here until the test kills the process
         time.sleep(0.05)

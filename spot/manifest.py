@@ -92,6 +92,11 @@ def read(ckpt_dir: Path) -> Manifest:
         raw = path.read_bytes()
     except FileNotFoundError:
         raise CorruptCheckpoint("no manifest.json (never committed, or torn)") from None
+    return parse(raw, ckpt_dir.name, path)
+
+
+def parse(raw: bytes, dir_name: str, path: Path | None = None) -> Manifest:
+    """Check a manifest's bytes (from disk or a bucket); `dir_name` is its step-* directory."""
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -128,7 +133,7 @@ def read(ckpt_dir: Path) -> Manifest:
         for suffix in (".pt", ".bin"):
             if f"{name}{suffix}" not in files:
                 raise CorruptCheckpoint(f"manifest lists component {name!r} without {name}{suffix}")
-    match = STEP_DIR.match(ckpt_dir.name)
+    match = STEP_DIR.match(dir_name)
     if match and int(match.group(1)) != body.get("step"):
         raise CorruptCheckpoint(
             f"directory says step {int(match.group(1))}, manifest {body.get('step')}"
