@@ -24,7 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from spot import identity
+from spot import identity, storage
 from spot.checkpoint import CheckpointManager, CheckpointUnusable, CheckpointWriteError
 from spot.config import ConfigError, training_view, validate
 from spot.events import EventLog
@@ -78,8 +78,10 @@ def train(cfg: DictConfig, overrides: list[str]) -> int:
     s = validate(cfg)
     run_id = s.run.id or identity.run_id_from_overrides(overrides)
     run_dir = identity.run_dir(s.run.root, s.run.name, run_id)
-    if (run_dir / COMPLETE_MARKER).exists():
-        log.info("run %s/%s is already complete (%s): nothing to do", s.run.name, run_id, run_dir)
+    remote = storage.connect(s.storage, s.run.name, run_id)  # checks the bucket now
+    if (run_dir / COMPLETE_MARKER).exists() or (remote and storage.remote_complete(remote)):
+        where = remote.url if remote else run_dir
+        log.info("run %s/%s is already complete (%s): nothing to do", s.run.name, run_id, where)
         return EXIT_COMPLETE
     device = pick_device(s.trainer.device)
     if s.trainer.deterministic:
@@ -125,6 +127,9 @@ def train(cfg: DictConfig, overrides: list[str]) -> int:
         },
     )
     checkpoints.remove_stale()
+    uploader = remote and storage.attach(
+        checkpoints, remote, events, s.storage.alert_after_failures
+    )
 
     # Resume from the newest checkpoint that verifies, or start fresh.
     began = time.perf_counter()
@@ -219,6 +224,14 @@ def train(cfg: DictConfig, overrides: list[str]) -> int:
     if checkpoints.last_committed_step != state.step:
         save("final")
     checkpoints.close()
+    if uploader:
+        if not uploader.drain(s.storage.final_upload_timeout_seconds):
+            raise CheckpointWriteError(
+                f"the final checkpoint (step {state.step}) is committed locally but not uploaded "
+                f"to {remote.url} in {s.storage.final_upload_timeout_seconds:g} s"
+            )
+        uploader.close()
+        storage.mark_remote_complete(remote, state.step)
     atomic_write_bytes(run_dir / COMPLETE_MARKER, f"{state.step}\n".encode())
     events.emit("complete", step=state.step, epoch=state.epoch)
     log.info("run complete at step %d: %s", state.step, run_dir)
@@ -240,6 +253,9 @@ def main(cfg: DictConfig) -> None:
     except CheckpointWriteError as exc:  # the previous checkpoint is intact
         print(f"checkpoint error: {exc}", file=sys.stderr)
         code = EXIT_CHECKPOINT_WRITE_FAILED
+    except storage.RemoteError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        code = EXIT_BAD_CONFIG
     if hydra_cfg.mode == RunMode.RUN or code not in (EXIT_COMPLETE,):
         sys.exit(code)
 

@@ -52,6 +52,8 @@ class StorageConfig:
     prefix: str = ""
     endpoint_url: str | None = None
     region: str | None = None
+    alert_after_failures: int = 3
+    final_upload_timeout_seconds: float = 600.0
 
 
 @dataclass
@@ -222,6 +224,8 @@ def validate(cfg: DictConfig) -> Settings:
     if ".." in st.prefix.split("/"):
         raise ConfigError("storage.prefix", f"{st.prefix!r} may not contain '..'")
     _url("storage.endpoint_url", st.endpoint_url)
+    _positive("storage.alert_after_failures", st.alert_after_failures)
+    _positive("storage.final_upload_timeout_seconds", st.final_upload_timeout_seconds)
 
     ck = s.checkpoint
     _positive("checkpoint.every_steps", ck.every_steps, allow_none=True)

@@ -39,6 +39,8 @@ from spot.fsutil import fsync_dir, remove_tree
 from spot.manifest import MANIFEST, STEP_DIR, CorruptCheckpoint, step_dir_name
 
 log = logging.getLogger(__name__)
+for _noisy in ("boto3", "botocore", "s3transfer", "urllib3"):  # their INFO lines are not ours
+    logging.getLogger(_noisy).setLevel(logging.WARNING)
 MiB = 2**20
 OWNER = "owner.json"
 
@@ -351,3 +353,67 @@ class Uploader:
                     self.store.delete(step)
         except (ClientError, BotoCoreError) as exc:
             log.warning("remote retention failed (will retry after the next upload): %s", exc)
+
+
+COMPLETE = "COMPLETE"
+
+
+def connect(storage, run_name: str, run_id: str) -> S3Store | None:
+    """The run's remote store, checked usable (RemoteError otherwise); None for local storage.
+    `storage` is the validated StorageConfig."""
+    if storage.backend != "s3":
+        return None
+    prefix = "/".join(p for p in (storage.prefix.strip("/"), run_name, run_id) if p)
+    store = S3Store(
+        storage.bucket, prefix, endpoint_url=storage.endpoint_url, region=storage.region
+    )
+    store.check_access()
+    return store
+
+
+def remote_complete(store: S3Store) -> bool:
+    try:
+        store.client.head_object(Bucket=store.bucket, Key=store.key(COMPLETE))
+        return True
+    except ClientError:
+        return False
+
+
+def mark_remote_complete(store: S3Store, step: int) -> None:
+    store.client.put_object(Bucket=store.bucket, Key=store.key(COMPLETE), Body=f"{step}\n".encode())
+
+
+def attach(checkpoints, store: S3Store, events: EventLog, alert_after: int) -> Uploader:
+    """Wire a CheckpointManager to upload every commit, and to keep local checkpoints until
+    they are uploaded. Local checkpoints newer than the bucket's newest are queued now."""
+    store.claim()
+    uploader = Uploader(
+        store,
+        checkpoints.root,
+        events,
+        checkpoints.keep_last,
+        alert_after,
+        lambda _: checkpoints.retain(),
+    )
+    checkpoints.remote = store
+    checkpoints.on_commit = uploader.submit
+    checkpoints.newest_uploaded = lambda: uploader.newest_uploaded
+    remote = store.committed_steps()
+    uploader.newest_uploaded = remote[0] if remote else None
+    for step, _path in reversed(_local_committed(checkpoints.root)):
+        if not remote or step > remote[0]:
+            uploader.submit(step)
+    return uploader
+
+
+def _local_committed(root: Path) -> list[tuple[int, Path]]:
+    from spot.checkpoint import list_step_dirs
+
+    committed = []
+    for step, path in list_step_dirs(root):
+        try:
+            manifest.read(path)
+            committed.append((step, path))
+        except CorruptCheckpoint:
+            continue
+    return committed

@@ -40,12 +40,18 @@ def run_train(args: list[str], *, timeout: float = 180, env: dict | None = None,
     )
 
 
-def run_until_failpoint(args: list[str], failpoint: str, marker_dir: Path, timeout: float = 180):
+def run_until_failpoint(
+    args: list[str], failpoint: str, marker_dir: Path, timeout: float = 180, env: dict | None = None
+):
     """Start train.py armed with a failpoint; when it reaches it, SIGKILL it. Returns the step."""
     name = failpoint.split("@")[0]
     marker = marker_dir / name
     marker.unlink(missing_ok=True)
-    env = train_env(SPOT_FAILPOINTS=failpoint, SPOT_FAILPOINT_DIR=str(marker_dir))
+    env = {
+        **(env or train_env()),
+        "SPOT_FAILPOINTS": failpoint,
+        "SPOT_FAILPOINT_DIR": str(marker_dir),
+    }
     proc = subprocess.Popen(
         [sys.executable, str(REPO / "train.py"), *args],
         cwd=REPO,
