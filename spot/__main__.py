@@ -1,6 +1,7 @@
 """`python -m spot <command>`: the library's tools.
 
-list PATH      every checkpoint under PATH (a run directory, its checkpoints/, or one step-*)
+list PATH      every checkpoint under PATH (a run directory, its checkpoints/, or one step-*;
+               or s3://bucket/prefix/<run.name>/<run.id>, with --endpoint-url for S3-compatible services)
 verify PATH    check every checkpoint fully (sizes, checksums, weights_only load); exit 1 if any is bad
 inspect PATH   the newest valid checkpoint's manifest and tensors (or the one PATH names)
 """
@@ -54,6 +55,50 @@ def cmd_list(path: Path, full: bool) -> int:
     return 1 if bad else 0
 
 
+def cmd_remote(url: str, command: str, endpoint_url: str | None) -> int:
+    """list / verify / inspect on a run's checkpoints in a bucket (downloads go to a temp dir)."""
+    import tempfile
+
+    from spot.storage import RemoteError, S3Store, parse_s3_url
+
+    try:
+        bucket, prefix = parse_s3_url(url)
+        store = S3Store(bucket, prefix, endpoint_url=endpoint_url)
+        store.check_access()
+        found = store.list_checkpoints()
+    except RemoteError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not found:
+        print(f"no checkpoints in {url}")
+        return 0 if command == "list" else 1
+    if command == "list":
+        print(f"{'step':>9}  {'bytes':>12}  {'modified':19}  status")
+        for c in found:
+            status = (
+                "uploaded"
+                if c.committed
+                else "INCOMPLETE: no manifest (upload interrupted or in progress)"
+            )
+            print(f"{c.step:>9}  {c.bytes:>12}  {_when(c.modified):19}  {status}")
+        return 0
+    bad = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for c in found:
+            if not c.committed:
+                continue
+            try:
+                local = store.download(c.step, Path(tmp))
+            except CorruptCheckpoint as exc:
+                bad += 1
+                print(f"{c.step:>9}  INVALID: {exc}")
+                continue
+            if command == "inspect":
+                return cmd_inspect(local)
+            print(f"{c.step:>9}  valid")
+    return 1 if bad else 0
+
+
 def cmd_inspect(path: Path) -> int:
     for d in _checkpoint_dirs(path):
         try:
@@ -100,14 +145,12 @@ def main(argv: list[str] | None = None) -> int:
         ("bench", "checkpoint performance on this machine (python -m spot bench --help)"),
     ):
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("path", type=Path)
+        p.add_argument("path")
+        p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (s3:// paths)")
     args = parser.parse_args(argv)
-    if str(args.path).startswith("s3://"):
-        print(
-            "error: s3:// paths need remote storage, which this version does not have yet",
-            file=sys.stderr,
-        )
-        return 2
+    if args.path.startswith("s3://"):
+        return cmd_remote(args.path, args.command, args.endpoint_url)
+    args.path = Path(args.path)
     if args.command == "inspect":
         return cmd_inspect(args.path)
     return cmd_list(args.path, full=args.command == "verify")

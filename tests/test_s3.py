@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import boto3
@@ -14,6 +16,7 @@ from spot.events import read_events
 from spot.exitcodes import EXIT_BAD_CONFIG
 from tests.conftest import (
     FAST,
+    REPO,
     assert_bitwise_equal,
     final_state,
     run_dir_of,
@@ -70,6 +73,17 @@ def s3_args(endpoint: str, bucket: str, root: Path) -> list[str]:
 
 def env():
     return train_env(**CREDENTIALS)
+
+
+def spot_cli(command: str, url: str, endpoint: str):
+    return subprocess.run(
+        [sys.executable, "-m", "spot", command, url, "--endpoint-url", endpoint],
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def keys(client, bucket: str) -> list[str]:
@@ -129,6 +143,13 @@ def test_sigkill_during_upload_leaves_no_manifest(
     prefix = f"checkpoints/default/{run_dir.name}/step-000000040/"
     partial = [k for k in keys(client, name) if k.startswith(prefix)]
     assert partial and f"{prefix}manifest.json" not in partial  # files up, not committed
+    url = f"s3://{name}/checkpoints/default/{run_dir.name}"
+    listed = spot_cli("list", url, s3_endpoint)
+    assert listed.returncode == 0, listed.stderr
+    rows = {line.split()[0]: line for line in listed.stdout.splitlines()[1:]}
+    assert "uploaded" in rows["20"] and "INCOMPLETE: no manifest" in rows["40"]
+    verified = spot_cli("verify", url, s3_endpoint)
+    assert verified.returncode == 0 and "20  valid" in verified.stdout
     shutil.rmtree(tmp_path)
 
     result = run_train(args, env=env())
@@ -149,6 +170,9 @@ def test_corrupt_object_in_the_bucket_falls_back(s3_endpoint, bucket, reference,
     data = bytearray(client.get_object(Bucket=name, Key=key)["Body"].read())
     data[len(data) // 2] ^= 0x10
     client.put_object(Bucket=name, Key=key, Body=bytes(data))
+    verified = spot_cli("verify", f"s3://{name}/checkpoints/default/{run_dir.name}", s3_endpoint)
+    assert verified.returncode == 1
+    assert "60  INVALID: optimizer.bin fails its xxh3_128 checksum" in verified.stdout
     shutil.rmtree(tmp_path)
 
     result = run_train(args, env=env())
