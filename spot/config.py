@@ -52,6 +52,7 @@ class StorageConfig:
     prefix: str = ""
     endpoint_url: str | None = None
     region: str | None = None
+    max_attempts: int = 5
     alert_after_failures: int = 3
     final_upload_timeout_seconds: float = 600.0
 
@@ -224,6 +225,7 @@ def validate(cfg: DictConfig) -> Settings:
     if ".." in st.prefix.split("/"):
         raise ConfigError("storage.prefix", f"{st.prefix!r} may not contain '..'")
     _url("storage.endpoint_url", st.endpoint_url)
+    _positive("storage.max_attempts", st.max_attempts)
     _positive("storage.alert_after_failures", st.alert_after_failures)
     _positive("storage.final_upload_timeout_seconds", st.final_upload_timeout_seconds)
 

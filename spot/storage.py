@@ -314,7 +314,7 @@ class Uploader:
         local = self.local_root / step_dir_name(step)
         try:
             sent = self.store.upload(local, step)
-        except (ClientError, BotoCoreError, RemoteError, OSError, CorruptCheckpoint) as exc:
+        except Exception as exc:  # S3UploadFailedError, network, disk: never fatal here
             self.failures += 1
             self.events.emit("upload_failed", step=step, attempts=attempts, error=str(exc))
             if self.failures == self.alert_after:
@@ -351,7 +351,7 @@ class Uploader:
             if stale and self.store.owns():
                 for step in stale:
                     self.store.delete(step)
-        except (ClientError, BotoCoreError) as exc:
+        except Exception as exc:  # retention is retried after the next upload
             log.warning("remote retention failed (will retry after the next upload): %s", exc)
 
 
@@ -365,7 +365,11 @@ def connect(storage, run_name: str, run_id: str) -> S3Store | None:
         return None
     prefix = "/".join(p for p in (storage.prefix.strip("/"), run_name, run_id) if p)
     store = S3Store(
-        storage.bucket, prefix, endpoint_url=storage.endpoint_url, region=storage.region
+        storage.bucket,
+        prefix,
+        endpoint_url=storage.endpoint_url,
+        region=storage.region,
+        max_attempts=storage.max_attempts,
     )
     store.check_access()
     return store

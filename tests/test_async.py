@@ -166,7 +166,7 @@ def test_disk_refuses_writes(on_error, tmp_path, markers):
     # The default hidden=128, not FAST's 32: model.bin and optimizer.bin are over 64 KiB.
     fast = [a for a in FAST if not a.startswith("model.hidden")]
     args = [*fast, "trainer.max_steps=40", "checkpoint.every_steps=10", f"run.root={tmp_path}"]
-    run_until_failpoint(args, "train.step@step=25", markers)  # checkpoints 10 and 20 exist
+    run_until_failpoint(args, "checkpoint.committed@step=20", markers)  # 10 and 20 committed
     run_dir = run_dir_of(tmp_path)
     result = subprocess.run(
         [sys.executable, str(REPO / "train.py"), *args, f"checkpoint.on_error={on_error}"],

@@ -81,18 +81,22 @@ def test_sigkill_at_several_points_resumes_bitwise(reference, tmp_path, markers)
     run_dir = run_dir_of(tmp_path)
     assert_same_run(run_dir, reference)
 
-    resumes = [e for e in read_events(run_dir / "events.jsonl") if e["event"] == "resume"]
-    assert [e["step"] for e in resumes] == [20, 80, 100]
+    # Each restart resumed from a checkpoint before its kill (which one depends on how far the
+    # background writes had got when the SIGKILL came).
+    resumes = [e["step"] for e in read_events(run_dir / "events.jsonl") if e["event"] == "resume"]
+    # (The first kill may even come before step 20 is written: then that restart starts afresh.)
+    assert len(resumes) in (2, 3) and all(step % 20 == 0 for step in resumes), resumes
+    assert resumes[-2] == 80 and 80 <= resumes[-1] < 120, resumes
     assert not list((run_dir / "checkpoints").glob(".tmp-*")), "half-written checkpoint left behind"
 
 
 @pytest.fixture(scope="module")
 def interrupted(tmp_path_factory) -> Path:
-    """A run killed at step 90: checkpoints 40, 60, 80 remain (keep_last=3)."""
+    """A run killed right after committing step 80 (before retention: 20 is still there)."""
     root = tmp_path_factory.mktemp("interrupted")
     markers = tmp_path_factory.mktemp("markers")
-    run_until_failpoint([*ARGS, f"run.root={root}"], "train.step@step=90", markers)
-    assert valid_checkpoints(run_dir_of(root)) == [80, 60, 40]
+    run_until_failpoint([*ARGS, f"run.root={root}"], "checkpoint.committed@step=80", markers)
+    assert valid_checkpoints(run_dir_of(root)) == [80, 60, 40, 20]
     return root
 
 
@@ -170,7 +174,7 @@ def test_checkpoint_of_another_config_is_refused(interrupted, tmp_path):
     assert (
         "different training config" in result.stderr and "model.hidden: 32 -> 48" in result.stderr
     )
-    assert valid_checkpoints(run_dir) == [80, 60, 40]
+    assert valid_checkpoints(run_dir) == [80, 60, 40, 20]
 
 
 def test_retention_keeps_last_n_and_survives_kill_during_save(tmp_path, markers):

@@ -225,3 +225,132 @@ def test_credentials_never_reach_logs_or_checkpoints(s3_endpoint, bucket, tmp_pa
             assert secret.encode() not in path.read_bytes(), path
     for key in keys(client, name):
         assert secret.encode() not in client.get_object(Bucket=name, Key=key)["Body"].read(), key
+
+
+def test_transient_faults_are_retried_and_training_never_waits(
+    s3_endpoint, bucket, reference, tmp_path
+):
+    """500, 503, SlowDown, a reset mid-response and a slow endpoint on every checkpoint upload:
+    botocore's retries absorb them, every checkpoint is uploaded, the loop never waits."""
+    from collections import Counter
+
+    from tests.faultproxy import FaultProxy
+
+    client, name = bucket
+    seen: Counter = Counter()
+    faults = ["500", "503", "slowdown", "reset"]
+
+    def rule(method: str, path: str):
+        if method != "PUT" or "/step-" not in path:
+            return "pass"
+        seen[path] += 1
+        if seen[path] == 1:
+            return faults[len(seen) % len(faults)]
+        return ("slow", 0.3) if seen[path] == 2 else "pass"
+
+    with FaultProxy(s3_endpoint, rule) as proxy:
+        result = run_train(s3_args(proxy.url, name, tmp_path), env=env())
+    assert result.returncode == 0, result.stderr
+    assert set(faults) <= {action for _, _, action in proxy.log}
+    events = read_events(run_dir_of(tmp_path) / "events.jsonl")
+    assert [e["step"] for e in events if e["event"] == "upload"] == [20, 40, 60, 80, 100]
+    uploads = [e["seconds"] for e in events if e["event"] == "upload"]
+    stalls = [e["stall_seconds"] for e in events if e["event"] == "checkpoint"]
+    assert min(uploads) > 0.3 * 3  # every upload went through faults and slow responses
+    assert max(stalls) < min(uploads) / 3, (stalls, uploads)  # the loop never waited for them
+    assert_bitwise_equal(
+        final_state(reference)["model"], final_state(run_dir_of(tmp_path))["model"]
+    )
+
+
+def test_outage_is_reported_loudly_and_uploads_finish_after(s3_endpoint, bucket, tmp_path):
+    import threading
+    import time
+
+    from spot.checkpoint import list_step_dirs
+    from tests.faultproxy import FaultProxy
+
+    client, name = bucket
+    down = threading.Event()
+    down.set()
+
+    def rule(method: str, path: str):
+        return "500" if down.is_set() and "/step-" in path else "pass"
+
+    with FaultProxy(s3_endpoint, rule) as proxy:
+        args = [
+            *s3_args(proxy.url, name, tmp_path),
+            "storage.max_attempts=1",
+            "storage.alert_after_failures=2",
+        ]
+        proc = subprocess.Popen(
+            [sys.executable, str(REPO / "train.py"), *args],
+            cwd=REPO,
+            env=env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 120
+            events: list = []
+            while time.monotonic() < deadline:
+                runs = list(tmp_path.glob("*/*/events.jsonl"))
+                events = read_events(runs[0]) if runs else []
+                if any(e["event"] == "upload_failing" for e in events) and any(
+                    e["event"] == "checkpoint" and e["reason"] == "final" for e in events
+                ):
+                    break
+                time.sleep(0.2)
+            run_dir = run_dir_of(tmp_path)
+            committed = [e["step"] for e in events if e["event"] == "checkpoint"]
+            assert committed == [20, 40, 60, 80, 100]
+            local = sorted(s for s, _ in list_step_dirs(run_dir / "checkpoints"))
+            assert local == committed  # keep_last=3, but nothing un-uploaded was deleted
+            down.clear()  # the endpoint recovers
+            output, _ = proc.communicate(timeout=180)
+        finally:
+            proc.kill()
+    assert proc.returncode == 0, output
+    assert "checkpoint uploads in a row failed" in output
+    events = read_events(run_dir / "events.jsonl")
+    assert len([e for e in events if e["event"] == "upload_failed"]) >= 2
+    assert len([e for e in events if e["event"] == "upload_failing"]) == 1
+    assert [e["step"] for e in events if e["event"] == "upload"] == [20, 40, 60, 80, 100]
+    assert sorted(s for s, _ in list_step_dirs(run_dir / "checkpoints")) == [60, 80, 100]
+
+
+def test_a_zombie_writer_is_fenced(s3_endpoint, bucket, tmp_path):
+    """Two processes of the same run: the one that started last owns it; the other's uploads
+    stop before they commit anything."""
+    import os
+
+    import torch
+
+    from spot.checkpoint import CheckpointManager
+    from spot.events import EventLog
+    from spot.storage import RemoteError, S3Store
+
+    client, name = bucket
+    for key, value in CREDENTIALS.items():
+        os.environ.setdefault(key, value)
+    local = CheckpointManager(
+        tmp_path / "ck",
+        keep_last=3,
+        async_save=False,
+        on_corrupt="fail",
+        events=EventLog(None),
+        meta={"config_digest": "x"},
+    )
+    state = {"model": {"w": torch.ones(4)}, "optimizer": {}, "scheduler": {}, "trainer": {}}
+    local.save(7, state, {})
+    zombie = S3Store(name, "runs/r/1", endpoint_url=s3_endpoint)
+    successor = S3Store(name, "runs/r/1", endpoint_url=s3_endpoint)
+    zombie.claim()
+    zombie.upload(tmp_path / "ck" / "step-000000007", 7)
+    successor.claim()
+    with pytest.raises(RemoteError, match="another process now owns this run"):
+        zombie.upload(tmp_path / "ck" / "step-000000007", 8 - 1)
+    assert successor.owns() and not zombie.owns()
+    successor.upload(tmp_path / "ck" / "step-000000007", 7)
+    assert successor.committed_steps() == [7]
