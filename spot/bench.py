@@ -229,6 +229,75 @@ def throughput(model, optimizer, work: Path, every: float, pairs: int) -> dict:
     }
 
 
+def measure_upload(ckpt_dir: Path, target: str, endpoint: str | None, repeats: int) -> dict:
+    """This project's upload of a checkpoint beside `aws s3 cp --recursive` of the same files to
+    the same endpoint, alternating. target: s3://bucket/prefix, or "local" for a moto S3 server
+    started here on loopback."""
+    import socket
+    import subprocess
+    import sys
+
+    from spot.storage import S3Store, parse_s3_url
+
+    server = None
+    env = dict(os.environ)
+    if target == "local":
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        server = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        endpoint = f"http://127.0.0.1:{port}"
+        for key, value in (
+            ("AWS_ACCESS_KEY_ID", "bench"),
+            ("AWS_SECRET_ACCESS_KEY", "bench"),
+            ("AWS_DEFAULT_REGION", "us-east-1"),
+        ):
+            os.environ.setdefault(key, value)
+            env.setdefault(key, value)
+        target = "s3://spot-bench/bench"
+    try:
+        bucket, prefix = parse_s3_url(target)
+        store = S3Store(bucket, f"{prefix}/spot", endpoint_url=endpoint)
+        if server is not None:
+            for _ in range(100):
+                try:
+                    store.client.create_bucket(Bucket=bucket)
+                    break
+                except Exception:
+                    time.sleep(0.1)
+        store.check_access()
+        store.claim()
+        aws = shutil.which("aws")
+        results: dict[str, list[float]] = {"upload": [], "aws_s3_cp": []}
+        step = int(ckpt_dir.name.split("-")[1])
+        for _ in range(repeats):
+            results["upload"].append(timed(partial(store.upload, ckpt_dir, step)))
+            if aws:
+                command = [
+                    aws,
+                    "s3",
+                    "cp",
+                    "--recursive",
+                    "--only-show-errors",
+                    str(ckpt_dir),
+                    f"s3://{bucket}/{prefix}/awscli/{ckpt_dir.name}/",
+                ]
+                if endpoint:
+                    command += ["--endpoint-url", endpoint]
+                results["aws_s3_cp"].append(
+                    timed(partial(subprocess.run, command, env=env, check=True))
+                )
+        return {k: v for k, v in results.items() if v}
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=10)
+
+
 def summarize(samples: list[float]) -> str:
     return f"{statistics.median(samples):8.3f} s  [{min(samples):.3f} - {max(samples):.3f}]"
 
@@ -252,6 +321,8 @@ def report(results: dict, e2e: dict | None, info: dict) -> str:
         ("persist", "background persist, this project", None),
         ("restore_verify", "restore + verify, this project (cold)", None),
         ("torch_load", "torch.load, weights_only (cold)", None),
+        ("upload", "upload, this project (boto3 transfer manager)", None),
+        ("aws_s3_cp", "upload, aws s3 cp --recursive (same files)", None),
     ]
     for key, label, _ in rows:
         if key in results:
@@ -270,6 +341,7 @@ def report(results: dict, e2e: dict | None, info: dict) -> str:
     ratio("persist", "raw_write_fsync", 1.25, "background persist / raw write+fsync")
     ratio("persist", "raw_direct_fsync", 1.25, "background persist / raw O_DIRECT write+fsync")
     ratio("restore_verify", "torch_load", 1.3, "restore+verify / torch.load")
+    ratio("upload", "aws_s3_cp", 1.0, "upload / aws s3 cp")
     lines.append(
         f"  {'snapshot host memory / state size':52s} {info['snapshot_ratio']:6.3f}  (target <= 1.0)"
     )
@@ -296,6 +368,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--every", type=float, default=10.0, help="checkpoint interval, e2e run")
     parser.add_argument("--pairs", type=int, default=6, help="e2e block pairs (0 skips it)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument(
+        "--s3",
+        default=None,
+        help='upload column: s3://bucket/prefix, or "local" for a moto server on loopback',
+    )
+    parser.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for --s3")
     args = parser.parse_args(argv)
     if args.size_gib <= 0 or args.repeats < 1 or args.every <= 0 or args.pairs < 0:
         parser.error("need --size-gib > 0, --repeats >= 1, --every > 0, --pairs >= 0")
@@ -306,6 +384,22 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix=".spot-bench-", dir=base))
     try:
         results = measure(model, optimizer, work, args.repeats, with_dcp=not args.no_dcp)
+        if args.s3:
+            upload_dir = work / "upload"
+            manager = CheckpointManager(
+                upload_dir,
+                keep_last=1,
+                async_save=False,
+                on_corrupt="fail",
+                events=EventLog(None),
+                meta={"config_digest": "bench", "world_size": 1},
+            )
+            manager.save(1, full_state(model, optimizer, 1), {})
+            results.update(
+                measure_upload(
+                    upload_dir / "step-000000001", args.s3, args.endpoint_url, args.repeats
+                )
+            )
         e2e = None
         if args.pairs > 0:
             e2e = throughput(model, optimizer, work, args.every, args.pairs)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import boto3
-from boto3.s3.transfer import TransferConfig
+from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
@@ -75,7 +75,7 @@ class S3Store:
         endpoint_url: str | None = None,
         region: str | None = None,
         max_attempts: int = 5,
-        concurrency: int = 8,
+        concurrency: int = 10,
     ):
         self.bucket = bucket
         self.prefix = run_prefix.strip("/")
@@ -90,8 +90,8 @@ class S3Store:
             "s3", endpoint_url=endpoint_url, region_name=region, config=config
         )
         self.transfer = TransferConfig(
-            multipart_threshold=64 * MiB,
-            multipart_chunksize=64 * MiB,
+            multipart_threshold=8 * MiB,
+            multipart_chunksize=8 * MiB,
             max_concurrency=concurrency,
             use_threads=True,
         )
@@ -166,17 +166,22 @@ class S3Store:
     def upload(self, local_dir: Path, step: int) -> int:
         """Upload a committed local checkpoint: files, then the manifest. Returns bytes sent."""
         m = manifest.read(local_dir)
-        sent = 0
-        for file, entry in m.files.items():
-            self.client.upload_file(
-                str(local_dir / file),
-                self.bucket,
-                self.key(step_dir_name(step), file),
-                ExtraArgs={"ChecksumAlgorithm": "CRC32"},  # S3 verifies the bytes it received
-                Config=self.transfer,
-            )
-            sent += entry["bytes"]
-            failpoint("upload.file_uploaded", step)
+        # Every file at once through one transfer manager (parts of all files share its
+        # concurrency), each part with a CRC32 that S3 verifies on receipt.
+        with create_transfer_manager(self.client, self.transfer) as transfers:
+            futures = [
+                transfers.upload(
+                    str(local_dir / file),
+                    self.bucket,
+                    self.key(step_dir_name(step), file),
+                    extra_args={"ChecksumAlgorithm": "CRC32"},
+                )
+                for file in m.files
+            ]
+            for future in futures:
+                future.result()
+        failpoint("upload.file_uploaded", step)
+        sent = sum(entry["bytes"] for entry in m.files.values())
         if not self.owns():
             raise RemoteError(f"{self.url}: another process now owns this run; not committing")
         self.client.upload_file(

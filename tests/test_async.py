@@ -240,6 +240,8 @@ def test_bench_runs_at_a_small_size(tmp_path):
             "0.2",
             "--pairs",
             "1",
+            "--s3",
+            "local",
             "--dir",
             str(tmp_path),
             "--json",
@@ -260,6 +262,7 @@ def test_bench_runs_at_a_small_size(tmp_path):
         "restore + verify",
         "torch.load",
         "throughput loss",
+        "upload, this project",
     ):
         assert label in result.stdout, label
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".spot-bench")]

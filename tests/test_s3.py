@@ -354,3 +354,35 @@ def test_a_zombie_writer_is_fenced(s3_endpoint, bucket, tmp_path):
     assert successor.owns() and not zombie.owns()
     successor.upload(tmp_path / "ck" / "step-000000007", 7)
     assert successor.committed_steps() == [7]
+
+
+def test_hostile_keys_never_escape_the_checkpoint_directory(s3_endpoint, bucket, tmp_path, markers):
+    """A bucket writer plants a newer 'checkpoint' whose manifest names ../../ paths and a key
+    with .. in it: resume refuses it and writes nothing outside the checkpoint directory."""
+    from spot import manifest
+
+    client, name = bucket
+    args = s3_args(s3_endpoint, name, tmp_path / "root")
+    run_until_failpoint(args, "upload.committed@step=40", markers, env=env())
+    run_dir = run_dir_of(tmp_path / "root")
+    prefix = f"checkpoints/default/{run_dir.name}"
+    body = manifest.read(run_dir / "checkpoints" / "step-000000040").body
+    files = {"../../../escape.bin": {"bytes": 4, "digest": "0" * 32}, **body["files"]}
+    meta = {
+        k: v
+        for k, v in body.items()
+        if k not in ("format", "library_version", "hash", "components", "files")
+    }
+    evil = manifest.build(files, {**meta, "step": 90})
+    client.put_object(Bucket=name, Key=f"{prefix}/step-000000090/manifest.json", Body=evil)
+    client.put_object(Bucket=name, Key=f"{prefix}/step-000000090/../../../escape.bin", Body=b"evil")
+    shutil.rmtree(tmp_path / "root")
+
+    result = run_train(args, env=env())
+    assert result.returncode == 0, result.stderr
+    events = read_events(run_dir_of(tmp_path / "root") / "events.jsonl")
+    skipped = [e for e in events if e["event"] == "corrupt_checkpoint_skipped"]
+    assert [(e["step"], e["source"]) for e in skipped] == [(90, "remote")]
+    assert "unsafe file" in skipped[0]["reason"]
+    assert [e["step"] for e in events if e["event"] == "resume"] == [40]
+    assert not list(tmp_path.rglob("escape.bin"))
