@@ -41,6 +41,17 @@ def build_state(size_bytes: int, seed: int = 0):
     return model, optimizer
 
 
+def bench_manager(root: Path, async_save: bool = True) -> CheckpointManager:
+    return CheckpointManager(
+        root,
+        keep_last=1,
+        async_save=async_save,
+        on_corrupt="fail",
+        events=EventLog(None),
+        meta={"config_digest": "bench", "world_size": 1},
+    )
+
+
 def forward_backward(model: nn.Module, optimizer: torch.optim.Optimizer, batch: int = 8) -> None:
     loss = model(torch.randn(batch, WIDTH)).square().mean()
     optimizer.zero_grad(set_to_none=True)
@@ -131,14 +142,7 @@ def _cold(fn: Callable[[Path], object], path: Path) -> float:
 
 def measure(model, optimizer, work: Path, repeats: int, with_dcp: bool) -> dict[str, list[float]]:
     results: dict[str, list[float]] = {}
-    manager = CheckpointManager(
-        work / "project",
-        keep_last=1,
-        async_save=True,
-        on_corrupt="fail",
-        events=EventLog(None),
-        meta={"config_digest": "bench", "world_size": 1},
-    )
+    manager = bench_manager(work / "project", async_save=True)
     manager.prepare(full_state(model, optimizer, 0))
     buffer = SnapshotBuffer()
     buffer.reserve(full_state(model, optimizer, 0))
@@ -188,14 +192,7 @@ def throughput(model, optimizer, work: Path, every: float, pairs: int) -> dict:
     with a checkpoint at its start, in alternating order, so that the machine's drift (a shared
     VM's speed wanders by 10% over minutes) cancels; the loss is 1 - the median of the pairs'
     rate ratios."""
-    manager = CheckpointManager(
-        work / "e2e",
-        keep_last=1,
-        async_save=True,
-        on_corrupt="fail",
-        events=EventLog(None),
-        meta={"config_digest": "bench", "world_size": 1},
-    )
+    manager = bench_manager(work / "e2e", async_save=True)
     step = 0
 
     def block(checkpoint: bool) -> float:
@@ -386,14 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         results = measure(model, optimizer, work, args.repeats, with_dcp=not args.no_dcp)
         if args.s3:
             upload_dir = work / "upload"
-            manager = CheckpointManager(
-                upload_dir,
-                keep_last=1,
-                async_save=False,
-                on_corrupt="fail",
-                events=EventLog(None),
-                meta={"config_digest": "bench", "world_size": 1},
-            )
+            manager = bench_manager(upload_dir, async_save=False)
             manager.save(1, full_state(model, optimizer, 1), {})
             results.update(
                 measure_upload(

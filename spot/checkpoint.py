@@ -62,6 +62,19 @@ def list_step_dirs(root: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
+def committed_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """The `step-*` directories whose manifest reads (sizes and checksums not checked), newest
+    first."""
+    committed = []
+    for step, path in list_step_dirs(root):
+        try:
+            manifest.read(path)
+            committed.append((step, path))
+        except CorruptCheckpoint:
+            continue
+    return committed
+
+
 def config_difference(saved: dict, current: dict, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two nested config dicts."""
     keys = sorted(set(saved) | set(current))
@@ -313,13 +326,7 @@ class CheckpointManager:
         """Keep the newest `keep_last` committed checkpoints. With a remote, also keep every one
         newer than the newest completely uploaded (it may exist only on this disk)."""
         with self._retain_lock:
-            committed = []
-            for step, path in list_step_dirs(self.root):
-                try:
-                    manifest.read(path)
-                    committed.append((step, path))
-                except CorruptCheckpoint:
-                    continue
+            committed = committed_checkpoints(self.root)
             if not committed:
                 return
             limit = committed[0][0]  # only ever delete ones older than the newest committed

@@ -33,6 +33,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from spot import manifest
+from spot.checkpoint import committed_checkpoints
 from spot.events import EventLog
 from spot.failpoints import failpoint
 from spot.fsutil import fsync_dir, remove_tree
@@ -409,20 +410,7 @@ def attach(checkpoints, store: S3Store, events: EventLog, alert_after: int) -> U
     checkpoints.newest_uploaded = lambda: uploader.newest_uploaded
     remote = store.committed_steps()
     uploader.newest_uploaded = remote[0] if remote else None
-    for step, _path in reversed(_local_committed(checkpoints.root)):
+    for step, _path in reversed(committed_checkpoints(checkpoints.root)):
         if not remote or step > remote[0]:
             uploader.submit(step)
     return uploader
-
-
-def _local_committed(root: Path) -> list[tuple[int, Path]]:
-    from spot.checkpoint import list_step_dirs
-
-    committed = []
-    for step, path in list_step_dirs(root):
-        try:
-            manifest.read(path)
-            committed.append((step, path))
-        except CorruptCheckpoint:
-            continue
-    return committed
