@@ -160,7 +160,7 @@ def train(cfg: DictConfig, overrides: list[str]) -> int:
     schedule = CheckpointSchedule(s.checkpoint, s.cloud.interruption_rate_per_hour, events)
     schedule.start(state.step)
     first_step = state.step
-    progress = Progress(max_steps, state.step, s.trainer.log_every)
+    progress = Progress(max_steps, state.step)
 
     def finished() -> bool:
         return state.step >= max_steps or (s.trainer.max_epochs or 1e18) <= state.epoch
@@ -207,10 +207,10 @@ def train(cfg: DictConfig, overrides: list[str]) -> int:
                     {"ckpt/stall_seconds": stall, "ckpt/persist_seconds": persist}, step=step
                 )
 
-            lr = scheduler.get_last_lr()[0]
-            progress.update(state.step, loss=loss.item(), lr=lr)
-            if state.step % s.trainer.log_every == 0:
-                metrics.log({"train/loss": loss.item(), "train/lr": lr}, step=state.step)
+            if state.step % s.trainer.log_every == 0 or finished():  # .item() syncs a GPU
+                figures = {"loss": loss.item(), "lr": scheduler.get_last_lr()[0]}
+                progress.update(state.step, **figures)
+                metrics.log({f"train/{k}": v for k, v in figures.items()}, step=state.step)
             failpoint("train.step", state.step)
             if finished():
                 break

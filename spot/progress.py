@@ -10,17 +10,14 @@ log = logging.getLogger("train")
 
 
 class Progress:
-    def __init__(self, total_steps: int, start_step: int, every: int, stream=None):
+    def __init__(self, total_steps: int, start_step: int, stream=None):
         self.total = total_steps
-        self.every = every
         self.stream = stream or sys.stderr
         self.interactive = self.stream.isatty()
         self._t0 = time.perf_counter()
         self._start = start_step
 
     def update(self, step: int, **metrics: float) -> None:
-        if not self.interactive and step % self.every and step != self.total:
-            return
         elapsed = time.perf_counter() - self._t0
         rate = (step - self._start) / elapsed if elapsed > 0 else 0.0
         figures = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
