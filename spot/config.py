@@ -7,7 +7,6 @@ out-of-range value is caught in one place and reported as one line naming the ke
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import re
 from dataclasses import dataclass, field
@@ -322,7 +321,3 @@ def training_view(cfg: DictConfig) -> dict:
         if isinstance(container.get(group), dict):
             container[group].pop(name, None)
     return container
-
-
-def as_dict(settings: Settings) -> dict:
-    return dataclasses.asdict(settings)
