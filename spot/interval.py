@@ -56,8 +56,10 @@ class CheckpointSchedule:
         if self.cfg.policy != "young_daly" or self.mtbf_seconds is None:
             return
         self._stalls.append(stall_seconds)
-        cost = sorted(self._stalls)[len(self._stalls) // 2]
-        optimum = math.sqrt(2 * max(cost, 1e-3) * self.mtbf_seconds)
+        # The median stall, floored at 1 ms: a near-zero measured cost must not make the interval
+        # collapse to nothing (and the figure in the event is the one the formula used).
+        cost = max(sorted(self._stalls)[len(self._stalls) // 2], 1e-3)
+        optimum = math.sqrt(2 * cost * self.mtbf_seconds)
         self.interval_seconds = max(optimum, persist_seconds)
         self.events.emit(
             "checkpoint_interval",
