@@ -246,7 +246,7 @@ def test_transient_faults_are_retried_and_training_never_waits(
         seen[path] += 1
         if seen[path] == 1:
             return faults[len(seen) % len(faults)]
-        return ("slow", 0.3) if seen[path] == 2 else "pass"
+        return ("slow", 1.0) if seen[path] == 2 else "pass"
 
     with FaultProxy(s3_endpoint, rule) as proxy:
         result = run_train(s3_args(proxy.url, name, tmp_path), env=env())
@@ -256,7 +256,7 @@ def test_transient_faults_are_retried_and_training_never_waits(
     assert [e["step"] for e in events if e["event"] == "upload"] == [20, 40, 60, 80, 100]
     uploads = [e["seconds"] for e in events if e["event"] == "upload"]
     stalls = [e["stall_seconds"] for e in events if e["event"] == "checkpoint"]
-    assert min(uploads) > 0.3 * 3  # every upload went through faults and slow responses
+    assert min(uploads) >= 1.0  # every upload went through a fault and a slow response
     assert max(stalls) < min(uploads) / 3, (stalls, uploads)  # the loop never waited for them
     assert_bitwise_equal(
         final_state(reference)["model"], final_state(run_dir_of(tmp_path))["model"]
