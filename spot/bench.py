@@ -307,21 +307,21 @@ def report(results: dict, e2e: dict | None, info: dict) -> str:
         "",
     ]
     rows = [
-        ("stall", "training-loop stall, this project (async)", "stall"),
-        ("warmup_stall", "  first checkpoint (warm-up, not in the median)", None),
-        ("torch_save_fsync", "torch.save + fsync (synchronous)", None),
-        ("dcp_stall", "DCP async_save: stall until it returns", None),
-        ("dcp_total", "DCP async_save: total", None),
-        ("memory_copy", "memory copy into reused buffers (floor)", None),
-        ("raw_write_fsync", "raw sequential write + fsync (floor)", None),
-        ("raw_direct_fsync", "  the same with O_DIRECT", None),
-        ("persist", "background persist, this project", None),
-        ("restore_verify", "restore + verify, this project (cold)", None),
-        ("torch_load", "torch.load, weights_only (cold)", None),
-        ("upload", "upload, this project (boto3 transfer manager)", None),
-        ("aws_s3_cp", "upload, aws s3 cp --recursive (same files)", None),
+        ("stall", "training-loop stall, this project (async)"),
+        ("warmup_stall", "  first checkpoint (warm-up, not in the median)"),
+        ("torch_save_fsync", "torch.save + fsync (synchronous)"),
+        ("dcp_stall", "DCP async_save: stall until it returns"),
+        ("dcp_total", "DCP async_save: total"),
+        ("memory_copy", "memory copy into reused buffers (floor)"),
+        ("raw_write_fsync", "raw sequential write + fsync (floor)"),
+        ("raw_direct_fsync", "  the same with O_DIRECT"),
+        ("persist", "background persist, this project"),
+        ("restore_verify", "restore + verify, this project (cold)"),
+        ("torch_load", "torch.load, weights_only (cold)"),
+        ("upload", "upload, this project (boto3 transfer manager)"),
+        ("aws_s3_cp", "upload, aws s3 cp --recursive (same files)"),
     ]
-    for key, label, _ in rows:
+    for key, label in rows:
         if key in results:
             lines.append(f"{label:46s} {summarize(results[key])}")
     lines += ["", "targets (ratios of medians):"]

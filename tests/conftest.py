@@ -78,6 +78,13 @@ def run_until_failpoint(
     return int(marker.read_text())
 
 
+def completed_run(args: list[str], root: Path) -> Path:
+    """Run train.py to completion (an uninterrupted reference run); return its run directory."""
+    result = run_train([*args, f"run.root={root}"])
+    assert result.returncode == 0, result.stderr
+    return run_dir_of(root)
+
+
 def run_dir_of(root: Path) -> Path:
     """The single run directory under a run root (<root>/<name>/<id>)."""
     dirs = [p for p in root.glob("*/*") if p.is_dir() and not p.name.startswith(".")]

@@ -19,6 +19,7 @@ from spot.ledger import read_ledger
 from tests.conftest import (
     FAST,
     assert_bitwise_equal,
+    completed_run,
     final_state,
     rewrite_manifest,
     run_dir_of,
@@ -35,10 +36,7 @@ ARGS = [*FAST, f"trainer.max_steps={STEPS}", "checkpoint.every_steps=20", "data.
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     """Run A: the same command, never interrupted."""
-    root = tmp_path_factory.mktemp("reference")
-    result = run_train([*ARGS, f"run.root={root}"])
-    assert result.returncode == 0, result.stderr
-    return run_dir_of(root)
+    return completed_run(ARGS, tmp_path_factory.mktemp("reference"))
 
 
 def valid_checkpoints(run_dir: Path) -> list[int]:

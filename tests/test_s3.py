@@ -18,6 +18,7 @@ from tests.conftest import (
     FAST,
     REPO,
     assert_bitwise_equal,
+    completed_run,
     final_state,
     run_dir_of,
     run_train,
@@ -93,10 +94,7 @@ def keys(client, bucket: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("s3-reference")
-    result = run_train([*BASE, f"run.root={root}"])
-    assert result.returncode == 0, result.stderr
-    return run_dir_of(root)
+    return completed_run(BASE, tmp_path_factory.mktemp("s3-reference"))
 
 
 def test_uploads_and_resumes_on_a_fresh_machine(s3_endpoint, bucket, reference, tmp_path, markers):
