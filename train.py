@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import hydra
@@ -24,8 +25,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from spot import identity, storage
-from spot.checkpoint import CheckpointManager, CheckpointUnusable, CheckpointWriteError
+from spot import distributed, elastic, identity, launch, rng, storage
+from spot.checkpoint import (
+    CheckpointManager,
+    CheckpointUnusable,
+    CheckpointWriteError,
+    FollowerCheckpoints,
+)
 from spot.config import ConfigError, training_view, validate
 from spot.events import EventLog
 from spot.exitcodes import (
@@ -37,11 +43,11 @@ from spot.exitcodes import (
 from spot.failpoints import failpoint
 from spot.fsutil import atomic_write_bytes
 from spot.interval import CheckpointSchedule
-from spot.ledger import Ledger
+from spot.ledger import Ledger, truncate_ledgers
 from spot.metrics import make_logger
 from spot.preflight import validate_command_line
 from spot.progress import Progress
-from spot.rng import seed_everything
+from spot.rng import seed_everything, seed_rank
 from spot.sampler import ResumableBatchSampler
 from spot.schedule import build_scheduler
 from spot.state import TrainingState
@@ -79,116 +85,201 @@ def train(cfg: DictConfig, overrides: list[str]) -> int:
     run_id = s.run.id or identity.run_id_from_overrides(overrides)
     run_dir = identity.run_dir(s.run.root, s.run.name, run_id)
     remote = storage.connect(s.storage, s.run.name, run_id)  # checks the bucket now
-    if (run_dir / COMPLETE_MARKER).exists() or (remote and storage.remote_complete(remote)):
+    device = pick_device(s.trainer.device)
+    world = distributed.join(
+        s.elastic.collective_timeout_seconds,
+        s.elastic.restore_timeout_seconds,
+        cuda=device.type == "cuda",
+    )
+    device = world.device(device)
+    complete = (run_dir / COMPLETE_MARKER).exists() or (remote and storage.remote_complete(remote))
+    if world.agree(complete)[0]:
         where = remote.url if remote else run_dir
         log.info("run %s/%s is already complete (%s): nothing to do", s.run.name, run_id, where)
         return EXIT_COMPLETE
-    device = pick_device(s.trainer.device)
+
+    # More than one process: torch's elastic agent runs this script in every worker.
+    if launch.needs_agent(s.elastic):
+        resolved = OmegaConf.merge(cfg, {"run": {"id": run_id}})
+        script = Path(__file__).resolve()
+        return launch.run_agent(
+            s.elastic, f"{s.run.name}-{run_id}", script, OmegaConf.to_yaml(resolved, resolve=True)
+        )
     if s.trainer.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
+    training_config = training_view(cfg)
+    digest = identity.config_digest(training_config)
+    world.check_same_job(f"{s.run.name}/{run_id}/{digest}")
 
-    # Model, data, optimizer and schedule, all from the config.
+    # Model, data, optimizer and schedule, all from the config; the same weights on every rank.
     seed_everything(s.seed)
     dataset = build(cfg.data.dataset, "data.dataset")
     model = build(cfg.model, "model").to(device)
+    seed_rank(s.seed, world.rank)  # after the weights: each rank its own dropout masks
+    model = world.wrap(model, device)
     optimizer = instantiate(cfg.optimizer)(model.parameters())
     sampler = ResumableBatchSampler(
-        len(dataset), s.trainer.batch_size, seed=s.seed, shuffle=s.data.shuffle
+        len(dataset),
+        s.trainer.batch_size,
+        seed=s.seed,
+        shuffle=s.data.shuffle,
+        rank=world.rank,
+        world_size=world.world_size,
+        global_batch=elastic.global_batch(s.elastic, s.trainer.batch_size, world.world_size),
     )
+    # The schedule's length in steps; an epoch's steps depend on the world size (scale_lr), so a
+    # run bounded by epochs stops on the epoch count, not on this estimate.
     max_steps = s.trainer.max_steps or s.trainer.max_epochs * sampler.steps_per_epoch()
     if s.trainer.max_epochs:
         max_steps = min(max_steps, s.trainer.max_epochs * sampler.steps_per_epoch())
     scheduler = build_scheduler(instantiate(cfg.scheduler), optimizer, max_steps)
-    state = TrainingState(model, optimizer, scheduler, sampler)
+    config_lrs = list(scheduler.base_lrs)
+    state = TrainingState(
+        model,
+        optimizer,
+        scheduler,
+        sampler,
+        seed=s.seed,
+        rank=world.rank,
+        world_size=world.world_size,
+    )
 
-    # The run directory, its config and its event log: the same for every restart.
+    # The run directory, its config and its event log: the same for every rank and restart.
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
-    events = EventLog(run_dir / "events.jsonl")
-    training_config = training_view(cfg)
-    digest = identity.config_digest(training_config)
-    ckpt_root = (
-        Path(s.storage.dir) / s.run.name / run_id if s.storage.dir else run_dir / "checkpoints"
-    )
-    checkpoints = CheckpointManager(
-        ckpt_root,
-        keep_last=s.checkpoint.keep_last,
-        async_save=s.checkpoint.async_save,
-        on_corrupt=s.checkpoint.on_corrupt,
-        on_error=s.checkpoint.on_error,
-        when_busy=s.checkpoint.when_busy,
-        events=events,
-        meta={
-            "run": {"name": s.run.name, "id": run_id},
-            "world_size": 1,
-            "config_digest": digest,
-            "training_config": training_config,
-        },
-    )
-    checkpoints.remove_stale()
-    uploader = remote and storage.attach(
-        checkpoints, remote, events, s.storage.alert_after_failures
-    )
+    events = EventLog(run_dir / "events.jsonl" if world.is_leader else None)
+    checkpoints = FollowerCheckpoints()
+    uploader = None
+    if world.is_leader:
+        atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
+        ckpt_root = (
+            Path(s.storage.dir) / s.run.name / run_id if s.storage.dir else run_dir / "checkpoints"
+        )
+        checkpoints = CheckpointManager(
+            ckpt_root,
+            keep_last=s.checkpoint.keep_last,
+            async_save=s.checkpoint.async_save,
+            on_corrupt=s.checkpoint.on_corrupt,
+            on_error=s.checkpoint.on_error,
+            when_busy=s.checkpoint.when_busy,
+            events=events,
+            meta={
+                "run": {"name": s.run.name, "id": run_id},
+                "world_size": world.world_size,
+                "config_digest": digest,
+                "training_config": training_config,
+            },
+        )
+        checkpoints.remove_stale()
+        uploader = remote and storage.attach(
+            checkpoints, remote, events, s.storage.alert_after_failures
+        )
 
-    # Resume from the newest checkpoint that verifies, or start fresh.
+    # Resume from the newest checkpoint that verifies, or start fresh. Rank 0 finds and loads
+    # it, local or remote; every other rank receives it from rank 0.
     began = time.perf_counter()
-    try:
-        loaded = checkpoints.load_latest(digest, training_config)
-        if loaded is not None:
-            state.load_state_dict(loaded.state)
-    except CheckpointUnusable as exc:
-        print(f"checkpoint error: {exc}", file=sys.stderr)
-        events.emit("checkpoint_unusable", reason=str(exc))
+    restored = None
+    if world.is_leader:
+        restored = restore_latest(checkpoints, digest, training_config)
+        if s.data.ledger and not (restored and restored.get("error")):
+            truncate_ledgers(run_dir, restored["step"] if restored else 0)
+    restored = world.share(restored)
+    if restored and restored.get("error"):
+        print(f"checkpoint error: {restored['error']}", file=sys.stderr)
+        events.emit("checkpoint_unusable", reason=restored["error"])
         return EXIT_CHECKPOINT_UNUSABLE
-    if loaded is not None:
-        checkpoints.last_committed_step = loaded.step
+    if restored:
+        state.load_state_dict(restored["state"])
+        checkpoints.last_committed_step = state.step
         events.emit(
             "resume",
             step=state.step,
             epoch=state.epoch,
             samples_in_epoch=sampler.consumed,
-            checkpoint=str(loaded.path),
+            checkpoint=restored["path"],
             restore_seconds=round(time.perf_counter() - began, 6),
         )
-        log.info("resumed from %s (step %d, epoch %d)", loaded.path, state.step, state.epoch)
-    events.emit("start", step=state.step, run_dir=str(run_dir), device=str(device), world_size=1)
-    log.info("run directory: %s", run_dir)
+        log.info("resumed from %s (step %d, epoch %d)", restored["path"], state.step, state.epoch)
 
-    metrics = make_logger(s.logger, run_dir, f"{s.run.name}-{run_id}", training_config, rank=0)
-    ledger = Ledger(run_dir, rank=0, resumed_step=state.step) if s.data.ledger else None
+    # The LR for this world size, from the config's base LRs: never compounded across changes.
+    lr_scale = elastic.lr_scale(s.elastic, world.world_size)
+    elastic.apply_lr_scale(scheduler, config_lrs, lr_scale)
+    split = elastic.describe_split(sampler)
+    if restored and state.saved_world_size != world.world_size:
+        events.emit(
+            "world_size_change",
+            step=state.step,
+            previous=state.saved_world_size,
+            world_size=world.world_size,
+            batch_policy=s.elastic.batch_policy,
+            lr_scale=lr_scale,
+            **split,
+        )
+        log.info(
+            "world size %d -> %d: %s; LR scale %g",
+            state.saved_world_size,
+            world.world_size,
+            split["text"],
+            lr_scale,
+        )
+    events.emit(
+        "start",
+        step=state.step,
+        run_dir=str(run_dir),
+        device=str(device),
+        world_size=world.world_size,
+        lr_scale=lr_scale,
+        restart=world.restart_count,
+        node_rank=int(os.environ.get("GROUP_RANK", 0)),
+        agent_pid=os.getppid() if distributed.launched_by_torch_elastic() else None,
+        **split,
+    )
+    log.info("run directory: %s (%s)", run_dir, split["text"])
+
+    key = f"{s.run.name}-{run_id}"
+    metrics = make_logger(s.logger, run_dir, key, training_config, rank=world.rank)
+    metrics.log({"elastic/world_size": world.world_size, "elastic/lr_scale": lr_scale}, state.step)
+    ledger = Ledger(run_dir, rank=world.rank) if s.data.ledger else None
     schedule = CheckpointSchedule(s.checkpoint, s.cloud.interruption_rate_per_hour, events)
     schedule.start(state.step)
     first_step = state.step
-    progress = Progress(max_steps, state.step)
+    progress = Progress(max_steps, state.step) if world.is_leader else None
+    loss_fn = partial(compute_loss, device=device)
 
     def finished() -> bool:
-        return state.step >= max_steps or (s.trainer.max_epochs or 1e18) <= state.epoch
+        return state.step >= (s.trainer.max_steps or 1e18) or (
+            state.epoch >= (s.trainer.max_epochs or 1e18)
+        )
 
     overlap = state.unchanged_until_update() if s.checkpoint.overlap else ()
 
     def save(reason: str) -> None:
+        rng_states = world.gather(rng.capture())  # every rank's RNG goes into the checkpoint
+        if not world.is_leader:
+            return
         info = {"reason": reason, "epoch": state.epoch, "samples_in_epoch": sampler.consumed}
         final = reason == "final"
-        if (
-            checkpoints.save(state.step, state.state_dict(), info, final=final, defer=overlap)
-            is not None
-        ):
+        snapshot = state.state_dict(rng_states)
+        if checkpoints.save(state.step, snapshot, info, final=final, defer=overlap) is not None:
             schedule.saved(state.step)  # None: skipped, the previous is still being written
 
     model.train()
     while not finished():
-        loader = DataLoader(
-            dataset,
-            batch_sampler=sampler,
-            num_workers=s.data.num_workers,
-            pin_memory=device.type == "cuda",
-            generator=torch.Generator().manual_seed(s.seed),  # keeps the global RNG untouched
+        batches = iter(
+            DataLoader(
+                dataset,
+                batch_sampler=sampler,
+                num_workers=s.data.num_workers,
+                pin_memory=device.type == "cuda",
+                generator=torch.Generator().manual_seed(s.seed),  # keeps the global RNG untouched
+            )
         )
-        for batch in loader:
-            loss = compute_loss(model, batch, device)
+        while not sampler.epoch_finished:
+            step_samples = sampler.step_size()
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss_sum = elastic.accumulate_gradients(
+                model, batches, sampler.current_plan(), step_samples, world, loss_fn
+            )
             if s.trainer.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), s.trainer.grad_clip)
             checkpoints.before_update()  # a checkpoint still copying this state finishes first
@@ -200,7 +291,7 @@ def train(cfg: DictConfig, overrides: list[str]) -> int:
             sampler.advance()
             checkpoints.poll()
             if state.step == first_step + 1:  # the state's layout is known: allocate its snapshot
-                checkpoints.prepare(state.state_dict())
+                checkpoints.prepare(state.state_dict([rng.capture()] * world.world_size))
             for step, stall, persist in checkpoints.measurements():
                 schedule.measured(stall, persist, step)
                 metrics.log(
@@ -208,20 +299,24 @@ def train(cfg: DictConfig, overrides: list[str]) -> int:
                 )
 
             if state.step % s.trainer.log_every == 0 or finished():  # .item() syncs a GPU
-                figures = {"loss": loss.item(), "lr": scheduler.get_last_lr()[0]}
-                progress.update(state.step, **figures)
-                metrics.log({f"train/{k}": v for k, v in figures.items()}, step=state.step)
-            failpoint("train.step", state.step)
+                loss = world.sum(float(loss_sum)) / step_samples  # the mean over all ranks
+                lr = scheduler.get_last_lr()[0]
+                if progress is not None:
+                    progress.update(state.step, loss=loss, lr=lr)
+                events.emit("train", step=state.step, loss=loss, lr=lr)
+                metrics.log({"train/loss": loss, "train/lr": lr}, step=state.step)
+            failpoint("train.step", state.step, rank=world.rank)
             if finished():
                 break
-            if schedule.due(state.step):
+            if world.agree(world.is_leader and schedule.due(state.step))[0]:
                 save("interval")
         if sampler.epoch_finished:
             sampler.next_epoch()
-    progress.close()
+    if progress is not None:
+        progress.close()
 
     # The final checkpoint commits before the run is marked complete.
-    if checkpoints.last_committed_step != state.step:
+    if world.agree(world.is_leader and checkpoints.last_committed_step != state.step)[0]:
         save("final")
     checkpoints.close()
     if uploader:
@@ -232,34 +327,65 @@ def train(cfg: DictConfig, overrides: list[str]) -> int:
             )
         uploader.close()
         storage.mark_remote_complete(remote, state.step)
-    atomic_write_bytes(run_dir / COMPLETE_MARKER, f"{state.step}\n".encode())
-    events.emit("complete", step=state.step, epoch=state.epoch)
-    log.info("run complete at step %d: %s", state.step, run_dir)
+    if world.is_leader:
+        atomic_write_bytes(run_dir / COMPLETE_MARKER, f"{state.step}\n".encode())
+        events.emit("complete", step=state.step, epoch=state.epoch)
+        log.info("run complete at step %d: %s", state.step, run_dir)
     if ledger is not None:
         ledger.close()
     metrics.close()
     events.close()
+    world.close()
     return EXIT_COMPLETE
+
+
+def restore_latest(checkpoints: CheckpointManager, digest: str, training_config: dict):
+    """The newest verified checkpoint as {step, path, state}, None, or {error} if unusable."""
+    try:
+        loaded = checkpoints.load_latest(digest, training_config)
+    except CheckpointUnusable as exc:
+        return {"error": str(exc)}
+    if loaded is None:
+        return None
+    return {"step": loaded.step, "path": str(loaded.path), "state": loaded.state}
+
+
+def run(cfg: DictConfig, overrides: list[str]) -> int:
+    """train(), with each known failure turned into its documented exit code and one line."""
+    try:
+        return train(cfg, overrides)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    except CheckpointWriteError as exc:  # the previous checkpoint is intact
+        print(f"checkpoint error: {exc}", file=sys.stderr)
+        return EXIT_CHECKPOINT_WRITE_FAILED
+    except storage.RemoteError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
-    try:
-        code = train(cfg, list(hydra_cfg.overrides.task))
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        code = EXIT_BAD_CONFIG
-    except CheckpointWriteError as exc:  # the previous checkpoint is intact
-        print(f"checkpoint error: {exc}", file=sys.stderr)
-        code = EXIT_CHECKPOINT_WRITE_FAILED
-    except storage.RemoteError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        code = EXIT_BAD_CONFIG
+    code = run(cfg, list(hydra_cfg.overrides.task))
     if hydra_cfg.mode == RunMode.RUN or code not in (EXIT_COMPLETE,):
         sys.exit(code)
 
 
+def worker_main() -> int:
+    """A worker of our own elastic agent: the agent's resolved config, no Hydra composition."""
+    rank = int(os.environ.get("RANK", 0))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"[%(asctime)s][rank {rank}][%(name)s][%(levelname)s] - %(message)s",
+        stream=sys.stdout,
+    )
+    return run(OmegaConf.load(os.environ[launch.RESOLVED_CONFIG_ENV]), overrides=[])
+
+
 if __name__ == "__main__":
+    if launch.RESOLVED_CONFIG_ENV in os.environ and distributed.launched_by_torch_elastic():
+        sys.exit(worker_main())
     validate_command_line(sys.argv[1:], CONFIG_DIR)
     main()

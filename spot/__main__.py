@@ -4,6 +4,9 @@ list PATH      every checkpoint under PATH (a run directory, its checkpoints/, o
                or s3://bucket/prefix/<run.name>/<run.id>, with --endpoint-url for S3-compatible services)
 verify PATH    check every checkpoint fully (sizes, checksums, weights_only load); exit 1 if any is bad
 inspect PATH   the newest valid checkpoint's manifest and tensors (or the one PATH names)
+bench          checkpoint performance on this machine (`python -m spot bench --help`)
+rendezvous     serve the c10d rendezvous store for elastic.rdzv_store_host=external, on a node
+               that is not reclaimed (`python -m spot rendezvous --help`)
 """
 
 from __future__ import annotations
@@ -136,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
         from spot import bench
 
         return bench.main(argv[1:])
+    if argv[:1] == ["rendezvous"]:
+        from spot import launch
+
+        return launch.rendezvous_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m spot", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (
@@ -143,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         ("verify", "verify every checkpoint completely"),
         ("inspect", "show the newest valid checkpoint"),
         ("bench", "checkpoint performance on this machine (python -m spot bench --help)"),
+        ("rendezvous", "serve the elastic rendezvous store (python -m spot rendezvous --help)"),
     ):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("path")

@@ -80,6 +80,15 @@ class ElasticConfig:
     lr_scaling: str = "linear"
     batch_policy: str = "scale_lr"
     reference_world_size: int = 1
+    rdzv_store_host: str = "agent"  # agent: the agent on the endpoint's host serves it | external
+    rdzv_join_timeout_seconds: float = 600.0
+    rdzv_last_call_seconds: float = 30.0
+    rdzv_keep_alive_seconds: float = 5.0
+    monitor_interval_seconds: float = 0.5
+    shutdown_timeout_seconds: int = 30
+    local_addr: str | None = None
+    collective_timeout_seconds: float = 120.0
+    restore_timeout_seconds: float = 1800.0
 
 
 @dataclass
@@ -263,6 +272,17 @@ def validate(cfg: DictConfig) -> Settings:
     _one_of("elastic.lr_scaling", e.lr_scaling, ("linear", "sqrt", "none"))
     _one_of("elastic.batch_policy", e.batch_policy, ("scale_lr", "keep_global_batch"))
     _positive("elastic.reference_world_size", e.reference_world_size)
+    _one_of("elastic.rdzv_store_host", e.rdzv_store_host, ("agent", "external"))
+    for key in (
+        "rdzv_join_timeout_seconds",
+        "rdzv_last_call_seconds",
+        "rdzv_keep_alive_seconds",
+        "monitor_interval_seconds",
+        "shutdown_timeout_seconds",
+        "collective_timeout_seconds",
+        "restore_timeout_seconds",
+    ):
+        _positive(f"elastic.{key}", getattr(e, key))
 
     lg = s.logger
     _one_of("logger.backend", lg.backend, ("wandb", "none"))

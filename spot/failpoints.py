@@ -1,7 +1,10 @@
 """Named points where a test can stop the process deterministically, to then kill it from outside.
 
-SPOT_FAILPOINTS="name@step=N" (comma-separated) makes the process write SPOT_FAILPOINT_DIR/name
-when it reaches that point at that step, then wait to be killed. Unset (always, in production),
+SPOT_FAILPOINTS="name@step=N" (comma-separated; `name@step=N@rank=R` for one rank only) makes the
+process write SPOT_FAILPOINT_DIR/name (the step) and name.pid when it reaches that point at that
+step, then wait to be killed. `name@sleep=S` instead slows every pass by S seconds (a test's
+training that must still be running while agents come and go). A failpoint fires once: while its marker exists it is disarmed, so
+a worker restarted by the elastic agent runs past it. Unset (always, in production),
 `failpoint()` is one dict lookup.
 """
 
@@ -11,20 +14,33 @@ import os
 import time
 from pathlib import Path
 
-_ARMED: dict[str, int | None] = {}
+_ARMED: dict[str, tuple[int | None, int | None]] = {}
+_SLOW: dict[str, float] = {}
 for _spec in filter(None, os.environ.get("SPOT_FAILPOINTS", "").split(",")):
-    _name, _, _cond = _spec.partition("@step=")
-    _ARMED[_name.strip()] = int(_cond) if _cond else None
+    _name, *_conds = _spec.strip().split("@")
+    _where = dict(c.split("=", 1) for c in _conds)
+    if "sleep" in _where:
+        _SLOW[_name] = float(_where["sleep"])
+        continue
+    _step, _rank = _where.get("step"), _where.get("rank")
+    _ARMED[_name] = (int(_step) if _step else None, int(_rank) if _rank else None)
 
 
-def failpoint(name: str, step: int | None = None) -> None:
+def failpoint(name: str, step: int | None = None, rank: int = 0) -> None:
+    if name in _SLOW:
+        time.sleep(_SLOW[name])
     if name not in _ARMED:
         return
-    wanted = _ARMED[name]
-    if wanted is not None and wanted != step:
+    wanted_step, wanted_rank = _ARMED[name]
+    if (wanted_step is not None and wanted_step != step) or (
+        wanted_rank is not None and wanted_rank != rank
+    ):
         return
     marker = Path(os.environ.get("SPOT_FAILPOINT_DIR", ".")) / name
+    if marker.exists():
+        return
     partial = marker.with_name(f".{name}.{os.getpid()}")
+    marker.with_name(f"{name}.pid").write_text(str(os.getpid()))
     partial.write_text(str(step))
     os.replace(partial, marker)  # the watcher never sees a marker without its content
     while True:  # held here until the test kills the process

@@ -27,12 +27,18 @@ def read_ledger(path: Path) -> list[dict]:
     return entries
 
 
+def truncate_ledgers(run_dir: Path, resumed_step: int) -> None:
+    """Drop every rank's lines past the restored step, ranks that no longer exist included.
+    The leader calls it before any rank appends."""
+    for path in sorted((run_dir / "ledger").glob("rank-*.jsonl")):
+        kept = [e for e in read_ledger(path) if e.get("step", 0) <= resumed_step]
+        atomic_write_bytes(path, "".join(json.dumps(e) + "\n" for e in kept).encode())
+
+
 class Ledger:
-    def __init__(self, run_dir: Path, rank: int, resumed_step: int):
+    def __init__(self, run_dir: Path, rank: int):
         self.path = ledger_path(run_dir, rank)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        kept = [e for e in read_ledger(self.path) if e.get("step", 0) <= resumed_step]
-        atomic_write_bytes(self.path, "".join(json.dumps(e) + "\n" for e in kept).encode())
         self._file = open(self.path, "a", buffering=1)  # noqa: SIM115 - closed in close()
 
     def record(self, step: int, epoch: int, indices: list[int]) -> None:

@@ -56,3 +56,11 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def seed_rank(seed: int, rank: int, step: int = 0) -> None:
+    """Give a rank other than 0 its own stream (its own dropout masks), after the model is built
+    (the same weights on every rank). Rank 0 keeps the stream a single-process run has."""
+    if rank == 0 and step == 0:
+        return
+    seed_everything((seed * 1_000_003 + rank * 1_000_033 + step) % 2**63)

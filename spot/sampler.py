@@ -1,9 +1,11 @@
 """Exactly-once data order that survives restarts and world-size changes.
 
 The order of an epoch's samples depends only on (seed, epoch). A step consumes the next
-`world_size * batch_size` samples of that order, rank r taking its contiguous share. The position
-is one number, the samples of the epoch consumed so far: a restart with any world size hands out
-exactly the rest, re-sharded over the ranks it has now, and loads none of what it skips.
+`global_batch` samples of that order (by default `world_size * batch_size`), rank r taking its
+contiguous share, split into micro-batches of at most `batch_size` when the share is larger
+(gradient accumulation). The position is one number, the samples of the epoch consumed so far: a
+restart with any world size hands out exactly the rest, re-sharded over the ranks it has now, and
+loads none of what it skips.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class ResumableBatchSampler:
         shuffle: bool = True,
         rank: int = 0,
         world_size: int = 1,
+        global_batch: int | None = None,
     ):
         if dataset_size < 1 or batch_size < 1:
             raise ValueError(
@@ -42,6 +45,7 @@ class ResumableBatchSampler:
         self.shuffle = shuffle
         self.rank = rank
         self.world_size = world_size
+        self.global_batch = global_batch or world_size * batch_size
         self.epoch = 0
         self.consumed = 0
         self._order: tuple[int, torch.Tensor] | None = None
@@ -58,33 +62,48 @@ class ResumableBatchSampler:
         self._order = (epoch, order)
         return order
 
-    def rank_share(self, order: torch.Tensor, consumed: int) -> list[int]:
-        """This rank's indices of the step that starts at `consumed`."""
+    def rank_share(self, order: torch.Tensor, consumed: int) -> torch.Tensor:
+        """This rank's indices of the step that starts at `consumed`. Shares differ by at most
+        one sample; in an epoch's short last step a rank may get none."""
         step = order[consumed : consumed + self.step_size(consumed)]
-        return step.tensor_split(self.world_size)[self.rank].tolist()
+        return step.tensor_split(self.world_size)[self.rank]
+
+    def micro_batches(self, share: torch.Tensor) -> list[list[int]]:
+        """A share split into the fewest near-equal micro-batches of at most `batch_size`."""
+        if len(share) == 0:
+            return []
+        return [part.tolist() for part in share.tensor_split(-(-len(share) // self.batch_size))]
+
+    def current_plan(self) -> list[list[int]]:
+        """This rank's micro-batches of the step the sampler's position is at."""
+        return self.micro_batches(self.rank_share(self.epoch_order(self.epoch), self.consumed))
 
     def current_indices(self) -> list[int]:
         """This rank's indices of the step the sampler's position is at."""
-        return self.rank_share(self.epoch_order(self.epoch), self.consumed)
+        return self.rank_share(self.epoch_order(self.epoch), self.consumed).tolist()
 
     def step_size(self, consumed: int | None = None) -> int:
         """Samples of the epoch (all ranks together) that the step starting at `consumed` takes."""
         consumed = self.consumed if consumed is None else consumed
-        return min(self.world_size * self.batch_size, self.dataset_size - consumed)
+        return min(self.global_batch, self.dataset_size - consumed)
 
     def steps_per_epoch(self) -> int:
-        return -(-self.dataset_size // (self.world_size * self.batch_size))
+        return -(-self.dataset_size // self.global_batch)
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def _remaining_plans(self) -> Iterator[list[list[int]]]:
         order = self.epoch_order(self.epoch)
         position = self.consumed
         while position < self.dataset_size:
-            yield self.rank_share(order, position)
+            yield self.micro_batches(self.rank_share(order, position))
             position += self.step_size(position)
 
+    def __iter__(self) -> Iterator[list[int]]:
+        """Every micro-batch of this rank for the rest of the epoch, in step order."""
+        for plan in self._remaining_plans():
+            yield from plan
+
     def __len__(self) -> int:
-        remaining = self.dataset_size - self.consumed
-        return -(-remaining // (self.world_size * self.batch_size))
+        return sum(len(plan) for plan in self._remaining_plans())
 
     def advance(self) -> None:
         self.consumed += self.step_size()

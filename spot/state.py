@@ -25,13 +25,18 @@ class TrainingState:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     sampler: ResumableBatchSampler
     step: int = 0
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    saved_world_size: int | None = None  # of the checkpoint loaded, if any
 
     @property
     def epoch(self) -> int:
         return self.sampler.epoch
 
-    def state_dict(self) -> dict[str, Any]:
-        """Components of a checkpoint, taken at a step boundary (after the optimizer step)."""
+    def state_dict(self, rng_states: list[dict] | None = None) -> dict[str, Any]:
+        """Components of a checkpoint, taken at a step boundary (after the optimizer step).
+        `rng_states`: every rank's RNG, in rank order (dropout differs per rank)."""
         return {
             "model": unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -39,7 +44,8 @@ class TrainingState:
             "trainer": {
                 "step": self.step,
                 "sampler": self.sampler.state_dict(),
-                "rng": rng.capture(),
+                "world_size": self.world_size,
+                "rng": rng_states or [rng.capture()],
             },
         }
 
@@ -67,4 +73,10 @@ class TrainingState:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["trainer"]["step"])
-        rng.restore(state["trainer"]["rng"])
+        self.saved_world_size = int(state["trainer"].get("world_size", 1))
+        saved_rngs = state["trainer"]["rng"]
+        saved_rngs = [saved_rngs] if isinstance(saved_rngs, dict) else saved_rngs
+        if self.rank < len(saved_rngs):
+            rng.restore(saved_rngs[self.rank])
+        else:  # a rank the checkpoint's world did not have: a fresh stream of its own
+            rng.seed_rank(self.seed, self.rank, self.step)

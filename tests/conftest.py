@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -43,7 +44,9 @@ def run_train(args: list[str], *, timeout: float = 180, env: dict | None = None,
 def run_until_failpoint(
     args: list[str], failpoint: str, marker_dir: Path, timeout: float = 180, env: dict | None = None
 ):
-    """Start train.py armed with a failpoint; when it reaches it, SIGKILL it. Returns the step."""
+    """Start train.py armed with a failpoint; when it reaches it, SIGKILL it and every process it
+    started (elastic agent, workers, data-loader workers), as a reclaimed machine would. Returns
+    the step."""
     name = failpoint.split("@")[0]
     marker = marker_dir / name
     marker.unlink(missing_ok=True)
@@ -59,6 +62,7 @@ def run_until_failpoint(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,
     )
     deadline = time.monotonic() + timeout
     try:
@@ -70,8 +74,10 @@ def run_until_failpoint(
             if time.monotonic() > deadline:
                 raise AssertionError(f"train.py never reached {failpoint}")
             time.sleep(0.02)
-        proc.kill()  # SIGKILL: no handler, no cleanup, like a reclaimed machine
+        os.killpg(proc.pid, signal.SIGKILL)  # no handler, no cleanup, like a reclaimed machine
     finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
         proc.stdout.close()
     assert proc.returncode == -9

@@ -1,0 +1,224 @@
+"""The process group of one training attempt: who this rank is, and the few collectives the
+template needs beyond DDP's gradient all-reduce.
+
+Rank 0 (the leader) alone reads and writes checkpoints, events and metrics; the other ranks get
+the restored state from it over the network, so a checkpoint needs no shared file system.
+Decisions that must be the same on every rank (checkpoint now, stop now) are agreed with one
+small all-reduce on a CPU (gloo) group, which on CUDA keeps the GPU stream free of host syncs.
+
+Every collective has a timeout: a peer that dies or hangs (SIGSTOP, a reclaimed node) makes the
+survivors fail within `elastic.collective_timeout_seconds`, so the elastic agent can
+re-rendezvous instead of hanging for torch's default 30 minutes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+def launched_by_torch_elastic() -> bool:
+    """True in a worker started by torchrun or by our own elastic agent."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or (
+        "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    )
+
+
+@dataclass
+class World:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    restart_count: int = 0
+    train: Any = None  # gradients (DDP), with the short collective timeout
+    control: Any = None  # gloo group for flags and small objects, short timeout
+    bulk: Any = None  # the default group, long timeout: start-up and restoring state
+
+    @property
+    def is_leader(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def device(self, requested: torch.device) -> torch.device:
+        """One GPU per local rank."""
+        if requested.type == "cuda" and self.distributed:
+            return torch.device("cuda", self.local_rank)
+        return requested
+
+    def wrap(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        if not self.distributed:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index] if device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids, process_group=self.train)
+
+    def agree(self, *flags: bool) -> tuple[bool, ...]:
+        """Each flag is true on every rank if it is true on any rank."""
+        if not self.distributed:
+            return tuple(bool(f) for f in flags)
+        tensor = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int32)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.control)
+        return tuple(bool(v) for v in tensor.tolist())
+
+    def sum(self, value: float) -> float:
+        if not self.distributed:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(tensor, group=self.control)
+        return tensor.item()
+
+    def gather(self, obj: Any) -> list[Any] | None:
+        """Every rank's `obj`, in rank order, on the leader (None elsewhere)."""
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world_size if self.is_leader else None
+        dist.gather_object(obj, out, dst=0, group=self.control)
+        return out
+
+    def share(self, obj: Any) -> Any:
+        """The leader's `obj` on every rank. Tensors travel as raw buffers, one per dtype, not
+        pickled (a pickled view would carry its whole storage); the rest is pickled."""
+        if not self.distributed:
+            return obj
+        tensors: list[torch.Tensor] = []
+        skeleton = _strip_tensors(obj, tensors) if self.is_leader else None
+        box = [skeleton]
+        dist.broadcast_object_list(box, src=0, group=self.bulk)
+        skeleton = box[0]
+        if not self.is_leader:
+            tensors = []
+            obj = _fill_tensors(skeleton, tensors)
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = defaultdict(list)
+        for t in tensors:
+            by_dtype[t.dtype].append(t)
+        for dtype in sorted(by_dtype, key=str):
+            group = by_dtype[dtype]
+            flat = (
+                torch.cat([t.reshape(-1) for t in group])
+                if self.is_leader
+                else torch.empty(sum(t.numel() for t in group), dtype=dtype)
+            )
+            dist.broadcast(flat, src=0, group=self.bulk)
+            if not self.is_leader:
+                offset = 0
+                for t in group:
+                    t.copy_(flat[offset : offset + t.numel()].view(t.shape))
+                    offset += t.numel()
+        return obj
+
+    def check_same_job(self, identity: str) -> None:
+        """Every rank must run the same run with the same training config (nodes compose their
+        config from their own command line)."""
+        identities = self.gather(identity)
+        differs = self.is_leader and len(set(identities)) > 1
+        if self.agree(differs)[0]:
+            from spot.config import ConfigError
+
+            raise ConfigError(
+                "elastic",
+                "ranks run different jobs (run name/id/training config); start every node "
+                "with the same command",
+            )
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class _TensorSlot:
+    """Where a tensor was, in a skeleton sent ahead of the tensor bytes."""
+
+    def __init__(self, shape: torch.Size, dtype: torch.dtype):
+        self.shape, self.dtype = tuple(shape), dtype
+
+
+def _strip_tensors(obj: Any, out: list[torch.Tensor]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        out.append(obj.detach().cpu())
+        return _TensorSlot(obj.shape, obj.dtype)
+    if isinstance(obj, dict):
+        return {k: _strip_tensors(v, out) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_strip_tensors(v, out) for v in obj)
+    return obj
+
+
+def _fill_tensors(obj: Any, out: list[torch.Tensor]) -> Any:
+    if isinstance(obj, _TensorSlot):
+        out.append(torch.empty(obj.shape, dtype=obj.dtype))
+        return out[-1]
+    if isinstance(obj, dict):
+        return {k: _fill_tensors(v, out) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_fill_tensors(v, out) for v in obj)
+    return obj
+
+
+def die_with_agent() -> None:
+    """A worker dies when its agent dies. torch starts workers in their own session, so a node
+    losing its agent (SIGKILL, OOM) would otherwise leave workers training and writing
+    checkpoints with nobody to restart or stop them."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    agent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != agent:  # the agent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def join(collective_timeout_seconds: float, restore_timeout_seconds: float, cuda: bool) -> World:
+    """Join the process group torch elastic (or torchrun) set up for this worker, if any."""
+    if not launched_by_torch_elastic():
+        return World()
+    die_with_agent()
+    world = World(
+        rank=int(os.environ["RANK"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        restart_count=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)),
+    )
+    if not world.distributed:
+        return world
+    timeout = timedelta(seconds=collective_timeout_seconds)
+    if cuda:
+        # A failed or timed-out NCCL collective aborts the communicator and raises, instead of
+        # leaving the other ranks blocked in the kernel.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        torch.cuda.set_device(world.local_rank)
+    backend = "nccl" if cuda else "gloo"
+    # The default group gets the long timeout: connecting waits for workers that are still
+    # starting (importing torch on a loaded node), and restoring waits for rank 0's download.
+    # Its CPU tensors always go over gloo.
+    dist.init_process_group(
+        "cpu:gloo,cuda:nccl" if cuda else "gloo",
+        timeout=timedelta(seconds=restore_timeout_seconds),
+    )
+    world.bulk = dist.group.WORLD
+    world.train = dist.new_group(backend=backend, timeout=timeout)
+    world.control = dist.new_group(backend="gloo", timeout=timeout) if cuda else world.train
+    log.info(
+        "rank %d of %d (local rank %d, restart %d)",
+        world.rank,
+        world.world_size,
+        world.local_rank,
+        world.restart_count,
+    )
+    return world

@@ -1,0 +1,115 @@
+"""Training across world-size changes: the batch each step takes, the learning rate that goes with
+it, and a gradient that is the mean over every sample of the step whatever the world size.
+
+Two policies (`elastic.batch_policy`):
+
+- `scale_lr`: each rank takes `trainer.batch_size` samples per step, so the global batch follows
+  the world size, and the LR is `base_lr * schedule(step) * rule(world_size / reference)` with
+  rule `linear`, `sqrt` or `none`. The scale is applied to the schedule's base LRs from the
+  config after every load, so it never compounds across changes and loading the optimizer's state
+  (which holds the old LR) cannot undo it.
+- `keep_global_batch`: every step takes `trainer.batch_size * reference_world_size` samples over
+  all ranks, each rank running as many micro-batches of at most `trainer.batch_size` as its share
+  needs (gradient accumulation). The LR does not change.
+
+Each micro-batch's mean loss is weighted by `samples * world_size / step_samples` before
+backward; DDP averages over ranks, so the gradient is the mean over the step's samples even when
+shares are uneven (a global batch not divisible by the world size, an epoch's short last step).
+A full, even step has weight exactly 1 and runs the plain `loss.backward()`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+
+import torch
+
+from spot.config import ConfigError, ElasticConfig
+from spot.distributed import World
+from spot.sampler import ResumableBatchSampler
+
+
+def global_batch(cfg: ElasticConfig, batch_size: int, world_size: int) -> int:
+    """Samples per optimizer step over all ranks."""
+    if cfg.batch_policy == "keep_global_batch":
+        return batch_size * cfg.reference_world_size
+    return batch_size * world_size
+
+
+def lr_scale(cfg: ElasticConfig, world_size: int) -> float:
+    if cfg.batch_policy == "keep_global_batch" or cfg.lr_scaling == "none":
+        return 1.0
+    ratio = world_size / cfg.reference_world_size
+    return ratio if cfg.lr_scaling == "linear" else math.sqrt(ratio)
+
+
+def apply_lr_scale(
+    scheduler: torch.optim.lr_scheduler.LRScheduler, config_base_lrs: list[float], scale: float
+) -> None:
+    """Set the LR of the current step to config base LR * schedule(step) * scale, from scratch."""
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if lambdas is None:
+        if scale == 1.0:
+            return
+        raise ConfigError(
+            "scheduler",
+            f"{type(scheduler).__name__} is not a closed-form schedule (LambdaLR); "
+            "elastic LR scaling needs one (or elastic.lr_scaling=none)",
+        )
+    scheduler.base_lrs = [lr * scale for lr in config_base_lrs]
+    lrs = [
+        base * fn(scheduler.last_epoch)
+        for base, fn in zip(scheduler.base_lrs, lambdas, strict=True)
+    ]
+    for group, base, lr in zip(
+        scheduler.optimizer.param_groups, scheduler.base_lrs, lrs, strict=True
+    ):
+        group["initial_lr"] = base
+        group["lr"] = lr
+    scheduler._last_lr = lrs
+
+
+def describe_split(sampler: ResumableBatchSampler) -> dict:
+    """How a full step is divided over the ranks: said once at start and on every change."""
+    total, ranks = sampler.global_batch, sampler.world_size
+    shares = [total // ranks + (1 if r < total % ranks else 0) for r in range(ranks)]
+    micro = [-(-n // sampler.batch_size) if n else 0 for n in shares]
+    text = f"global batch {total} over {ranks} rank(s): {'+'.join(map(str, shares))} samples"
+    if total % ranks:
+        text += (
+            f" ({total} is not divisible by {ranks}: the first {total % ranks} rank(s) take one "
+            f"more; each sample is weighted 1/{total}, so the update is the {total}-sample mean)"
+        )
+    if max(micro) > 1:
+        text += f", accumulated in up to {max(micro)} micro-batches of <= {sampler.batch_size}"
+    return {"global_batch": total, "per_rank_samples": shares, "micro_batches": micro, "text": text}
+
+
+def accumulate_gradients(
+    model: torch.nn.Module,
+    batches: Iterator,
+    plan: list[list[int]],
+    step_samples: int,
+    world: World,
+    loss_fn: Callable[[torch.nn.Module, object], torch.Tensor],
+) -> torch.Tensor:
+    """Forward and backward over this rank's micro-batches of one step; gradients synchronize on
+    the last one only. Returns the sum of per-sample losses on this rank (for logging)."""
+    total = torch.zeros(())
+    if not plan:
+        # No samples for this rank in the epoch's short last step: it still joins the gradient
+        # all-reduce, contributing zeros, or the other ranks would wait for it.
+        sum(p.sum() for p in model.parameters() if p.requires_grad).mul(0.0).backward()
+        return torch.zeros(())
+    total = 0
+    for i, indices in enumerate(plan):
+        last = i == len(plan) - 1
+        no_sync = getattr(model, "no_sync", None)
+        with nullcontext() if last or no_sync is None else no_sync():
+            loss = loss_fn(model, next(batches))
+            weight = len(indices) * world.world_size / step_samples
+            (loss if weight == 1 else loss * weight).backward()
+        total = total + loss.detach().float() * len(indices)
+    return total

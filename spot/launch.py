@@ -1,0 +1,130 @@
+"""Start torch's own elastic agent (the launcher API behind `torchrun`) from the Hydra config.
+
+`python train.py elastic=elastic ...` becomes an agent that rendezvouses with the other nodes'
+agents and runs `train.py` in `nproc_per_node` worker processes, restarting them (up to
+`max_restarts`) when a worker fails or the membership changes. Every worker gets this process's
+resolved config through a file named in `SPOT_RESOLVED_CONFIG`, so all ranks of a node run exactly
+the same job with the same run directory; ranks on other nodes check that they agree (the
+config digest) when they join. Inside a worker (or under an outside `torchrun`) no agent starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from spot.config import ElasticConfig
+from spot.distributed import launched_by_torch_elastic
+
+log = logging.getLogger(__name__)
+
+RESOLVED_CONFIG_ENV = "SPOT_RESOLVED_CONFIG"
+
+
+def needs_agent(cfg: ElasticConfig) -> bool:
+    return not launched_by_torch_elastic() and (cfg.max_nodes > 1 or cfg.nproc_per_node > 1)
+
+
+def launch_config(cfg: ElasticConfig, run_key: str):
+    from torch.distributed.launcher.api import LaunchConfig
+
+    endpoint, rdzv_configs = (
+        cfg.rdzv_endpoint,
+        {
+            "join_timeout": cfg.rdzv_join_timeout_seconds,
+            "last_call_timeout": cfg.rdzv_last_call_seconds,
+        },
+    )
+    if cfg.max_nodes == 1:
+        # One node: a private rendezvous on a free port, like `torchrun --standalone`.
+        endpoint = "localhost:0"
+    elif cfg.rdzv_backend == "c10d" and cfg.rdzv_store_host == "external":
+        # The store runs elsewhere (`python -m spot rendezvous`), on a node that is not
+        # reclaimed: no agent hosts it, so losing any agent leaves the store up.
+        rdzv_configs["is_host"] = False
+    return LaunchConfig(
+        min_nodes=cfg.min_nodes,
+        max_nodes=cfg.max_nodes,
+        nproc_per_node=cfg.nproc_per_node,
+        run_id=run_key,
+        role="trainer",
+        rdzv_endpoint=endpoint,
+        rdzv_backend=cfg.rdzv_backend,
+        rdzv_configs=rdzv_configs,
+        max_restarts=cfg.max_restarts,
+        monitor_interval=cfg.monitor_interval_seconds,
+        local_addr=cfg.local_addr,
+        shutdown_timeout=cfg.shutdown_timeout_seconds,
+    )
+
+
+def run_agent(cfg: ElasticConfig, run_key: str, script: Path, resolved_config: str) -> int:
+    """Run the elastic agent until the job ends; return the exit code the job should have."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import elastic_launch
+
+    with tempfile.TemporaryDirectory(prefix="spot-launch-") as tmp:
+        config_path = Path(tmp) / "config.yaml"
+        config_path.write_text(resolved_config)
+        os.environ[RESOLVED_CONFIG_ENV] = str(config_path)  # the workers inherit it
+        # torch 2.13 shares the rendezvous TCPStore with the workers by default and keeps it
+        # across restarts, without a per-attempt prefix (rendezvous.py assumes a new store per
+        # retry): process groups created after a restart then read the previous attempt's
+        # addresses and time out. Opting out gives each attempt a fresh store on worker rank 0.
+        os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+        log.info(
+            "elastic agent: %d-%d node(s) x %d process(es), rendezvous %s at %s, run %s",
+            cfg.min_nodes,
+            cfg.max_nodes,
+            cfg.nproc_per_node,
+            cfg.rdzv_backend,
+            cfg.rdzv_endpoint if cfg.max_nodes > 1 else "localhost (standalone)",
+            run_key,
+        )
+        try:
+            elastic_launch(launch_config(cfg, run_key), sys.executable)("-u", str(script))
+        except ChildFailedError as exc:
+            rank, failure = exc.get_first_failure()
+            code = failure.exitcode if failure.exitcode > 0 else 1
+            log.error("worker rank %d failed with exit code %s", rank, failure.exitcode)
+            return code
+        finally:
+            os.environ.pop(RESOLVED_CONFIG_ENV, None)
+    return 0
+
+
+def rendezvous_main(argv: list[str]) -> int:
+    """`python -m spot rendezvous`: the c10d rendezvous store, in its own process.
+
+    With `elastic.rdzv_store_host=agent` the first agent on the endpoint's host serves the store,
+    and when that node is reclaimed the whole job loses its rendezvous. Run this instead on a
+    node that is not reclaimed (an on-demand instance, the head node, a small always-on VM) and
+    start the agents with `elastic.rdzv_store_host=external`.
+    """
+    import argparse
+    import signal
+
+    from torch.distributed import TCPStore
+
+    parser = argparse.ArgumentParser(
+        prog="python -m spot rendezvous", description=rendezvous_main.__doc__.splitlines()[0]
+    )
+    parser.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    parser.add_argument("--port", type=int, default=29400)
+    args = parser.parse_args(argv)
+    try:
+        store = TCPStore(  # noqa: F841 - serves while it exists
+            args.host, args.port, is_master=True, wait_for_workers=False, multi_tenant=True
+        )
+    except (RuntimeError, OSError) as exc:
+        print(f"rendezvous: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 1
+    print(f"rendezvous store listening on {args.host}:{args.port}", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    with contextlib.suppress(KeyboardInterrupt):
+        signal.pause()
+    return 0
