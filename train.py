@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import time
+import traceback
 from functools import partial
 from pathlib import Path
 
@@ -26,12 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from spot import distributed, elastic, identity, launch, rng, storage
-from spot.checkpoint import (
-    CheckpointManager,
-    CheckpointUnusable,
-    CheckpointWriteError,
-    FollowerCheckpoints,
-)
+from spot.checkpoint import CheckpointManager, CheckpointUnusable, CheckpointWriteError
 from spot.config import ConfigError, training_view, validate
 from spot.events import EventLog
 from spot.exitcodes import (
@@ -92,6 +88,8 @@ def train(cfg: DictConfig, overrides: list[str]) -> int:
         cuda=device.type == "cuda",
     )
     device = world.device(device)
+    if not world.is_leader:  # rank 0 alone logs; the others say only what goes wrong
+        logging.getLogger().setLevel(logging.WARNING)
     complete = (run_dir / COMPLETE_MARKER).exists() or (remote and storage.remote_complete(remote))
     if world.agree(complete)[0]:
         where = remote.url if remote else run_dir
@@ -112,43 +110,18 @@ def train(cfg: DictConfig, overrides: list[str]) -> int:
     digest = identity.config_digest(training_config)
     world.check_same_job(f"{s.run.name}/{run_id}/{digest}")
 
-    # Model, data, optimizer and schedule, all from the config; the same weights on every rank.
+    # Model, data and optimizer, all from the config; the same weights on every rank.
     seed_everything(s.seed)
     dataset = build(cfg.data.dataset, "data.dataset")
     model = build(cfg.model, "model").to(device)
     seed_rank(s.seed, world.rank)  # after the weights: each rank its own dropout masks
     model = world.wrap(model, device)
     optimizer = instantiate(cfg.optimizer)(model.parameters())
-    sampler = ResumableBatchSampler(
-        len(dataset),
-        s.trainer.batch_size,
-        seed=s.seed,
-        shuffle=s.data.shuffle,
-        rank=world.rank,
-        world_size=world.world_size,
-        global_batch=elastic.global_batch(s.elastic, s.trainer.batch_size, world.world_size),
-    )
-    # The schedule's length in steps; an epoch's steps depend on the world size (scale_lr), so a
-    # run bounded by epochs stops on the epoch count, not on this estimate.
-    max_steps = s.trainer.max_steps or s.trainer.max_epochs * sampler.steps_per_epoch()
-    if s.trainer.max_epochs:
-        max_steps = min(max_steps, s.trainer.max_epochs * sampler.steps_per_epoch())
-    scheduler = build_scheduler(instantiate(cfg.scheduler), optimizer, max_steps)
-    config_lrs = list(scheduler.base_lrs)
-    state = TrainingState(
-        model,
-        optimizer,
-        scheduler,
-        sampler,
-        seed=s.seed,
-        rank=world.rank,
-        world_size=world.world_size,
-    )
 
     # The run directory, its config and its event log: the same for every rank and restart.
     run_dir.mkdir(parents=True, exist_ok=True)
     events = EventLog(run_dir / "events.jsonl" if world.is_leader else None)
-    checkpoints = FollowerCheckpoints()
+    checkpoints = distributed.FollowerCheckpoints()
     uploader = None
     if world.is_leader:
         atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
@@ -175,8 +148,8 @@ def train(cfg: DictConfig, overrides: list[str]) -> int:
             checkpoints, remote, events, s.storage.alert_after_failures
         )
 
-    # Resume from the newest checkpoint that verifies, or start fresh. Rank 0 finds and loads
-    # it, local or remote; every other rank receives it from rank 0.
+    # Find the newest checkpoint that verifies, local or remote: rank 0 loads it, every other
+    # rank receives it from rank 0.
     began = time.perf_counter()
     restored = None
     if world.is_leader:
@@ -188,6 +161,41 @@ def train(cfg: DictConfig, overrides: list[str]) -> int:
         print(f"checkpoint error: {restored['error']}", file=sys.stderr)
         events.emit("checkpoint_unusable", reason=restored["error"])
         return EXIT_CHECKPOINT_UNUSABLE
+    saved = restored["state"]["trainer"] if restored else {}
+
+    # The batch and LR for this world size. The reference world size (for which the config's LR
+    # and batch are meant) is the config's, else the one the run started with.
+    reference = (
+        s.elastic.reference_world_size or saved.get("reference_world_size") or world.world_size
+    )
+    sampler = ResumableBatchSampler(
+        len(dataset),
+        s.trainer.batch_size,
+        seed=s.seed,
+        shuffle=s.data.shuffle,
+        rank=world.rank,
+        world_size=world.world_size,
+        global_batch=elastic.global_batch(
+            s.elastic.batch_policy, s.trainer.batch_size, world.world_size, reference
+        ),
+    )
+    # The schedule's length in steps; an epoch's steps depend on the world size (scale_lr), so a
+    # run bounded by epochs stops on the epoch count, not on this estimate.
+    max_steps = s.trainer.max_steps or s.trainer.max_epochs * sampler.steps_per_epoch()
+    if s.trainer.max_epochs:
+        max_steps = min(max_steps, s.trainer.max_epochs * sampler.steps_per_epoch())
+    scheduler = build_scheduler(instantiate(cfg.scheduler), optimizer, max_steps)
+    config_lrs = list(scheduler.base_lrs)
+    state = TrainingState(
+        model,
+        optimizer,
+        scheduler,
+        sampler,
+        seed=s.seed,
+        rank=world.rank,
+        world_size=world.world_size,
+        reference_world_size=reference,
+    )
     if restored:
         state.load_state_dict(restored["state"])
         checkpoints.last_committed_step = state.step
@@ -200,9 +208,8 @@ def train(cfg: DictConfig, overrides: list[str]) -> int:
             restore_seconds=round(time.perf_counter() - began, 6),
         )
         log.info("resumed from %s (step %d, epoch %d)", restored["path"], state.step, state.epoch)
-
-    # The LR for this world size, from the config's base LRs: never compounded across changes.
-    lr_scale = elastic.lr_scale(s.elastic, world.world_size)
+    # From the config's base LRs after every load: never compounded across changes.
+    lr_scale = elastic.lr_scale(s.elastic, world.world_size, reference)
     elastic.apply_lr_scale(scheduler, config_lrs, lr_scale)
     split = elastic.describe_split(sampler)
     if restored and state.saved_world_size != world.world_size:
@@ -212,6 +219,7 @@ def train(cfg: DictConfig, overrides: list[str]) -> int:
             previous=state.saved_world_size,
             world_size=world.world_size,
             batch_policy=s.elastic.batch_policy,
+            reference_world_size=reference,
             lr_scale=lr_scale,
             **split,
         )
@@ -275,10 +283,10 @@ def train(cfg: DictConfig, overrides: list[str]) -> int:
             )
         )
         while not sampler.epoch_finished:
-            step_samples = sampler.step_size()
+            step_samples, share = sampler.step_size(), sampler.current_indices()
             optimizer.zero_grad(set_to_none=True)
             loss_sum = elastic.accumulate_gradients(
-                model, batches, sampler.current_plan(), step_samples, world, loss_fn
+                model, batches, sampler.current_plan(), len(share), step_samples, world, loss_fn
             )
             if s.trainer.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), s.trainer.grad_clip)
@@ -286,7 +294,7 @@ def train(cfg: DictConfig, overrides: list[str]) -> int:
             optimizer.step()
             scheduler.step()
             if ledger is not None:
-                ledger.record(state.step + 1, state.epoch, sampler.current_indices())
+                ledger.record(state.step + 1, state.epoch, share)
             state.step += 1
             sampler.advance()
             checkpoints.poll()
@@ -335,7 +343,6 @@ def train(cfg: DictConfig, overrides: list[str]) -> int:
         ledger.close()
     metrics.close()
     events.close()
-    world.close()
     return EXIT_COMPLETE
 
 
@@ -363,6 +370,13 @@ def run(cfg: DictConfig, overrides: list[str]) -> int:
     except storage.RemoteError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
+    except Exception:
+        if not torch.distributed.is_initialized():
+            raise
+        # A crashed worker (a peer lost, a collective timed out) must still exit: see
+        # distributed.exit_process. Its agent then restarts the group.
+        traceback.print_exc()
+        return 1
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
@@ -370,14 +384,14 @@ def main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     code = run(cfg, list(hydra_cfg.overrides.task))
     if hydra_cfg.mode == RunMode.RUN or code not in (EXIT_COMPLETE,):
-        sys.exit(code)
+        distributed.exit_process(code)
 
 
 def worker_main() -> int:
     """A worker of our own elastic agent: the agent's resolved config, no Hydra composition."""
     rank = int(os.environ.get("RANK", 0))
     logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
+        level=logging.INFO,
         format=f"[%(asctime)s][rank {rank}][%(name)s][%(levelname)s] - %(message)s",
         stream=sys.stdout,
     )
@@ -386,6 +400,6 @@ def worker_main() -> int:
 
 if __name__ == "__main__":
     if launch.RESOLVED_CONFIG_ENV in os.environ and distributed.launched_by_torch_elastic():
-        sys.exit(worker_main())
+        distributed.exit_process(worker_main())
     validate_command_line(sys.argv[1:], CONFIG_DIR)
     main()

@@ -79,7 +79,7 @@ class ElasticConfig:
     max_restarts: int = 0
     lr_scaling: str = "linear"
     batch_policy: str = "scale_lr"
-    reference_world_size: int = 1
+    reference_world_size: int | None = None  # None: the world size the run started with
     rdzv_store_host: str = "agent"  # agent: the agent on the endpoint's host serves it | external
     rdzv_join_timeout_seconds: float = 600.0
     rdzv_last_call_seconds: float = 30.0
@@ -271,7 +271,7 @@ def validate(cfg: DictConfig) -> Settings:
         raise ConfigError("elastic.rdzv_endpoint", f"{e.rdzv_endpoint!r} is not HOST:PORT")
     _one_of("elastic.lr_scaling", e.lr_scaling, ("linear", "sqrt", "none"))
     _one_of("elastic.batch_policy", e.batch_policy, ("scale_lr", "keep_global_batch"))
-    _positive("elastic.reference_world_size", e.reference_world_size)
+    _positive("elastic.reference_world_size", e.reference_world_size, allow_none=True)
     _one_of("elastic.rdzv_store_host", e.rdzv_store_host, ("agent", "external"))
     for key in (
         "rdzv_join_timeout_seconds",

@@ -20,7 +20,7 @@ import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -135,9 +135,27 @@ class World:
                 "with the same command",
             )
 
+
+class FollowerCheckpoints:
+    """What ranks other than 0 hold instead of a CheckpointManager: rank 0 alone reads and
+    writes checkpoints (the model and optimizer are replicas), the others only train."""
+
+    last_committed_step = None
+
+    def before_update(self) -> float:
+        return 0.0
+
+    def prepare(self, state: dict[str, Any]) -> None:
+        pass
+
+    def poll(self) -> None:
+        pass
+
+    def measurements(self) -> list[tuple[int, float, float]]:
+        return []
+
     def close(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        pass
 
 
 class _TensorSlot:
@@ -167,6 +185,20 @@ def _fill_tensors(obj: Any, out: list[torch.Tensor]) -> Any:
     if isinstance(obj, list | tuple):
         return type(obj)(_fill_tensors(v, out) for v in obj)
     return obj
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a worker. With a process group, skip the interpreter's teardown: in torch 2.13,
+    destroying a gloo group from Python can deadlock (its destructor joins the group's threads
+    while holding the GIL that one of them needs to free a finished work item), and a worker
+    that never exits leaves its agent waiting forever. Everything the run wrote is closed,
+    fsynced or committed by then; the streams are flushed here."""
+    if dist.is_available() and dist.is_initialized():
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def die_with_agent() -> None:

@@ -5,17 +5,19 @@ Two policies (`elastic.batch_policy`):
 
 - `scale_lr`: each rank takes `trainer.batch_size` samples per step, so the global batch follows
   the world size, and the LR is `base_lr * schedule(step) * rule(world_size / reference)` with
-  rule `linear`, `sqrt` or `none`. The scale is applied to the schedule's base LRs from the
+  rule `linear`, `sqrt` or `none`. `reference` is `elastic.reference_world_size`, or (null, the
+  default) the world size the run started with: the config's LR is the LR of the first world. The scale is applied to the schedule's base LRs from the
   config after every load, so it never compounds across changes and loading the optimizer's state
   (which holds the old LR) cannot undo it.
-- `keep_global_batch`: every step takes `trainer.batch_size * reference_world_size` samples over
+- `keep_global_batch`: every step takes `trainer.batch_size * reference` samples over
   all ranks, each rank running as many micro-batches of at most `trainer.batch_size` as its share
   needs (gradient accumulation). The LR does not change.
 
 Each micro-batch's mean loss is weighted by `samples * world_size / step_samples` before
 backward; DDP averages over ranks, so the gradient is the mean over the step's samples even when
 shares are uneven (a global batch not divisible by the world size, an epoch's short last step).
-A full, even step has weight exactly 1 and runs the plain `loss.backward()`.
+A full, even step has weight exactly 1 and runs the plain `loss.backward()`. A rank without
+samples in a step (an epoch's tail shorter than the world) runs a stand-in sample with weight 0.
 """
 
 from __future__ import annotations
@@ -31,17 +33,15 @@ from spot.distributed import World
 from spot.sampler import ResumableBatchSampler
 
 
-def global_batch(cfg: ElasticConfig, batch_size: int, world_size: int) -> int:
+def global_batch(policy: str, batch_size: int, world_size: int, reference: int) -> int:
     """Samples per optimizer step over all ranks."""
-    if cfg.batch_policy == "keep_global_batch":
-        return batch_size * cfg.reference_world_size
-    return batch_size * world_size
+    return batch_size * (reference if policy == "keep_global_batch" else world_size)
 
 
-def lr_scale(cfg: ElasticConfig, world_size: int) -> float:
+def lr_scale(cfg: ElasticConfig, world_size: int, reference: int) -> float:
     if cfg.batch_policy == "keep_global_batch" or cfg.lr_scaling == "none":
         return 1.0
-    ratio = world_size / cfg.reference_world_size
+    ratio = world_size / reference
     return ratio if cfg.lr_scaling == "linear" else math.sqrt(ratio)
 
 
@@ -91,25 +91,24 @@ def accumulate_gradients(
     model: torch.nn.Module,
     batches: Iterator,
     plan: list[list[int]],
+    share_samples: int,
     step_samples: int,
     world: World,
     loss_fn: Callable[[torch.nn.Module, object], torch.Tensor],
 ) -> torch.Tensor:
     """Forward and backward over this rank's micro-batches of one step; gradients synchronize on
-    the last one only. Returns the sum of per-sample losses on this rank (for logging)."""
+    the last one only. `share_samples` is 0 when the plan is a stand-in (the rank has no samples
+    in the step): it runs with weight 0, only to join the all-reduce. Returns the sum of
+    per-sample losses on this rank (for logging; on the loss's device, so nothing waits for the
+    GPU here)."""
     total = torch.zeros(())
-    if not plan:
-        # No samples for this rank in the epoch's short last step: it still joins the gradient
-        # all-reduce, contributing zeros, or the other ranks would wait for it.
-        sum(p.sum() for p in model.parameters() if p.requires_grad).mul(0.0).backward()
-        return torch.zeros(())
-    total = 0
     for i, indices in enumerate(plan):
         last = i == len(plan) - 1
         no_sync = getattr(model, "no_sync", None)
         with nullcontext() if last or no_sync is None else no_sync():
             loss = loss_fn(model, next(batches))
-            weight = len(indices) * world.world_size / step_samples
+            weight = len(indices) * world.world_size / step_samples if share_samples else 0.0
             (loss if weight == 1 else loss * weight).backward()
-        total = total + loss.detach().float() * len(indices)
+        if share_samples:
+            total = total.to(loss.device) + loss.detach().float() * len(indices)
     return total

@@ -74,9 +74,19 @@ class ResumableBatchSampler:
             return []
         return [part.tolist() for part in share.tensor_split(-(-len(share) // self.batch_size))]
 
+    def plan(self, order: torch.Tensor, consumed: int) -> list[list[int]]:
+        """This rank's micro-batches of the step that starts at `consumed`. A rank with no share
+        (fewer samples than ranks in an epoch's short last step) gets the step's first sample as
+        a stand-in: it must still run forward and backward to join DDP's all-reduce, and its loss
+        is weighted 0 (`elastic.accumulate_gradients`), so the sample counts once."""
+        share = self.rank_share(order, consumed)
+        if len(share) == 0:
+            return [order[consumed : consumed + 1].tolist()]
+        return self.micro_batches(share)
+
     def current_plan(self) -> list[list[int]]:
         """This rank's micro-batches of the step the sampler's position is at."""
-        return self.micro_batches(self.rank_share(self.epoch_order(self.epoch), self.consumed))
+        return self.plan(self.epoch_order(self.epoch), self.consumed)
 
     def current_indices(self) -> list[int]:
         """This rank's indices of the step the sampler's position is at."""
@@ -94,7 +104,7 @@ class ResumableBatchSampler:
         order = self.epoch_order(self.epoch)
         position = self.consumed
         while position < self.dataset_size:
-            yield self.micro_batches(self.rank_share(order, position))
+            yield self.plan(order, position)
             position += self.step_size(position)
 
     def __iter__(self) -> Iterator[list[int]]:

@@ -28,6 +28,7 @@ class TrainingState:
     seed: int = 0
     rank: int = 0
     world_size: int = 1
+    reference_world_size: int = 1
     saved_world_size: int | None = None  # of the checkpoint loaded, if any
 
     @property
@@ -45,6 +46,7 @@ class TrainingState:
                 "step": self.step,
                 "sampler": self.sampler.state_dict(),
                 "world_size": self.world_size,
+                "reference_world_size": self.reference_world_size,
                 "rng": rng_states or [rng.capture()],
             },
         }

@@ -41,14 +41,12 @@ def run_train(args: list[str], *, timeout: float = 180, env: dict | None = None,
     )
 
 
-def run_until_failpoint(
-    args: list[str], failpoint: str, marker_dir: Path, timeout: float = 180, env: dict | None = None
-):
-    """Start train.py armed with a failpoint; when it reaches it, SIGKILL it and every process it
-    started (elastic agent, workers, data-loader workers), as a reclaimed machine would. Returns
-    the step."""
-    name = failpoint.split("@")[0]
-    marker = marker_dir / name
+def start_armed(
+    args: list[str], failpoint: str, marker_dir: Path, env: dict | None = None
+) -> tuple[subprocess.Popen, Path]:
+    """Start train.py in its own session, armed with a failpoint. Returns the process and the
+    marker file it writes when it reaches the failpoint (see spot/failpoints.py)."""
+    marker = marker_dir / failpoint.split("@")[0]
     marker.unlink(missing_ok=True)
     env = {
         **(env or train_env()),
@@ -64,16 +62,30 @@ def run_until_failpoint(
         text=True,
         start_new_session=True,
     )
+    return proc, marker
+
+
+def await_marker(proc: subprocess.Popen, marker: Path, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
+    while not marker.exists():
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"train.py exited {proc.returncode} before {marker.name}:\n{proc.stdout.read()}"
+            )
+        if time.monotonic() > deadline:
+            raise AssertionError(f"train.py never reached {marker.name}")
+        time.sleep(0.02)
+
+
+def run_until_failpoint(
+    args: list[str], failpoint: str, marker_dir: Path, timeout: float = 180, env: dict | None = None
+):
+    """Start train.py armed with a failpoint; when it reaches it, SIGKILL it and every process it
+    started (elastic agent, workers, data-loader workers), as a reclaimed machine would. Returns
+    the step."""
+    proc, marker = start_armed(args, failpoint, marker_dir, env)
     try:
-        while not marker.exists():
-            if proc.poll() is not None:
-                raise AssertionError(
-                    f"train.py exited {proc.returncode} before {failpoint}:\n{proc.stdout.read()}"
-                )
-            if time.monotonic() > deadline:
-                raise AssertionError(f"train.py never reached {failpoint}")
-            time.sleep(0.02)
+        await_marker(proc, marker, timeout)
         os.killpg(proc.pid, signal.SIGKILL)  # no handler, no cleanup, like a reclaimed machine
     finally:
         if proc.poll() is None:

@@ -20,10 +20,12 @@ from .conftest import (
     FAST,
     REPO,
     assert_bitwise_equal,
+    await_marker,
     final_state,
     run_dir_of,
     run_train,
     run_until_failpoint,
+    start_armed,
     train_env,
 )
 
@@ -199,26 +201,9 @@ def test_hung_rank_fails_fast_and_the_agent_recovers(tmp_path, markers):
         "elastic.shutdown_timeout_seconds=2",
         f"run.root={tmp_path}",
     ]
-    env = {
-        **train_env(),
-        "SPOT_FAILPOINTS": "train.step@step=12@rank=1",
-        "SPOT_FAILPOINT_DIR": str(markers),
-    }
-    proc = subprocess.Popen(
-        [sys.executable, str(REPO / "train.py"), *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    proc, marker = start_armed(args, "train.step@step=12@rank=1", markers)
     try:
-        marker = markers / "train.step"
-        deadline = time.monotonic() + 120
-        while not marker.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "never reached step 12"
-            time.sleep(0.02)
+        await_marker(proc, marker, timeout=120)
         hung_at = time.time()
         os.kill(int((markers / "train.step.pid").read_text()), signal.SIGSTOP)
         output, _ = proc.communicate(timeout=180)

@@ -82,3 +82,20 @@ def test_mismatched_data_is_refused():
     s = ResumableBatchSampler(10, 3, seed=1)
     with pytest.raises(ValueError, match="dataset_size"):
         s.load_state_dict({**s.state_dict(), "dataset_size": 11})
+
+
+def test_a_rank_without_samples_gets_a_stand_in_that_is_not_consumed():
+    # 7 samples, 3 ranks of 2: the second step has 1 sample, ranks 1 and 2 have none.
+    group = samplers(7, 2, 3)
+    for s in group:
+        s.advance()
+    assert [len(s.current_indices()) for s in group] == [1, 0, 0]
+    first = group[0].current_indices()
+    assert [s.current_plan() for s in group] == [[first], [first], [first]]
+    assert [len(list(s)) for s in group] == [1, 1, 1]  # every rank fetches one micro-batch
+
+
+def test_global_batch_larger_than_a_rank_is_split_into_micro_batches():
+    s = ResumableBatchSampler(100, 8, seed=0, rank=1, world_size=2, global_batch=40)
+    assert [len(b) for b in s.current_plan()] == [7, 7, 6]  # a share of 20, <= 8 each
+    assert sorted(i for b in s.current_plan() for i in b) == sorted(s.current_indices())
