@@ -35,9 +35,11 @@ from spot.exitcodes import (
     EXIT_CHECKPOINT_UNUSABLE,
     EXIT_CHECKPOINT_WRITE_FAILED,
     EXIT_COMPLETE,
+    EXIT_PREEMPTED,
 )
 from spot.failpoints import failpoint
 from spot.fsutil import atomic_write_bytes
+from spot.interruption import InterruptionMonitor, ignore_in_data_workers
 from spot.interval import CheckpointSchedule
 from spot.ledger import Ledger, truncate_ledgers
 from spot.metrics import make_logger
@@ -101,7 +103,15 @@ def train(cfg: DictConfig, overrides: list[str]) -> int:
         resolved = OmegaConf.merge(cfg, {"run": {"id": run_id}})
         script = Path(__file__).resolve()
         return launch.run_agent(
-            s.elastic, f"{s.run.name}-{run_id}", script, OmegaConf.to_yaml(resolved, resolve=True)
+            s.elastic,
+            s.cloud,
+            f"{s.run.name}-{run_id}",
+            script,
+            OmegaConf.to_yaml(resolved, resolve=True),
+            complete=lambda: (
+                (run_dir / COMPLETE_MARKER).exists()
+                or bool(remote and storage.remote_complete(remote))
+            ),
         )
     if s.trainer.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -253,6 +263,8 @@ def train(cfg: DictConfig, overrides: list[str]) -> int:
     first_step = state.step
     progress = Progress(max_steps, state.step) if world.is_leader else None
     loss_fn = partial(compute_loss, device=device)
+    # Interruption notices: signals on every rank, the cloud's metadata on one rank per node.
+    monitor = InterruptionMonitor(s.cloud, poll_metadata=world.local_rank == 0)
 
     def finished() -> bool:
         return state.step >= (s.trainer.max_steps or 1e18) or (
@@ -266,13 +278,14 @@ def train(cfg: DictConfig, overrides: list[str]) -> int:
         if not world.is_leader:
             return
         info = {"reason": reason, "epoch": state.epoch, "samples_in_epoch": sampler.consumed}
-        final = reason == "final"
+        final = reason in ("final", "emergency")  # waits for a running save, then commits
         snapshot = state.state_dict(rng_states)
         if checkpoints.save(state.step, snapshot, info, final=final, defer=overlap) is not None:
             schedule.saved(state.step)  # None: skipped, the previous is still being written
 
+    stop = window_warned = False
     model.train()
-    while not finished():
+    while not finished() and not stop:
         batches = iter(
             DataLoader(
                 dataset,
@@ -280,6 +293,7 @@ def train(cfg: DictConfig, overrides: list[str]) -> int:
                 num_workers=s.data.num_workers,
                 pin_memory=device.type == "cuda",
                 generator=torch.Generator().manual_seed(s.seed),  # keeps the global RNG untouched
+                worker_init_fn=ignore_in_data_workers,  # a SIGTERM to the group: save first
             )
         )
         while not sampler.epoch_finished:
@@ -305,6 +319,20 @@ def train(cfg: DictConfig, overrides: list[str]) -> int:
                 metrics.log(
                     {"ckpt/stall_seconds": stall, "ckpt/persist_seconds": persist}, step=step
                 )
+                if persist > 0.5 * s.cloud.notice_seconds and not window_warned:
+                    window_warned = True
+                    log.warning(
+                        "a checkpoint takes %.1f s to commit, more than half the %g s notice "
+                        "window of cloud=%s: an emergency checkpoint may not fit",
+                        persist,
+                        s.cloud.notice_seconds,
+                        s.cloud.name,
+                    )
+                    events.emit(
+                        "notice_window_at_risk",
+                        persist_seconds=persist,
+                        notice_seconds=s.cloud.notice_seconds,
+                    )
 
             if state.step % s.trainer.log_every == 0 or finished():  # .item() syncs a GPU
                 loss = world.sum(float(loss_sum)) / step_samples  # the mean over all ranks
@@ -316,12 +344,62 @@ def train(cfg: DictConfig, overrides: list[str]) -> int:
             failpoint("train.step", state.step, rank=world.rank)
             if finished():
                 break
-            if world.agree(world.is_leader and schedule.due(state.step))[0]:
-                save("interval")
+            # Every rank agrees on how this step ends: a checkpoint, a stop, or neither.
+            due, rebalance, stop = world.agree(
+                world.is_leader and schedule.due(state.step),
+                monitor.take_rebalance() is not None,
+                monitor.stop_requested,
+            )
+            if stop:
+                break
+            if due or rebalance:
+                save("interval" if due else "rebalance")
         if sampler.epoch_finished:
             sampler.next_epoch()
     if progress is not None:
         progress.close()
+
+    if stop:  # an interruption notice: every rank stopped at this step
+        notices = world.gather(monitor.notice.as_dict() if monitor.notice else None)
+        save("emergency")
+        checkpoints.close()
+        if world.is_leader:
+            heard = [{**n, "rank": r} for r, n in enumerate(notices) if n]
+            first = min(heard, key=lambda n: n["received_at"])
+            deadline = first["deadline"] or first["received_at"] + s.cloud.notice_seconds
+            uploaded = None
+            if uploader:
+                uploaded = uploader.drain(max(0.0, deadline - time.time()))
+                uploader.close()
+            committed_at = time.time()
+            events.emit("notice", step=state.step, heard_by=[n["rank"] for n in heard], **first)
+            events.emit(
+                "emergency_checkpoint",
+                step=state.step,
+                seconds=round(committed_at - first["received_at"], 6),
+                window_seconds=round(deadline - first["received_at"], 6),
+                seconds_left=round(deadline - committed_at, 6),
+                uploaded=uploaded,
+            )
+            log.warning(
+                "interruption (%s %s): checkpoint of step %d committed %.1f s after the notice, "
+                "%.1f s before the deadline; exiting %d",
+                first["source"],
+                first["kind"],
+                state.step,
+                committed_at - first["received_at"],
+                deadline - committed_at,
+                EXIT_PREEMPTED,
+            )
+        monitor.acknowledge()  # Azure: the event may start now
+        monitor.close()
+        if ledger is not None:
+            ledger.close()
+        metrics.close()
+        events.close()
+        if monitor.notice is not None:
+            distributed.stop_agent()  # this node is going away: its agent stops, not restarts
+        return EXIT_PREEMPTED
 
     # The final checkpoint commits before the run is marked complete.
     if world.agree(world.is_leader and checkpoints.last_committed_step != state.step)[0]:
@@ -339,6 +417,7 @@ def train(cfg: DictConfig, overrides: list[str]) -> int:
         atomic_write_bytes(run_dir / COMPLETE_MARKER, f"{state.step}\n".encode())
         events.emit("complete", step=state.step, epoch=state.epoch)
         log.info("run complete at step %d: %s", state.step, run_dir)
+    monitor.close()
     if ledger is not None:
         ledger.close()
     metrics.close()

@@ -201,6 +201,14 @@ def exit_process(code: int) -> NoReturn:
     sys.exit(code)
 
 
+def stop_agent() -> None:
+    """After an emergency checkpoint on a node that got the notice: ask this worker's elastic
+    agent to stop (SIGTERM, as the machine's shutdown would) rather than restart the workers on a
+    machine that is going away."""
+    if launched_by_torch_elastic() and os.getppid() > 1:
+        os.kill(os.getppid(), signal.SIGTERM)
+
+
 def die_with_agent() -> None:
     """A worker dies when its agent dies. torch starts workers in their own session, so a node
     losing its agent (SIGKILL, OOM) would otherwise leave workers training and writing

@@ -15,10 +15,12 @@ import logging
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from spot.config import ElasticConfig
 from spot.distributed import launched_by_torch_elastic
+from spot.exitcodes import EXIT_COMPLETE, EXIT_PREEMPTED
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +31,7 @@ def needs_agent(cfg: ElasticConfig) -> bool:
     return not launched_by_torch_elastic() and (cfg.max_nodes > 1 or cfg.nproc_per_node > 1)
 
 
-def launch_config(cfg: ElasticConfig, run_key: str):
+def launch_config(cfg: ElasticConfig, cloud, run_key: str):
     from torch.distributed.launcher.api import LaunchConfig
 
     endpoint, rdzv_configs = (
@@ -58,12 +60,25 @@ def launch_config(cfg: ElasticConfig, run_key: str):
         max_restarts=cfg.max_restarts,
         monitor_interval=cfg.monitor_interval_seconds,
         local_addr=cfg.local_addr,
-        shutdown_timeout=cfg.shutdown_timeout_seconds,
+        # A signal to the agent (the machine's shutdown, SLURM's --signal=USR1@90) goes on to the
+        # workers, which take the emergency checkpoint; the agent waits that long before SIGKILL.
+        signals_to_handle=",".join(dict.fromkeys(["SIGTERM", "SIGINT", "SIGHUP", *cloud.signals])),
+        shutdown_timeout=int(max(cfg.shutdown_timeout_seconds, cloud.notice_seconds)),
     )
 
 
-def run_agent(cfg: ElasticConfig, run_key: str, script: Path, resolved_config: str) -> int:
-    """Run the elastic agent until the job ends; return the exit code the job should have."""
+def run_agent(
+    cfg: ElasticConfig,
+    cloud,
+    run_key: str,
+    script: Path,
+    resolved_config: str,
+    complete: Callable[[], bool],
+) -> int:
+    """Run the elastic agent until the job ends; return the exit code the job should have: 0
+    when the run is complete, the failed worker's code when workers failed past the restart
+    budget, else 75 (interrupted: a notice or a signal stopped the agent; resume later)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
 
@@ -86,15 +101,17 @@ def run_agent(cfg: ElasticConfig, run_key: str, script: Path, resolved_config: s
             run_key,
         )
         try:
-            elastic_launch(launch_config(cfg, run_key), sys.executable)("-u", str(script))
+            elastic_launch(launch_config(cfg, cloud, run_key), sys.executable)("-u", str(script))
         except ChildFailedError as exc:
             rank, failure = exc.get_first_failure()
             code = failure.exitcode if failure.exitcode > 0 else 1
             log.error("worker rank %d failed with exit code %s", rank, failure.exitcode)
             return code
+        except SignalException as exc:
+            log.warning("elastic agent stopped by %s", exc.sigval.name)
         finally:
             os.environ.pop(RESOLVED_CONFIG_ENV, None)
-    return 0
+    return EXIT_COMPLETE if complete() else EXIT_PREEMPTED
 
 
 def rendezvous_main(argv: list[str]) -> int:
