@@ -7,7 +7,7 @@ ARGS ?=
 BENCH_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-test train test bench lint format clean
+.PHONY: help install install-test train test bench chaos lint format clean
 
 help: ## list every target
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -36,6 +36,10 @@ test: install-test lint ## lint, then the whole test suite on CPU (what .ci/run 
 
 bench: install ## checkpoint performance on this machine and disk (BENCH_ARGS="--size-gib 2")
 	$(BIN)/python -m spot bench $(BENCH_ARGS)
+
+CHAOS_ARGS ?= --interruptions 5 --step-delay 0.01 -- +experiment=example trainer.max_steps=600
+chaos: install ## train under random interruptions (notice, SIGTERM, SIGKILL), compare bitwise
+	$(BIN)/python -m spot chaos $(CHAOS_ARGS)
 
 lint: install-test ## the pre-commit hooks (ruff, format, weights_only loads, YAML), all offline
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/pre-commit run --all-files --show-diff-on-failure

@@ -239,3 +239,42 @@ def test_two_ranks_a_signal_to_rank_one_only_stops_both_at_one_step(tmp_path):
     last = [read_ledger(run_dir / f"ledger/rank-{r}.jsonl")[-1]["step"] for r in (0, 1)]
     assert last == [emergency["step"], emergency["step"]]  # both ranks stopped at that step
     assert_zero_lost_and_bitwise(tmp_path / "run", reference, args)
+
+
+def test_chaos_reports_bitwise_equality(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "spot",
+            "chaos",
+            "--interruptions",
+            "3",
+            "--seed",
+            "3",
+            "--step-delay",
+            "0.02",
+            "--max-wait",
+            "0.5",
+            "--workdir",
+            str(tmp_path),
+            "--",
+            *FAST,
+            "trainer.max_steps=150",
+            "checkpoint.every_steps=20",
+        ],
+        cwd=REPO,
+        env=train_env(),
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = {
+        line.split()[0]: line.split()
+        for line in result.stdout.splitlines()
+        if line.split()[:1] and line.split()[0] in ("notice", "sigterm", "sigkill")
+    }
+    assert set(rows) == {"notice", "sigterm", "sigkill"}, result.stdout
+    assert rows["notice"][2] == "0" and rows["sigterm"][2] == "0"  # a notice loses no step
+    assert "bitwise equal to the uninterrupted run: yes" in result.stdout
