@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from spot import distributed, elastic, identity, launch, rng, storage
 from spot.checkpoint import CheckpointManager, CheckpointUnusable, CheckpointWriteError
 from spot.config import ConfigError, training_view, validate
-from spot.events import EventLog
+from spot.events import EventLog, read_events
 from spot.exitcodes import (
     EXIT_BAD_CONFIG,
     EXIT_CHECKPOINT_UNUSABLE,
@@ -39,7 +39,12 @@ from spot.exitcodes import (
 )
 from spot.failpoints import failpoint
 from spot.fsutil import atomic_write_bytes
-from spot.interruption import InterruptionMonitor, ignore_in_data_workers
+from spot.interruption import (
+    InterruptionMonitor,
+    ignore_in_data_workers,
+    previous_commit_seconds,
+    warn_if_window_at_risk,
+)
 from spot.interval import CheckpointSchedule
 from spot.ledger import Ledger, truncate_ledgers
 from spot.metrics import make_logger
@@ -283,7 +288,12 @@ def train(cfg: DictConfig, overrides: list[str]) -> int:
         if checkpoints.save(state.step, snapshot, info, final=final, defer=overlap) is not None:
             schedule.saved(state.step)  # None: skipped, the previous is still being written
 
-    stop = window_warned = False
+    stop = False
+    window_warned = world.is_leader and warn_if_window_at_risk(
+        previous_commit_seconds(read_events(run_dir / "events.jsonl"), bool(remote)),
+        s.cloud,
+        events,
+    )
     model.train()
     while not finished() and not stop:
         batches = iter(
@@ -319,20 +329,8 @@ def train(cfg: DictConfig, overrides: list[str]) -> int:
                 metrics.log(
                     {"ckpt/stall_seconds": stall, "ckpt/persist_seconds": persist}, step=step
                 )
-                if persist > 0.5 * s.cloud.notice_seconds and not window_warned:
-                    window_warned = True
-                    log.warning(
-                        "a checkpoint takes %.1f s to commit, more than half the %g s notice "
-                        "window of cloud=%s: an emergency checkpoint may not fit",
-                        persist,
-                        s.cloud.notice_seconds,
-                        s.cloud.name,
-                    )
-                    events.emit(
-                        "notice_window_at_risk",
-                        persist_seconds=persist,
-                        notice_seconds=s.cloud.notice_seconds,
-                    )
+                if not window_warned:
+                    window_warned = warn_if_window_at_risk(persist, s.cloud, events)
 
             if state.step % s.trainer.log_every == 0 or finished():  # .item() syncs a GPU
                 loss = world.sum(float(loss_sum)) / step_samples  # the mean over all ranks
@@ -397,8 +395,11 @@ def train(cfg: DictConfig, overrides: list[str]) -> int:
             ledger.close()
         metrics.close()
         events.close()
-        if monitor.notice is not None:
-            distributed.stop_agent()  # this node is going away: its agent stops, not restarts
+        if monitor.notice is not None and monitor.notice.source != "signal":
+            # The cloud says this node is going away: its agent stops rather than restarting
+            # the workers. (A signal came from the agent itself, regrouping or stopping, or
+            # reached it too.)
+            distributed.stop_agent()
         return EXIT_PREEMPTED
 
     # The final checkpoint commits before the run is marked complete.

@@ -202,7 +202,7 @@ def exit_process(code: int) -> NoReturn:
 
 
 def stop_agent() -> None:
-    """After an emergency checkpoint on a node that got the notice: ask this worker's elastic
+    """After an emergency checkpoint for a cloud notice on this node: ask this worker's elastic
     agent to stop (SIGTERM, as the machine's shutdown would) rather than restart the workers on a
     machine that is going away."""
     if launched_by_torch_elastic() and os.getppid() > 1:

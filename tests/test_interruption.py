@@ -180,16 +180,18 @@ def test_a_second_sigterm_during_the_emergency_write_changes_nothing(reference, 
 
 def test_a_broken_endpoint_neither_stops_nor_slows_training(tmp_path):
     """The same run with no cloud, and with cloud=aws against an endpoint that hangs, answers
-    500 or garbage: no notice, exit 0, and the steps per second side by side."""
-    args = [*FAST, "trainer.max_steps=600", "trainer.log_every=100", "checkpoint.every_steps=1000"]
+    500 or garbage: no notice, exit 0, and the training steps per second side by side (from the
+    `train` events: start-up not counted)."""
+    args = [*FAST, "trainer.max_steps=600", "trainer.log_every=50", "checkpoint.every_steps=1000"]
 
     def steps_per_second(extra: list[str], root: Path) -> float:
-        began = time.perf_counter()
         result = run_train([*args, *extra, f"run.root={root}"])
         assert result.returncode == 0, result.stderr[-2000:]
         events = read_events(run_dir_of(root) / "events.jsonl")
         assert not [e for e in events if e["event"] == "notice"]
-        return 600 / (time.perf_counter() - began)
+        trained = [e for e in events if e["event"] == "train"]
+        first, last = trained[0], trained[-1]  # steps 50 and 600
+        return (last["step"] - first["step"]) / (last["time"] - first["time"])
 
     rates = {"healthy": steps_per_second([], tmp_path / "local")}
     for mode in ("hang", "500", "garbage"):
@@ -203,7 +205,7 @@ def test_a_broken_endpoint_neither_stops_nor_slows_training(tmp_path):
             server.stop()
     ratios = {mode: rate / rates["healthy"] for mode, rate in rates.items()}
     print("steps/s relative to no endpoint:", {k: round(v, 2) for k, v in ratios.items()})
-    # Wall time includes start-up; a watcher that blocked training would show as a large drop.
+    # A watcher that blocked or starved the loop would show as a large drop; noise is ~10-20%.
     assert min(ratios.values()) > 0.5, ratios
 
 

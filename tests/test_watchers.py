@@ -112,3 +112,24 @@ def test_a_broken_endpoint_raises_no_alarm_and_kills_no_watcher(emulator, mode):
         assert wait_until(lambda: monitor.notice is not None, timeout=10)
     finally:
         monitor.close()
+
+
+def test_a_checkpoint_slower_than_half_the_window_is_announced(tmp_path):
+    from spot.events import EventLog, read_events
+    from spot.interruption import previous_commit_seconds, warn_if_window_at_risk
+
+    earlier = [
+        {"event": "checkpoint", "persist_seconds": 9.0},
+        {"event": "upload", "seconds": 20.0},
+        {"event": "checkpoint", "persist_seconds": 12.0},
+    ]
+    assert previous_commit_seconds(earlier, with_upload=False) == 12.0
+    assert previous_commit_seconds(earlier, with_upload=True) == 32.0
+    assert previous_commit_seconds([], with_upload=True) is None
+    log = EventLog(tmp_path / "events.jsonl")
+    gcp = CloudConfig(name="gcp", notice_seconds=30)
+    assert not warn_if_window_at_risk(12.0, gcp, log)
+    assert warn_if_window_at_risk(32.0, gcp, log)
+    log.close()
+    (event,) = read_events(tmp_path / "events.jsonl")
+    assert event["event"] == "notice_window_at_risk" and event["commit_seconds"] == 32.0

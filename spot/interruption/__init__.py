@@ -103,6 +103,37 @@ def _watcher_for(cloud, monitor: InterruptionMonitor):
     return cls(cloud.metadata_url, cloud.poll_seconds, monitor)
 
 
+def previous_commit_seconds(events: list[dict], with_upload: bool) -> float | None:
+    """How long the newest checkpoint of an earlier attempt took to commit (and upload)."""
+    saves = [e for e in events if e.get("event") == "checkpoint"]
+    if not saves:
+        return None
+    seconds = saves[-1].get("persist_seconds", 0.0)
+    uploads = [e for e in events if e.get("event") == "upload"]
+    if with_upload and uploads:
+        seconds += uploads[-1].get("seconds", 0.0)
+    return seconds
+
+
+def warn_if_window_at_risk(commit_seconds: float | None, cloud, events) -> bool:
+    """Say so when a checkpoint takes more than half the notice window: an emergency checkpoint
+    may not fit. Returns whether it warned."""
+    if commit_seconds is None or commit_seconds <= 0.5 * cloud.notice_seconds:
+        return False
+    log.warning(
+        "a checkpoint takes %.1f s to commit, more than half the %g s notice window of "
+        "cloud=%s: an emergency checkpoint may not fit (a smaller state, faster storage, or "
+        "checkpoint more often)",
+        commit_seconds,
+        cloud.notice_seconds,
+        cloud.name,
+    )
+    events.emit(
+        "notice_window_at_risk", commit_seconds=commit_seconds, notice_seconds=cloud.notice_seconds
+    )
+    return True
+
+
 def ignore_in_data_workers(worker_id: int) -> None:
     """DataLoader `worker_init_fn`: data workers ignore the interruption signals. A SIGTERM sent
     to the whole process group (a container stop, `kill -- -PGID`, SLURM) would otherwise kill
