@@ -254,6 +254,7 @@ def train(cfg: DictConfig, overrides: list[str]) -> int:
         lr_scale=lr_scale,
         restart=world.restart_count,
         node_rank=int(os.environ.get("GROUP_RANK", 0)),
+        nodes=int(os.environ.get("GROUP_WORLD_SIZE", 1)),
         agent_pid=os.getppid() if distributed.launched_by_torch_elastic() else None,
         **split,
     )
