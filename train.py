@@ -460,12 +460,29 @@ def run(cfg: DictConfig, overrides: list[str]) -> int:
         return 1
 
 
+SWEEP_FAILURES: list[int] = []  # exit codes of a sweep's failed jobs
+
+
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
-    code = run(cfg, list(hydra_cfg.overrides.task))
-    if hydra_cfg.mode == RunMode.RUN or code not in (EXIT_COMPLETE,):
+    sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    try:
+        code = run(cfg, list(hydra_cfg.overrides.task))
+    except Exception:
+        if not sweep:
+            raise
+        traceback.print_exc()
+        code = 1
+    if not sweep or code == EXIT_PREEMPTED:
+        # One run; or a sweep on a machine being reclaimed: stop now, the same command resumes
+        # the sweep (finished jobs are skipped, this one continues from its checkpoint).
         distributed.exit_process(code)
+    if code != EXIT_COMPLETE:
+        log.error(
+            "sweep job %s failed with exit code %d; the other jobs go on", hydra_cfg.job.num, code
+        )
+        SWEEP_FAILURES.append(code)
 
 
 def worker_main() -> int:
@@ -484,3 +501,4 @@ if __name__ == "__main__":
         distributed.exit_process(worker_main())
     validate_command_line(sys.argv[1:], CONFIG_DIR)
     main()
+    sys.exit(SWEEP_FAILURES[0] if SWEEP_FAILURES else EXIT_COMPLETE)  # a sweep: did all finish?

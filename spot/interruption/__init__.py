@@ -42,9 +42,11 @@ class InterruptionMonitor:
         self._rebalance: dict | None = None
         self._rebalances_seen: set[str] = set()
         self.watcher = None
+        self._previous_handlers = {}
         if install_signals:
             for name in cloud.signals:
-                signal.signal(getattr(signal, name), self._on_signal)
+                signum = getattr(signal, name)
+                self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
         if poll_metadata and cloud.name in ("aws", "gcp", "azure") and cloud.metadata_url:
             self.watcher = _watcher_for(cloud, self)
             self.watcher.start()
@@ -91,6 +93,9 @@ class InterruptionMonitor:
     def close(self) -> None:
         if self.watcher is not None:
             self.watcher.stop()
+        for signum, handler in self._previous_handlers.items():  # the next job of a sweep
+            signal.signal(signum, handler)  # installs its own
+        self._previous_handlers = {}
 
 
 def _watcher_for(cloud, monitor: InterruptionMonitor):
