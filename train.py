@@ -43,6 +43,7 @@ from spot.interruption import (
     InterruptionMonitor,
     ignore_in_data_workers,
     previous_commit_seconds,
+    record_emergency,
     warn_if_window_at_risk,
 )
 from spot.interval import CheckpointSchedule
@@ -362,34 +363,8 @@ def train(cfg: DictConfig, overrides: list[str]) -> int:
         notices = world.gather(monitor.notice.as_dict() if monitor.notice else None)
         save("emergency")
         checkpoints.close()
-        if world.is_leader:
-            heard = [{**n, "rank": r} for r, n in enumerate(notices) if n]
-            first = min(heard, key=lambda n: n["received_at"])
-            deadline = first["deadline"] or first["received_at"] + s.cloud.notice_seconds
-            uploaded = None
-            if uploader:
-                uploaded = uploader.drain(max(0.0, deadline - time.time()))
-                uploader.close()
-            committed_at = time.time()
-            events.emit("notice", step=state.step, heard_by=[n["rank"] for n in heard], **first)
-            events.emit(
-                "emergency_checkpoint",
-                step=state.step,
-                seconds=round(committed_at - first["received_at"], 6),
-                window_seconds=round(deadline - first["received_at"], 6),
-                seconds_left=round(deadline - committed_at, 6),
-                uploaded=uploaded,
-            )
-            log.warning(
-                "interruption (%s %s): checkpoint of step %d committed %.1f s after the notice, "
-                "%.1f s before the deadline; exiting %d",
-                first["source"],
-                first["kind"],
-                state.step,
-                committed_at - first["received_at"],
-                deadline - committed_at,
-                EXIT_PREEMPTED,
-            )
+        if world.is_leader:  # upload in the time left, and say how long it all took
+            record_emergency(notices, state.step, s.cloud.notice_seconds, uploader, events)
         monitor.acknowledge()  # Azure: the event may start now
         monitor.close()
         if ledger is not None:

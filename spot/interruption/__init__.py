@@ -139,6 +139,40 @@ def warn_if_window_at_risk(commit_seconds: float | None, cloud, events) -> bool:
     return True
 
 
+def record_emergency(
+    notices: list[dict | None], step: int, notice_seconds: float, uploader, events
+) -> None:
+    """On rank 0, after the emergency checkpoint committed: upload it in the time the notice
+    leaves (when a remote is configured), then record `notice` and `emergency_checkpoint`.
+    `notices`: each rank's notice (or None), in rank order."""
+    heard = [{**n, "rank": r} for r, n in enumerate(notices) if n]
+    first = min(heard, key=lambda n: n["received_at"])
+    deadline = first["deadline"] or first["received_at"] + notice_seconds
+    uploaded = None
+    if uploader:
+        uploaded = uploader.drain(max(0.0, deadline - time.time()))
+        uploader.close()
+    committed_at = time.time()
+    events.emit("notice", step=step, heard_by=[n["rank"] for n in heard], **first)
+    events.emit(
+        "emergency_checkpoint",
+        step=step,
+        seconds=round(committed_at - first["received_at"], 6),
+        window_seconds=round(deadline - first["received_at"], 6),
+        seconds_left=round(deadline - committed_at, 6),
+        uploaded=uploaded,
+    )
+    log.warning(
+        "interruption (%s %s): checkpoint of step %d committed %.1f s after the notice, "
+        "%.1f s before the deadline; exiting 75",
+        first["source"],
+        first["kind"],
+        step,
+        committed_at - first["received_at"],
+        deadline - committed_at,
+    )
+
+
 def ignore_in_data_workers(worker_id: int) -> None:
     """DataLoader `worker_init_fn`: data workers ignore the interruption signals. A SIGTERM sent
     to the whole process group (a container stop, `kill -- -PGID`, SLURM) would otherwise kill
