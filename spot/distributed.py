@@ -25,6 +25,8 @@ from typing import Any, NoReturn
 import torch
 import torch.distributed as dist
 
+from spot.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -127,8 +129,6 @@ class World:
         identities = self.gather(identity)
         differs = self.is_leader and len(set(identities)) > 1
         if self.agree(differs)[0]:
-            from spot.config import ConfigError
-
             raise ConfigError(
                 "elastic",
                 "ranks run different jobs (run name/id/training config); start every node "

@@ -21,7 +21,6 @@ import json
 import os
 import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
@@ -181,5 +180,4 @@ def main(argv: list[str]) -> int:
         pass
     finally:
         server.server_close()
-    time.sleep(0)
     return 0

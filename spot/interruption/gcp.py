@@ -49,8 +49,9 @@ class GcpWatcher(Watcher):
             )
 
     def run(self) -> None:
-        # Hanging GETs: no sleep between successful polls. After an error the base class waits.
-        self.interval = 0.0 if self.interval <= 0 else min(self.interval, 1.0)
+        # Hanging GETs: no sleep between successful polls. After an error the base class waits
+        # max(interval, 1 s), so a dead endpoint is not hammered.
+        self.interval = 0.0
         super().run()
 
 
