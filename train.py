@@ -48,7 +48,7 @@ from spot.interruption import (
 )
 from spot.interval import CheckpointSchedule
 from spot.ledger import Ledger, truncate_ledgers
-from spot.metrics import make_logger
+from spot.metrics import make_tracker, subscribe_metrics
 from spot.preflight import validate_command_line
 from spot.progress import Progress
 from spot.rng import seed_everything, seed_rank
@@ -179,6 +179,17 @@ def train(cfg: DictConfig, overrides: list[str]) -> int:
         return EXIT_CHECKPOINT_UNUSABLE
     saved = restored["state"]["trainer"] if restored else {}
 
+    # Metrics follow the events; the tracker's run is the one the checkpoint names.
+    tracker_run_id = saved.get("tracker_run_id") or f"{s.run.name}-{run_id}"
+    tracker = make_tracker(
+        s.logger,
+        run_dir,
+        tracker_run_id,
+        {**OmegaConf.to_container(cfg, resolve=True), "world_size": world.world_size},
+        rank=world.rank,
+    )
+    metrics = subscribe_metrics(events, tracker, s.cloud)
+
     # The batch and LR for this world size. The reference world size (for which the config's LR
     # and batch are meant) is the config's, else the one the run started with.
     reference = (
@@ -211,6 +222,7 @@ def train(cfg: DictConfig, overrides: list[str]) -> int:
         rank=world.rank,
         world_size=world.world_size,
         reference_world_size=reference,
+        tracker_run_id=tracker_run_id,
     )
     if restored:
         state.load_state_dict(restored["state"])
@@ -261,9 +273,6 @@ def train(cfg: DictConfig, overrides: list[str]) -> int:
     )
     log.info("run directory: %s (%s)", run_dir, split["text"])
 
-    key = f"{s.run.name}-{run_id}"
-    metrics = make_logger(s.logger, run_dir, key, training_config, rank=world.rank)
-    metrics.log({"elastic/world_size": world.world_size, "elastic/lr_scale": lr_scale}, state.step)
     ledger = Ledger(run_dir, rank=world.rank) if s.data.ledger else None
     schedule = CheckpointSchedule(s.checkpoint, s.cloud.interruption_rate_per_hour, events)
     schedule.start(state.step)
@@ -328,9 +337,6 @@ def train(cfg: DictConfig, overrides: list[str]) -> int:
                 checkpoints.prepare(state.state_dict([rng.capture()] * world.world_size))
             for step, stall, persist in checkpoints.measurements():
                 schedule.measured(stall, persist, step)
-                metrics.log(
-                    {"ckpt/stall_seconds": stall, "ckpt/persist_seconds": persist}, step=step
-                )
                 if not window_warned:
                     window_warned = warn_if_window_at_risk(persist, s.cloud, events)
 
@@ -340,7 +346,6 @@ def train(cfg: DictConfig, overrides: list[str]) -> int:
                 if progress is not None:
                     progress.update(state.step, loss=loss, lr=lr)
                 events.emit("train", step=state.step, loss=loss, lr=lr)
-                metrics.log({"train/loss": loss, "train/lr": lr}, step=state.step)
             failpoint("train.step", state.step, rank=world.rank)
             if finished():
                 break

@@ -6,6 +6,7 @@ verify PATH    check every checkpoint fully (sizes, checksums, weights_only load
 inspect PATH   the newest valid checkpoint's manifest and tensors (or the one PATH names)
 bench          checkpoint performance on this machine (`python -m spot bench --help`)
 cost [RUN]     spot economics (overhead, break-even), or a finished run's time split and cost
+report RUN     a PNG of a run (loss with interruptions marked, wall time split, cost)
 chaos          train under random interruptions, restart each time, compare bitwise at the end
 emulate CLOUD  a local AWS/GCP/Azure metadata endpoint that can issue notices or misbehave
 rendezvous     serve the c10d rendezvous store for elastic.rdzv_store_host=external, on a node
@@ -146,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
         from spot import goodput
 
         return goodput.main(argv[1:])
+    if argv[:1] == ["report"]:
+        from spot import report
+
+        return report.main(argv[1:])
     if argv[:1] == ["chaos"]:
         from spot import chaos
 
@@ -169,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         ("emulate", "a local cloud metadata endpoint (python -m spot emulate --help)"),
         ("chaos", "train under random interruptions, compare (python -m spot chaos --help)"),
         ("cost", "spot economics, or a run's wall time and cost (python -m spot cost --help)"),
+        ("report", "a PNG of a run: loss, interruptions, wall time, cost (needs matplotlib)"),
     ):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("path")

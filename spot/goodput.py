@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 
 @dataclass
@@ -46,7 +47,7 @@ class Accounting:
 _BEFORE_START = ("download", "corrupt_checkpoint_skipped", "resume", "world_size_change")
 
 
-def _attempts(events: list[dict]) -> list[list[dict]]:
+def split_attempts(events: list[dict]) -> list[list[dict]]:
     attempts: list[list[dict]] = [[]]
     for event in events:
         if event["event"] == "start" and any(e["event"] == "start" for e in attempts[-1]):
@@ -60,7 +61,7 @@ def _attempts(events: list[dict]) -> list[list[dict]]:
     return attempts
 
 
-def _step_times(attempt: list[dict]) -> list[tuple[int, float, float]]:
+def step_times(attempt: list[dict]) -> list[tuple[int, float, float]]:
     """(step, begin, end) for every step the attempt logged, spreading the time between two
     `train` events evenly over the steps between them."""
     start = next((e for e in attempt if e["event"] == "start"), attempt[0])
@@ -79,7 +80,7 @@ def _step_times(attempt: list[dict]) -> list[tuple[int, float, float]]:
 
 def account(events: list[dict], spot_per_hour: float, on_demand_per_hour: float) -> Accounting:
     a = Accounting()
-    attempts = [x for x in _attempts(events) if x]
+    attempts = [x for x in split_attempts(events) if x]
     if not attempts:
         return a
     a.wall_seconds = attempts[-1][-1]["time"] - attempts[0][0]["time"]
@@ -91,7 +92,7 @@ def account(events: list[dict], spot_per_hour: float, on_demand_per_hour: float)
     for i, attempt in enumerate(attempts):
         nodes = next((e.get("nodes", 1) for e in attempt if e["event"] == "start"), 1)
         kept_until = resumes[i] if resumes[i] is not None else math.inf
-        steps = _step_times(attempt)
+        steps = step_times(attempt)
         stalls = sum(e.get("stall_seconds", 0.0) for e in attempt if e["event"] == "checkpoint")
         stalls += sum(
             e.get("seconds", 0.0) for e in attempt if e["event"] == "emergency_checkpoint"
@@ -174,14 +175,39 @@ class Economics:
         return math.sqrt(2 * self.checkpoint_seconds * 3600 / self.rate_per_hour)
 
 
-def main(argv: list[str]) -> int:
-    """`python -m spot cost [RUN_DIR]`: the spot economics for given figures, or a run's."""
-    import argparse
-    from pathlib import Path
-
+def run_accounting(run_dir: Path):
+    """(the run's cloud config, its Accounting) from `events.jsonl` and `config.yaml`."""
     from omegaconf import OmegaConf
 
     from spot.events import read_events
+
+    for name in ("events.jsonl", "config.yaml"):
+        if not (run_dir / name).exists():
+            raise FileNotFoundError(f"{run_dir / name} does not exist (a run directory has it)")
+    cloud = OmegaConf.load(run_dir / "config.yaml").cloud
+    events = read_events(run_dir / "events.jsonl")
+    return cloud, account(events, cloud.price.spot_per_hour, cloud.price.on_demand_per_hour)
+
+
+def summary_lines(run_dir: Path, cloud, a: Accounting) -> list[str]:
+    lines = [f"run {run_dir} on cloud={cloud.name} ({cloud.instance_type})"]
+    for key in ("wall", "productive", "lost", "stalled", "restarting", "other"):
+        seconds = getattr(a, f"{key}_seconds")
+        share = seconds / a.wall_seconds if a.wall_seconds else 0.0
+        lines.append(f"  {key:<11} {seconds:10.1f} s  {share:6.1%}")
+    lines.append(
+        f"  interruptions {a.interruptions}, lost steps {a.lost_steps}, goodput {a.goodput:.1%}"
+    )
+    lines.append(
+        f"  spot ${a.spot_usd:.4f}, the surviving work on demand ${a.on_demand_usd:.4f}, "
+        f"saved ${a.saved_usd:.4f}"
+    )
+    return lines
+
+
+def main(argv: list[str]) -> int:
+    """`python -m spot cost [RUN_DIR]`: the spot economics for given figures, or a run's."""
+    import argparse
 
     parser = argparse.ArgumentParser(
         prog="python -m spot cost",
@@ -198,27 +224,12 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     if args.run_dir:
-        run_dir = Path(args.run_dir)
-        events_file = run_dir / "events.jsonl"
-        if not events_file.exists():
-            print(f"cost: {events_file} does not exist (a run directory has events.jsonl)")
+        try:
+            cloud, a = run_accounting(Path(args.run_dir))
+        except FileNotFoundError as exc:
+            print(f"cost: {exc}")
             return 2
-        cloud = OmegaConf.load(run_dir / "config.yaml").cloud
-        a = account(
-            read_events(events_file), cloud.price.spot_per_hour, cloud.price.on_demand_per_hour
-        )
-        print(f"run {run_dir} on cloud={cloud.name} ({cloud.instance_type})")
-        for key in ("wall", "productive", "lost", "stalled", "restarting", "other"):
-            seconds = getattr(a, f"{key}_seconds")
-            share = seconds / a.wall_seconds if a.wall_seconds else 0.0
-            print(f"  {key:<11} {seconds:10.1f} s  {share:6.1%}")
-        print(
-            f"  interruptions {a.interruptions}, lost steps {a.lost_steps}, goodput {a.goodput:.1%}"
-        )
-        print(
-            f"  spot ${a.spot_usd:.4f}, the surviving work on demand ${a.on_demand_usd:.4f}, "
-            f"saved ${a.saved_usd:.4f}"
-        )
+        print("\n".join(summary_lines(Path(args.run_dir), cloud, a)))
         return 0
 
     e = Economics(

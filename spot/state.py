@@ -30,6 +30,7 @@ class TrainingState:
     world_size: int = 1
     reference_world_size: int = 1
     saved_world_size: int | None = None  # of the checkpoint loaded, if any
+    tracker_run_id: str | None = None  # the metrics tracker's run (W&B), kept across restarts
 
     @property
     def epoch(self) -> int:
@@ -48,6 +49,7 @@ class TrainingState:
                 "world_size": self.world_size,
                 "reference_world_size": self.reference_world_size,
                 "rng": rng_states or [rng.capture()],
+                "tracker_run_id": self.tracker_run_id,
             },
         }
 
