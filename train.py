@@ -26,7 +26,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from spot import distributed, elastic, identity, launch, rng, storage
+from spot import distributed, elastic, identity, launch, rng, slurm, storage
 from spot.checkpoint import CheckpointManager, CheckpointUnusable, CheckpointWriteError
 from spot.config import ConfigError, training_view, validate
 from spot.events import EventLog, read_events
@@ -278,6 +278,8 @@ def train(cfg: DictConfig, overrides: list[str]) -> int:
     schedule.start(state.step)
     first_step = state.step
     progress = Progress(max_steps, state.step) if world.is_leader else None
+    if progress is not None:
+        events.subscribe(progress.on_event)
     loss_fn = partial(compute_loss, device=device)
     # Interruption notices: signals on every rank, the cloud's metadata on one rank per node.
     monitor = InterruptionMonitor(s.cloud, poll_metadata=world.local_rank == 0)
@@ -443,7 +445,7 @@ def run(cfg: DictConfig, overrides: list[str]) -> int:
 SWEEP_FAILURES: list[int] = []  # exit codes of a sweep's failed jobs
 
 
-@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+@hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     sweep = hydra_cfg.mode == RunMode.MULTIRUN
@@ -457,6 +459,8 @@ def main(cfg: DictConfig) -> None:
     if not sweep or code == EXIT_PREEMPTED:
         # One run; or a sweep on a machine being reclaimed: stop now, the same command resumes
         # the sweep (finished jobs are skipped, this one continues from its checkpoint).
+        if code == EXIT_PREEMPTED:
+            slurm.requeue_submitit_job()  # a submitit SLURM job: requeued, resumes from here
         distributed.exit_process(code)
     if code != EXIT_COMPLETE:
         log.error(
@@ -480,5 +484,9 @@ if __name__ == "__main__":
     if launch.RESOLVED_CONFIG_ENV in os.environ and distributed.launched_by_torch_elastic():
         distributed.exit_process(worker_main())
     validate_command_line(sys.argv[1:], CONFIG_DIR)
-    main()
-    sys.exit(SWEEP_FAILURES[0] if SWEEP_FAILURES else EXIT_COMPLETE)  # a sweep: did all finish?
+    # The task by its module name, not __main__'s: a launcher that pickles it (submitit on
+    # SLURM) then pickles a reference, which the job imports, rather than this module's globals.
+    import train as task
+
+    task.main()
+    sys.exit(task.SWEEP_FAILURES[0] if task.SWEEP_FAILURES else EXIT_COMPLETE)  # all finished?

@@ -240,3 +240,17 @@ def test_the_report_marks_interruptions_and_prints_the_runs_figures(interrupted_
 
     assert vertical_lines(INTERRUPTION) == 2
     assert vertical_lines(RESTART) == 2
+
+
+def test_progress_shows_rate_eta_and_the_work_since_the_last_checkpoint():
+    import io
+
+    from spot.progress import Progress
+
+    now = [100.0]
+    progress = Progress(1000, 200, stream=io.StringIO(), clock=lambda: now[0])
+    now[0] = 110.0  # 100 steps in 10 s
+    assert progress.line(300, loss=1.5) == "step 300/1000 loss 1.5 10.0 it/s ETA 1m10s unsaved 10s"
+    progress.on_event({"event": "checkpoint", "step": 300})
+    now[0] = 3710.0  # 200 steps in 3610 s: 600 more take 10830 s
+    assert progress.line(400) == "step 400/1000 0.1 it/s ETA 3h00m unsaved 1h00m"
