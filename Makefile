@@ -7,7 +7,7 @@ ARGS ?=
 BENCH_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-test train test bench chaos lint format clean
+.PHONY: help install install-test train test bench chaos lint format clean new-experiment
 
 help: ## list every target
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -47,6 +47,46 @@ lint: install-test ## the pre-commit hooks (ruff, format, weights_only loads, YA
 format: install-test ## apply ruff fixes and formatting
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+# `make new-experiment NAME=x`: conf/experiment/x.yaml, a starting point for `+experiment=x`.
+# The checks are make's own $(error): one line, and NAME never reaches a shell unchecked.
+NAME ?=
+experiment := $(value NAME)
+NAME_CHARS := a b c d e f g h i j k l m n o p q r s t u v w x y z 0 1 2 3 4 5 6 7 8 9 _
+without_chars = $(if $2,$(call without_chars,$(subst $(firstword $2),,$1),$(wordlist 2,$(words $2),$2)),$1)
+options = $(sort $(basename $(notdir $(wildcard conf/$1/*.yaml))))
+define EXPERIMENT_TEMPLATE
+# @package _global_
+# `python train.py +experiment=$(experiment)`. Values here override conf/config.yaml and its
+# groups; the command line overrides these. See README, "Fork it".
+defaults:
+  # Each choice is a file in conf/<group>/; add yours there (a model in models/ with
+  # conf/model/<name>.yaml, a data set in data/ with conf/data/<name>.yaml).
+  - override /model: mlp                  # $(call options,model)
+  - override /data: vectors               # $(call options,data)
+  - override /optimizer: adamw            # $(call options,optimizer)
+  - override /scheduler: warmup_cosine    # $(call options,scheduler)
+
+run:
+  name: $(experiment)
+
+trainer:
+  max_steps: 1000
+  batch_size: 64          # per rank
+  log_every: 50
+
+checkpoint:
+  every_minutes: 15       # the work an interruption without notice can cost; or every_steps
+  keep_last: 3
+endef
+export EXPERIMENT_TEMPLATE
+
+new-experiment: ## write conf/experiment/NAME.yaml to start your own run (NAME=my_model)
+	$(if $(experiment),,$(error new-experiment: give a name, e.g. make new-experiment NAME=my_model))
+	$(if $(or $(filter-out 1,$(words $(experiment))),$(call without_chars,$(experiment),$(NAME_CHARS))),$(error new-experiment: NAME must be lowercase letters, digits and underscores, not '$(experiment)'))
+	$(if $(wildcard conf/experiment/$(experiment).yaml),$(error new-experiment: conf/experiment/$(experiment).yaml already exists; edit it or pick another NAME))
+	@printf '%s\n' "$$EXPERIMENT_TEMPLATE" > conf/experiment/$(experiment).yaml
+	@echo "wrote conf/experiment/$(experiment).yaml; train it with: $(BIN)/python train.py +experiment=$(experiment)"
 
 clean: ## remove runs, caches and the venv
 	rm -rf runs outputs multirun wandb .pytest_cache .ruff_cache $(VENV)

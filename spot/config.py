@@ -8,6 +8,7 @@ out-of-range value is caught in one place and reported as one line naming the ke
 from __future__ import annotations
 
 import importlib
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -197,6 +198,20 @@ def _typed(cfg: DictConfig) -> Settings:
         raise ConfigError(key, first) from None
 
 
+def _wandb_key_present() -> bool:
+    """W&B's own places for a key: the environment, or the netrc entry `wandb login` writes."""
+    import netrc
+    from urllib.parse import urlparse
+
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
 def validate(cfg: DictConfig) -> Settings:
     """Check every value; return the typed settings or raise ConfigError (one line)."""
     cfg = cfg.copy()
@@ -287,6 +302,12 @@ def validate(cfg: DictConfig) -> Settings:
     lg = s.logger
     _one_of("logger.backend", lg.backend, ("wandb", "none"))
     _one_of("logger.mode", lg.mode, ("offline", "online", "disabled"))
+    if lg.backend == "wandb" and lg.mode == "online" and not _wandb_key_present():
+        raise ConfigError(
+            "logger.mode",
+            "online needs a W&B API key: set WANDB_API_KEY or run `wandb login`; "
+            "or use logger.mode=offline (then `wandb sync`)",
+        )
 
     t = s.trainer
     _positive("trainer.max_steps", t.max_steps, allow_none=True)

@@ -24,7 +24,11 @@ FAST = [
 
 
 def train_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SPOT_", "HYDRA_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SPOT_", "HYDRA_")) and k != "WANDB_API_KEY"
+    }
     env.update({"OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"})
     env.update(extra)
     return env

@@ -149,6 +149,7 @@ BAD = [
     ("elastic.reference_world_size=0", "elastic.reference_world_size"),
     ("elastic.rdzv_endpoint=nohostport", "elastic.rdzv_endpoint"),
     ("logger.mode=loud", "logger.mode"),
+    ("logger.mode=online", "logger.mode"),  # no W&B key here (train_env drops WANDB_API_KEY)
     ("cloud.metadata_url=ftp://x", "cloud.metadata_url"),
     ("run.name=../escape", "run.name"),
     ("optimizer.lr=-1", "optimizer"),
