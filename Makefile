@@ -31,8 +31,12 @@ install-test: $(VENV)/.installed-test ## install the project with its test extra
 train: install ## a short CPU training on built-in synthetic data, with checkpoints
 	$(BIN)/python train.py +experiment=example $(ARGS)
 
+# The suite in two parts: the independent tests on two workers (a file per worker at a time, so
+# a file's shared fixtures are built once), then the multi-process and timing-measuring ones
+# (marked serial) alone, so no other test competes with their timeouts and ratios.
 test: install-test lint ## lint, then the whole test suite on CPU (what .ci/run calls)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not serial"
+	$(BIN)/python -m pytest -m serial
 
 bench: install ## checkpoint performance on this machine and disk (BENCH_ARGS="--size-gib 2")
 	$(BIN)/python -m spot bench $(BENCH_ARGS)

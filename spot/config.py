@@ -199,7 +199,8 @@ def _typed(cfg: DictConfig) -> Settings:
 
 
 def _wandb_key_present() -> bool:
-    """W&B's own places for a key: the environment, or the netrc entry `wandb login` writes."""
+    """W&B's own places for a key: the environment, or the netrc entry `wandb login` writes
+    (`$NETRC`, else ~/.netrc)."""
     import netrc
     from urllib.parse import urlparse
 
@@ -207,7 +208,7 @@ def _wandb_key_present() -> bool:
         return True
     host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
     try:
-        return netrc.netrc().authenticators(host) is not None
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
     except (FileNotFoundError, netrc.NetrcParseError):
         return False
 

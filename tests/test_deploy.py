@@ -331,6 +331,7 @@ def test_compose_trainers_use_the_elastic_settings_the_elastic_tests_use(capsys)
     assert_valid_config(run_here(argv)[1:], capsys)
 
 
+@pytest.mark.serial
 def test_compose_services_run_here_on_loopback(tmp_path):
     """`docker compose up` without Docker: each service's command, as its container would run
     it, as a local process, the service names and ports mapped to loopback; the s3 service's

@@ -167,6 +167,7 @@ def _worker(rank: int, world_size: int, port: int, out: str) -> None:
     distributed.exit_process(0)  # as train.py's workers end (see exit_process)
 
 
+@pytest.mark.serial
 def test_world_collectives_in_a_real_gloo_group(tmp_path):
     world_size = 3
     mp.start_processes(

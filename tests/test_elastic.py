@@ -29,7 +29,7 @@ from .conftest import (
     train_env,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
 TWO = ["elastic.nproc_per_node=2", "elastic.monitor_interval_seconds=0.1"]
 

@@ -23,7 +23,7 @@ from spot.ledger import read_ledger
 
 from .conftest import FAST, REPO, run_dir_of, train_env
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
 STEPS = 400
 

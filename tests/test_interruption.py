@@ -178,6 +178,7 @@ def test_a_second_sigterm_during_the_emergency_write_changes_nothing(reference, 
     assert_zero_lost_and_bitwise(tmp_path, reference, args)
 
 
+@pytest.mark.serial
 def test_a_broken_endpoint_neither_stops_nor_slows_training(tmp_path):
     """The same run with no cloud, and with cloud=aws against an endpoint that hangs, answers
     500 or garbage: no notice, exit 0, and the training steps per second side by side (from the
@@ -224,6 +225,7 @@ def worker_pid(agent_pid: int, rank: int) -> int:
     raise AssertionError(f"no worker with RANK={rank} under {agent_pid}")
 
 
+@pytest.mark.serial
 def test_two_ranks_a_signal_to_rank_one_only_stops_both_at_one_step(tmp_path):
     two = [*ARGS, "elastic.nproc_per_node=2", "data.ledger=true"]
     reference = completed_run(two, tmp_path / "reference")
@@ -243,6 +245,7 @@ def test_two_ranks_a_signal_to_rank_one_only_stops_both_at_one_step(tmp_path):
     assert_zero_lost_and_bitwise(tmp_path / "run", reference, args)
 
 
+@pytest.mark.serial
 def test_chaos_reports_bitwise_equality(tmp_path):
     result = subprocess.run(
         [

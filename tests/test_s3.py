@@ -225,6 +225,7 @@ def test_credentials_never_reach_logs_or_checkpoints(s3_endpoint, bucket, tmp_pa
         assert secret.encode() not in client.get_object(Bucket=name, Key=key)["Body"].read(), key
 
 
+@pytest.mark.serial
 def test_transient_faults_are_retried_and_training_never_waits(
     s3_endpoint, bucket, reference, tmp_path
 ):
