@@ -25,7 +25,7 @@ from .conftest import FAST, REPO, run_dir_of, train_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
-STEPS = 400
+STEPS = 300
 
 
 def free_port() -> int:

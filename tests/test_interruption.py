@@ -225,7 +225,6 @@ def worker_pid(agent_pid: int, rank: int) -> int:
     raise AssertionError(f"no worker with RANK={rank} under {agent_pid}")
 
 
-@pytest.mark.serial
 def test_two_ranks_a_signal_to_rank_one_only_stops_both_at_one_step(tmp_path):
     two = [*ARGS, "elastic.nproc_per_node=2", "data.ledger=true"]
     reference = completed_run(two, tmp_path / "reference")
@@ -245,7 +244,6 @@ def test_two_ranks_a_signal_to_rank_one_only_stops_both_at_one_step(tmp_path):
     assert_zero_lost_and_bitwise(tmp_path / "run", reference, args)
 
 
-@pytest.mark.serial
 def test_chaos_reports_bitwise_equality(tmp_path):
     result = subprocess.run(
         [
