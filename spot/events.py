@@ -28,16 +28,17 @@ class EventLog:
         record = {"event": event, "time": round(time.time(), 6), **fields}
         if self._file is not None:
             line = json.dumps(record, sort_keys=False, default=str)
-            with self._lock:
+            with self._lock:  # listeners see the events in the file's order, one at a time
                 self._file.write(line + "\n")
                 self._file.flush()
-            for listener in self._listeners:
-                listener(record)
+                for listener in self._listeners:
+                    listener(record)
         return record
 
     def subscribe(self, listener: Callable[[dict], None]) -> None:
-        """Call `listener(record)` after each event is written (not on a log that records
-        nothing): metrics are what the events say, never a second account."""
+        """Call `listener(record)` after each event is written, in the file's order and never two
+        at once (events come from the loop and the checkpoint thread); not on a log that records
+        nothing. Metrics are what the events say, never a second account."""
         self._listeners.append(listener)
 
     def close(self) -> None:

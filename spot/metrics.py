@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib
 import logging
 import re
-import threading
 from typing import Any, Protocol
 
 from spot.config import LoggerConfig
@@ -123,15 +122,13 @@ class RunMetrics:
         self.events: list[dict] = []  # every event of the run so far, for goodput and cost
         self._prices = (spot_per_hour, on_demand_per_hour)
         self._step = 0
-        self._lock = threading.Lock()  # checkpoint events come from the persisting thread
         self._failed = False
         held = tracker.logged_events()
         for event in history:
             self._take(event, send=len(self.events) >= held)
 
-    def __call__(self, event: dict) -> None:
-        with self._lock:
-            self._take(event, send=True)
+    def __call__(self, event: dict) -> None:  # EventLog calls it in order, one at a time
+        self._take(event, send=True)
 
     def _take(self, event: dict, send: bool) -> None:
         index = len(self.events)

@@ -57,16 +57,36 @@ def start_armed(
         "SPOT_FAILPOINTS": failpoint,
         "SPOT_FAILPOINT_DIR": str(marker_dir),
     }
-    proc = subprocess.Popen(
+    return start_train(args, env), marker
+
+
+def start_train(args: list[str], env: dict | None = None) -> subprocess.Popen:
+    """train.py (or `-m` sweeps) in its own session, output merged into `.stdout`."""
+    return subprocess.Popen(
         [sys.executable, str(REPO / "train.py"), *args],
         cwd=REPO,
-        env=env,
+        env=env or train_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
     )
-    return proc, marker
+
+
+def wait_for_step(root: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Until the run under `root` has logged a `train` event at `step` or later."""
+    from spot.events import read_events
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        files = list(root.glob("*/*/events.jsonl"))
+        if files and any(
+            e["event"] == "train" and e["step"] >= step for e in read_events(files[0])
+        ):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"never reached step {step}")
 
 
 def await_marker(proc: subprocess.Popen, marker: Path, timeout: float = 180) -> None:

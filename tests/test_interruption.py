@@ -29,7 +29,9 @@ from .conftest import (
     final_state,
     run_dir_of,
     run_train,
+    start_train,
     train_env,
+    wait_for_step,
 )
 
 pytestmark = pytest.mark.slow
@@ -53,28 +55,7 @@ def control(server: EmulatorServer, action: str, **args) -> dict:
 
 
 def start(args: list[str], env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, str(REPO / "train.py"), *args],
-        cwd=REPO,
-        env={**train_env(), **SLOW, **(env or {})},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-
-
-def wait_for_step(root: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stdout.read()
-        files = list(root.glob("*/*/events.jsonl"))
-        if files and any(
-            e["event"] == "train" and e["step"] >= step for e in read_events(files[0])
-        ):
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"never reached step {step}")
+    return start_train(args, {**train_env(), **SLOW, **(env or {})})
 
 
 def finish(proc: subprocess.Popen, timeout: float = 120) -> tuple[int, str]:

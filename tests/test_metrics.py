@@ -7,7 +7,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,16 @@ from spot.events import read_events
 from spot.goodput import account
 from spot.metrics import RunMetrics, accounting_figures, without_credentials
 
-from .conftest import FAST, REPO, run_dir_of, run_train, run_until_failpoint, train_env
+from .conftest import (
+    FAST,
+    REPO,
+    run_dir_of,
+    run_train,
+    run_until_failpoint,
+    start_train,
+    train_env,
+    wait_for_step,
+)
 from .test_goodput import synthetic_run
 
 SECRET = "do-not-log-me-9f3a1c"  # an AWS secret in the environment: must appear nowhere
@@ -93,18 +101,6 @@ def test_no_credentials_reach_a_tracker():
     }
 
 
-def wait_for_step(run_root: Path, step: int, proc: subprocess.Popen, timeout: float = 120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stdout.read()
-        for path in run_root.glob("*/*/events.jsonl"):
-            steps = [e["step"] for e in read_events(path)[-5:] if e["event"] == "train"]
-            if steps and steps[-1] >= step:
-                return
-        time.sleep(0.05)
-    raise AssertionError(f"no step {step} in {timeout} s")
-
-
 @pytest.fixture(scope="module")
 def interrupted_twice(tmp_path_factory) -> Path:
     """A run with the W&B logger (offline), SIGKILLed at step 30 (no notice), stopped by a
@@ -123,14 +119,7 @@ def interrupted_twice(tmp_path_factory) -> Path:
     ]
     env = train_env(AWS_SECRET_ACCESS_KEY=SECRET, AWS_ACCESS_KEY_ID="AKIDEXAMPLE")
     assert run_until_failpoint(args, "train.step@step=30", markers, env=env) == 30
-    proc = subprocess.Popen(
-        [sys.executable, str(REPO / "train.py"), *args],
-        cwd=REPO,
-        env={**env, "SPOT_FAILPOINTS": "train.step@sleep=0.03"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = start_train(args, {**env, "SPOT_FAILPOINTS": "train.step@sleep=0.03"})
     wait_for_step(root, 55, proc)
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=120)[0]

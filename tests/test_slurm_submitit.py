@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,16 @@ from hydra import compose, initialize_config_dir
 
 from spot.events import read_events
 
-from .conftest import FAST, REPO, assert_bitwise_equal, completed_run, final_state, train_env
+from .conftest import (
+    FAST,
+    REPO,
+    assert_bitwise_equal,
+    completed_run,
+    final_state,
+    start_train,
+    train_env,
+    wait_for_step,
+)
 
 FAKE_SLURM = REPO / "tests" / "fakeslurm"
 ARGS = [*FAST, "cloud=slurm", "trainer.max_steps=60", "trainer.log_every=1"]
@@ -38,14 +45,6 @@ def test_the_launcher_composes_with_the_notice_window_of_cloud_slurm():
     assert f"SIG{JobEnvironment.USR_SIG}" in cfg.cloud.signals
 
 
-def wait_for(predicate, what: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
 @pytest.mark.slow
 def test_a_preempted_job_is_requeued_and_resumes_bitwise(tmp_path):
     reference = final_state(completed_run(ARGS, tmp_path / "reference"))
@@ -58,32 +57,18 @@ def test_a_preempted_job_is_requeued_and_resumes_bitwise(tmp_path):
         FAKE_SLURM_DIR=str(slurm),
         SPOT_FAILPOINTS="train.step@sleep=0.05",  # time to preempt it mid-run
     )
-    sweep = subprocess.Popen(
+    sweep = start_train(
         [
-            sys.executable,
-            str(REPO / "train.py"),
             "-m",
             "hydra/launcher=spot_slurm",
             f"hydra.sweep.dir={tmp_path / 'multirun'}",
             *ARGS,
             f"run.root={root}",
         ],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
+        env,
     )
     try:
-
-        def trained(step: int) -> bool:
-            files = list(root.glob("*/*/events.jsonl"))
-            return bool(files) and any(
-                e["event"] == "train" and e["step"] >= step for e in read_events(files[0])
-            )
-
-        wait_for(lambda: trained(20), "the job to train 20 steps")
+        wait_for_step(root, 20, sweep)
         (pid,) = map(int, (slurm / "task-42.pids").read_text().split())
         os.kill(pid, signal.SIGUSR2)  # SLURM's --signal=USR2@90, as submitit asks for it
         out = sweep.communicate(timeout=180)[0]
