@@ -53,7 +53,7 @@ from spot.preflight import validate_command_line
 from spot.progress import Progress
 from spot.rng import seed_everything, seed_rank
 from spot.sampler import ResumableBatchSampler
-from spot.schedule import build_scheduler
+from spot.schedule import TrainingLength, build_scheduler, set_position
 from spot.state import TrainingState
 
 log = logging.getLogger("train")
@@ -160,9 +160,7 @@ def train(cfg: DictConfig, overrides: list[str]) -> int:
             },
         )
         checkpoints.remove_stale()
-        uploader = remote and storage.attach(
-            checkpoints, remote, events, s.storage.alert_after_failures
-        )
+        checkpoints.remote = remote  # the restore looks in the bucket too
 
     # Find the newest checkpoint that verifies, local or remote: rank 0 loads it, every other
     # rank receives it from rank 0.
@@ -170,13 +168,17 @@ def train(cfg: DictConfig, overrides: list[str]) -> int:
     restored = None
     if world.is_leader:
         restored = restore_latest(checkpoints, digest, training_config)
+        # Uploads start after the restore: what it moved aside or could not download is
+        # neither queued nor counted as uploaded.
+        uploader = remote and storage.attach(
+            checkpoints, remote, events, s.storage.alert_after_failures
+        )
         if s.data.ledger and not (restored and restored.get("error")):
             truncate_ledgers(run_dir, restored["step"] if restored else 0)
     restored = world.share(restored)
     if restored and restored.get("error"):
-        print(f"checkpoint error: {restored['error']}", file=sys.stderr)
         events.emit("checkpoint_unusable", reason=restored["error"])
-        return EXIT_CHECKPOINT_UNUSABLE
+        raise CheckpointUnusable(restored["error"])
     saved = restored["state"]["trainer"] if restored else {}
 
     # Metrics follow the events; the tracker's run is the one the checkpoint names.
@@ -206,12 +208,19 @@ def train(cfg: DictConfig, overrides: list[str]) -> int:
             s.elastic.batch_policy, s.trainer.batch_size, world.world_size, reference
         ),
     )
-    # The schedule's length in steps; an epoch's steps depend on the world size (scale_lr), so a
-    # run bounded by epochs stops on the epoch count, not on this estimate.
+    # The run's length in steps at this world size; an epoch's steps depend on the world size
+    # (scale_lr), so a run bounded by epochs stops on the epoch count, and the LR schedule
+    # follows the share of training done (TrainingLength), not this estimate.
     max_steps = s.trainer.max_steps or s.trainer.max_epochs * sampler.steps_per_epoch()
     if s.trainer.max_epochs:
         max_steps = min(max_steps, s.trainer.max_epochs * sampler.steps_per_epoch())
-    scheduler = build_scheduler(instantiate(cfg.scheduler), optimizer, max_steps)
+    length = TrainingLength(
+        s.trainer.max_steps,
+        s.trainer.max_epochs,
+        len(dataset),
+        schedule_steps=saved.get("schedule_steps") or max_steps,
+    )
+    scheduler = build_scheduler(instantiate(cfg.scheduler), optimizer, length.schedule_steps)
     config_lrs = list(scheduler.base_lrs)
     state = TrainingState(
         model,
@@ -223,9 +232,14 @@ def train(cfg: DictConfig, overrides: list[str]) -> int:
         world_size=world.world_size,
         reference_world_size=reference,
         tracker_run_id=tracker_run_id,
+        schedule_steps=length.schedule_steps,
     )
     if restored:
-        state.load_state_dict(restored["state"])
+        try:
+            state.load_state_dict(restored["state"])  # refuses one that does not fit
+        except CheckpointUnusable as exc:
+            events.emit("checkpoint_unusable", reason=str(exc))
+            raise
         checkpoints.last_committed_step = state.step
         events.emit(
             "resume",
@@ -293,13 +307,16 @@ def train(cfg: DictConfig, overrides: list[str]) -> int:
 
     def save(reason: str) -> None:
         rng_states = world.gather(rng.capture())  # every rank's RNG goes into the checkpoint
-        if not world.is_leader:
-            return
-        info = {"reason": reason, "epoch": state.epoch, "samples_in_epoch": sampler.consumed}
-        final = reason in ("final", "emergency")  # waits for a running save, then commits
-        snapshot = state.state_dict(rng_states)
-        if checkpoints.save(state.step, snapshot, info, final=final, defer=overlap) is not None:
-            schedule.saved(state.step)  # None: skipped, the previous is still being written
+        if world.is_leader:
+            info = {"reason": reason, "epoch": state.epoch, "samples_in_epoch": sampler.consumed}
+            final = reason in ("final", "emergency")  # waits for a running save, then commits
+            snapshot = state.state_dict(rng_states)
+            if checkpoints.save(state.step, snapshot, info, final=final, defer=overlap) is not None:
+                schedule.saved(state.step)  # None: skipped, the previous is still being written
+        # A save can block rank 0 (synchronous, or waiting for the one in flight) for longer
+        # than the collective timeout: the others wait for it here, on the group whose timeout
+        # is for rank 0's checkpoint I/O, rather than in the next all-reduce.
+        world.wait_for_leader()
 
     stop = False
     window_warned = world.is_leader and warn_if_window_at_risk(
@@ -329,11 +346,11 @@ def train(cfg: DictConfig, overrides: list[str]) -> int:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), s.trainer.grad_clip)
             checkpoints.before_update()  # a checkpoint still copying this state finishes first
             optimizer.step()
-            scheduler.step()
             if ledger is not None:
                 ledger.record(state.step + 1, state.epoch, share)
             state.step += 1
             sampler.advance()
+            set_position(scheduler, length.position(state.step, state.epoch, sampler.consumed))
             checkpoints.poll()
             if state.step == first_step + 1:  # the state's layout is known: allocate its snapshot
                 checkpoints.prepare(state.state_dict([rng.capture()] * world.world_size))
@@ -430,6 +447,9 @@ def run(cfg: DictConfig, overrides: list[str]) -> int:
     except CheckpointWriteError as exc:  # the previous checkpoint is intact
         print(f"checkpoint error: {exc}", file=sys.stderr)
         return EXIT_CHECKPOINT_WRITE_FAILED
+    except CheckpointUnusable as exc:  # nothing was trained or written
+        print(f"checkpoint error: {exc}", file=sys.stderr)
+        return EXIT_CHECKPOINT_UNUSABLE
     except storage.RemoteError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG

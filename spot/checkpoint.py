@@ -184,6 +184,10 @@ class CheckpointManager:
         raised, whatever on_error says.
         """
         start = time.perf_counter()
+        if step == self._newest_step():  # one commit per step (an interval save at the last
+            if final:  # step, then the final one): the one in flight or committed stands
+                self._collect(strict=True)
+            return 0.0
         busy = self._pending is not None and not self._pending[1].done()
         if busy and self.when_busy == "skip" and not final:
             self.skipped += 1
@@ -211,6 +215,12 @@ class CheckpointManager:
 
         self._pending = (step, self._executor.submit(copy_then_persist))
         return stall
+
+    def _newest_step(self) -> int | None:
+        """The step of the checkpoint being written, else of the last one committed."""
+        if self._pending is not None and self._pending[0] >= 0:
+            return self._pending[0]
+        return self.last_committed_step
 
     def before_update(self) -> float:
         """Wait until the background copy of deferred state is done (call before the optimizer
@@ -291,8 +301,10 @@ class CheckpointManager:
             )
             write_file_durably(tmp / MANIFEST, body)
             fsync_dir(tmp)
-            if final.exists():  # an uncommitted or corrupt leftover at this step: never a valid one
-                remove_tree(final)
+            if final.exists() and self._kept_existing(final, step):
+                remove_tree(tmp)
+                return
+            remove_tree(final)  # an uncommitted or corrupt leftover at this step, if any
             os.replace(tmp, final)
             fsync_dir(self.root)
         except Exception as exc:
@@ -322,6 +334,18 @@ class CheckpointManager:
             self.on_commit(step)
         self.retain()
 
+    def _kept_existing(self, path: Path, step: int) -> bool:
+        """A verified checkpoint already committed at this step (by an earlier process) stays:
+        replacing it would leave no checkpoint at all between the two renames. The state at a
+        step is the same whoever saved it."""
+        try:
+            manifest.verify(path)
+        except CorruptCheckpoint:
+            return False
+        log.info("checkpoint %s is already committed and verifies: kept", path)
+        self.last_committed_step = step
+        return True
+
     def retain(self) -> None:
         """Keep the newest `keep_last` committed checkpoints. With a remote, also keep every one
         newer than the newest completely uploaded (it may exist only on this disk)."""
@@ -337,10 +361,11 @@ class CheckpointManager:
                     remove_tree(path)
 
     def remove_stale(self) -> None:
-        """Delete temporary directories left by a process killed mid-save. Call before training."""
+        """Delete temporary directories left by a process killed mid-save, mid-delete or
+        mid-download. Call before training."""
         if self.root.is_dir():
             for path in self.root.iterdir():
-                if path.name.startswith((".tmp-", ".trash-")):
+                if path.name.startswith((".tmp-", ".trash-", ".download-")):
                     remove_tree(path)
 
     # ---- loading --------------------------------------------------------------------------
@@ -371,6 +396,8 @@ class CheckpointManager:
                     )
                 loaded = self.load(path)
             except CorruptCheckpoint as exc:
+                if source == "local" and not path.exists():
+                    continue  # deleted by retention since it was listed: gone, not corrupt
                 where = (
                     str(path) if source == "local" else f"{self.remote.url}/{step_dir_name(step)}"
                 )
@@ -411,4 +438,5 @@ class CheckpointManager:
     def _quarantine(self, path: Path) -> None:
         """Move a corrupt checkpoint aside (kept for inspection), out of resume and retention."""
         target = path.with_name(f".corrupt-{path.name}-{uuid.uuid4().hex[:8]}")
-        os.replace(path, target)
+        with contextlib.suppress(FileNotFoundError):  # retention got to it first
+            os.replace(path, target)

@@ -123,6 +123,13 @@ class World:
                     offset += t.numel()
         return obj
 
+    def wait_for_leader(self) -> None:
+        """Every rank waits here until the leader arrives, for as long as the leader's checkpoint
+        I/O may take (`elastic.restore_timeout_seconds`, the default group's timeout), not the
+        short collective timeout."""
+        if self.distributed:  # a CPU tensor: gloo, whatever the training backend
+            dist.all_reduce(torch.zeros(1), group=self.bulk)
+
     def check_same_job(self, identity: str) -> None:
         """Every rank must run the same run with the same training config (nodes compose their
         config from their own command line)."""

@@ -31,6 +31,7 @@ import torch
 from spot.config import ConfigError, ElasticConfig
 from spot.distributed import World
 from spot.sampler import ResumableBatchSampler
+from spot.schedule import set_position
 
 
 def global_batch(policy: str, batch_size: int, world_size: int, reference: int) -> int:
@@ -59,16 +60,9 @@ def apply_lr_scale(
             "elastic LR scaling needs one (or elastic.lr_scaling=none)",
         )
     scheduler.base_lrs = [lr * scale for lr in config_base_lrs]
-    lrs = [
-        base * fn(scheduler.last_epoch)
-        for base, fn in zip(scheduler.base_lrs, lambdas, strict=True)
-    ]
-    for group, base, lr in zip(
-        scheduler.optimizer.param_groups, scheduler.base_lrs, lrs, strict=True
-    ):
+    for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, strict=True):
         group["initial_lr"] = base
-        group["lr"] = lr
-    scheduler._last_lr = lrs
+    set_position(scheduler, scheduler.last_epoch)
 
 
 def describe_split(sampler: ResumableBatchSampler) -> dict:

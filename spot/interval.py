@@ -4,7 +4,9 @@ Young/Daly: with a checkpoint costing C seconds of stalled training and a mean t
 interruptions M, the interval that minimises expected lost time is T = sqrt(2 * C * M).
 C is the median stall measured so far (the first checkpoint is taken after the first step, to
 measure it); T is never shorter than the last background persist, so checkpoints never queue up.
-Under young_daly, every_steps and every_minutes are not used.
+Under young_daly, every_steps and every_minutes serve only until a first save succeeds: when
+the measuring save fails (checkpoint.on_error=continue), the next try is due on that interval
+rather than never (nothing measured would otherwise leave the run without checkpoints).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ class CheckpointSchedule:
         self._last_time = time.monotonic()
         self._saved = False
         self._stalls: list[float] = []
+        self._failed = False  # the save meant to measure the cost failed: retry on the fixed rule
+        events.subscribe(self._on_event)  # failures happen in the background thread
 
     def start(self, step: int) -> None:
         """Training starts (or resumes) at `step`: the interval starts now."""
@@ -39,11 +43,25 @@ class CheckpointSchedule:
         self.start(step)
         self._saved = True
 
+    def failed(self, step: int) -> None:
+        """A save requested at `step` failed: nothing was measured, it must be tried again."""
+        self._failed = True
+
+    def _on_event(self, record: dict) -> None:
+        if record["event"] == "checkpoint_failed":
+            self.failed(record["step"])
+
     def due(self, step: int) -> bool:
         if self.cfg.policy == "young_daly":
-            if not self._stalls:  # nothing measured yet: take one checkpoint first, to measure
+            if self._stalls:
+                return time.monotonic() - self._last_time >= self.interval_seconds
+            if not self._failed:  # nothing measured yet: take one checkpoint first, to measure
                 return not self._saved and step > self._last_step
-            return time.monotonic() - self._last_time >= self.interval_seconds
+            if not (self.cfg.every_steps or self.interval_seconds):
+                return step > self._last_step
+        return self._fixed_due(step)
+
+    def _fixed_due(self, step: int) -> bool:
         if self.cfg.every_steps and step - self._last_step >= self.cfg.every_steps:
             return True
         return (

@@ -123,9 +123,12 @@ def parse(raw: bytes, dir_name: str, path: Path | None = None) -> Manifest:
         if (
             not isinstance(entry, dict)
             or not isinstance(entry.get("bytes"), int)
-            or "digest" not in entry
+            or isinstance(entry.get("bytes"), bool)
+            or not isinstance(entry.get("digest"), str)
         ):
             raise CorruptCheckpoint(f"manifest entry for {file} lacks bytes or digest")
+        if entry["bytes"] < 0:  # a buggy writer or a hostile bucket: never an allocation size
+            raise CorruptCheckpoint(f"manifest says {file} has {entry['bytes']} bytes")
     missing = [c for c in REQUIRED_COMPONENTS if c not in components]
     if missing:
         raise CorruptCheckpoint(f"manifest lacks component(s): {', '.join(missing)}")

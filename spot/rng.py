@@ -24,8 +24,23 @@ def capture() -> dict:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # This rank's own generator only: a rank uses one device (its local rank's), and the
+        # rank, not the device index, is what a restart on another machine shape keeps.
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
+
+
+def own_cuda_state(cuda: torch.Tensor | list | None, device_index: int) -> torch.Tensor | None:
+    """The CUDA generator state a rank restores on its own device, from what it saved: its own
+    generator (one tensor), or, from checkpoints that saved every device's (a list), the one of
+    the device this rank uses if the saving process had it, else the first."""
+    if cuda is None:
+        return None
+    if isinstance(cuda, torch.Tensor):
+        return cuda
+    if not cuda:
+        return None
+    return cuda[device_index] if device_index < len(cuda) else cuda[0]
 
 
 def restore(state: dict) -> None:
@@ -44,12 +59,11 @@ def restore(state: dict) -> None:
     # clone(): a restored state may be a slice of a larger buffer, and set_rng_state reads the
     # storage from its start (it crashes on a view with an offset).
     torch.set_rng_state(state["torch"].clone())
-    cuda = state.get("cuda")
-    if cuda is not None and torch.cuda.is_available():
-        if len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all([c.clone() for c in cuda])
-        else:  # another machine shape: restore what maps one to one, the current device
-            torch.cuda.set_rng_state(cuda[0].clone())
+    if torch.cuda.is_available():
+        device = torch.cuda.current_device()
+        own = own_cuda_state(state.get("cuda"), device)
+        if own is not None:
+            torch.cuda.set_rng_state(own.clone(), device)
 
 
 def seed_everything(seed: int) -> None:

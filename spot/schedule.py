@@ -10,6 +10,8 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 
@@ -51,3 +53,45 @@ def build_scheduler(factory: Callable, optimizer: torch.optim.Optimizer, total_s
     if "total_steps" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return factory(optimizer, total_steps=total_steps)
     return factory(optimizer)
+
+
+@dataclass(frozen=True)
+class TrainingLength:
+    """How long training is, and where the LR schedule stands in it.
+
+    The schedule is built for `schedule_steps` (the first attempt's estimate, kept in every
+    checkpoint). Its position follows the share of training done, not the optimizer steps taken:
+    under `batch_policy=scale_lr` a world-size change changes how many steps an epoch takes, so
+    counting steps would reach the schedule's floor early or never in a run bounded by epochs.
+    Training ends when either bound is reached, and so does the schedule, at any sequence of
+    world sizes. With one world size and an epoch a whole number of steps, the position is the
+    step count itself (so the LR is what `scheduler.step()` would give)."""
+
+    max_steps: int | None
+    max_epochs: int | None
+    dataset_size: int
+    schedule_steps: int
+
+    def position(self, step: int, epoch: int, samples_in_epoch: int) -> int | float:
+        done = Fraction(0)
+        if self.max_steps:
+            done = max(done, Fraction(step, self.max_steps))
+        if self.max_epochs:
+            seen = epoch * self.dataset_size + samples_in_epoch
+            done = max(done, Fraction(seen, self.max_epochs * self.dataset_size))
+        at = min(done, Fraction(1)) * self.schedule_steps
+        return at.numerator if at.denominator == 1 else float(at)
+
+
+def set_position(scheduler: torch.optim.lr_scheduler.LRScheduler, position: int | float) -> None:
+    """Move a closed-form schedule (LambdaLR) to `position` and set the LRs it gives there:
+    lr = base_lr * f(position), as LambdaLR computes it. Any other scheduler takes one step."""
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if lambdas is None:
+        scheduler.step()
+        return
+    scheduler.last_epoch = position
+    lrs = [base * fn(position) for base, fn in zip(scheduler.base_lrs, lambdas, strict=True)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    scheduler._last_lr = lrs

@@ -31,6 +31,7 @@ class TrainingState:
     reference_world_size: int = 1
     saved_world_size: int | None = None  # of the checkpoint loaded, if any
     tracker_run_id: str | None = None  # the metrics tracker's run (W&B), kept across restarts
+    schedule_steps: int | None = None  # the length the LR schedule was built for
 
     @property
     def epoch(self) -> int:
@@ -50,6 +51,7 @@ class TrainingState:
                 "reference_world_size": self.reference_world_size,
                 "rng": rng_states or [rng.capture()],
                 "tracker_run_id": self.tracker_run_id,
+                "schedule_steps": self.schedule_steps,
             },
         }
 

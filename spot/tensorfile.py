@@ -237,14 +237,19 @@ def write_component(directory: Path, name: str, component: Component) -> dict[st
 
 
 def read_blob(path: Path, size: int) -> tuple[torch.Tensor, str]:
-    """The file's bytes in one uint8 tensor, and their digest, hashed as the chunks arrive."""
-    blob = torch.empty(size, dtype=torch.uint8)
-    view = memoryview(blob.numpy()) if size else memoryview(bytearray())
-    hasher = new_hasher()
-    pending = None
+    """The file's bytes in one uint8 tensor, and their digest, hashed as the chunks arrive.
+    The size is checked against the file before anything is allocated: a manifest claiming
+    64 TiB (or a negative size) makes a corrupt checkpoint, not a failed allocation."""
     with open(path, "rb", buffering=0) as f:
+        actual = os.fstat(f.fileno()).st_size
+        if size < 0 or actual != size:
+            raise TensorFileError(f"{path.name} has {actual} bytes, manifest says {size}")
+        blob = torch.empty(size, dtype=torch.uint8)
+        view = memoryview(blob.numpy()) if size else memoryview(bytearray())
+        hasher = new_hasher()
+        pending = None
         got = 0
-        while got < size:
+        while got < size:  # the file can still change while it is read: compare at the end
             n = f.readinto(view[got : got + _CHUNK])
             if not n:
                 break
