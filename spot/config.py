@@ -84,7 +84,8 @@ class ElasticConfig:
     rdzv_store_host: str = "agent"  # agent: the agent on the endpoint's host serves it | external
     rdzv_join_timeout_seconds: float = 600.0
     rdzv_last_call_seconds: float = 30.0
-    rdzv_keep_alive_seconds: float = 5.0
+    rdzv_keep_alive_seconds: float = 5.0  # torch's keep_alive_interval: whole seconds
+    rdzv_keep_alive_max_attempt: int = 3  # a node silent this many intervals is dropped
     monitor_interval_seconds: float = 0.5
     shutdown_timeout_seconds: int = 30
     local_addr: str | None = None
@@ -299,6 +300,18 @@ def validate(cfg: DictConfig) -> Settings:
         "restore_timeout_seconds",
     ):
         _positive(f"elastic.{key}", getattr(e, key))
+    # torch's rendezvous reads keep_alive_interval as an int: 0.5 would become 0 (a heartbeat
+    # timer that never waits), 1.5 silently 1.
+    if e.rdzv_keep_alive_seconds < 1 or e.rdzv_keep_alive_seconds != int(e.rdzv_keep_alive_seconds):
+        raise ConfigError(
+            "elastic.rdzv_keep_alive_seconds",
+            f"{e.rdzv_keep_alive_seconds!r} is not allowed; must be a whole number of seconds >= 1",
+        )
+    if e.rdzv_keep_alive_max_attempt < 1:
+        raise ConfigError(
+            "elastic.rdzv_keep_alive_max_attempt",
+            f"{e.rdzv_keep_alive_max_attempt!r} is not allowed; must be >= 1",
+        )
 
     lg = s.logger
     _one_of("logger.backend", lg.backend, ("wandb", "none"))

@@ -39,6 +39,13 @@ def launch_config(cfg: ElasticConfig, cloud, run_key: str):
         {
             "join_timeout": cfg.rdzv_join_timeout_seconds,
             "last_call_timeout": cfg.rdzv_last_call_seconds,
+            # c10d and etcd-v2 (torch's dynamic rendezvous; etcd and static ignore them): a
+            # heartbeat every interval; a node whose last one is older than interval x
+            # max_attempt is dropped, and only then can the survivors form a new round. Unset,
+            # torch uses 5 s x 3 whatever the config says. It reads both as ints (the config
+            # checks the interval is whole seconds).
+            "keep_alive_interval": int(cfg.rdzv_keep_alive_seconds),
+            "keep_alive_max_attempt": cfg.rdzv_keep_alive_max_attempt,
         },
     )
     if cfg.max_nodes == 1:
@@ -123,24 +130,54 @@ def rendezvous_main(argv: list[str]) -> int:
     start the agents with `elastic.rdzv_store_host=external`.
     """
     import argparse
+    import ipaddress
     import signal
+    import socket
 
     from torch.distributed import TCPStore
 
     parser = argparse.ArgumentParser(
         prog="python -m spot rendezvous", description=rendezvous_main.__doc__.splitlines()[0]
     )
-    parser.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: 127.0.0.1, this machine only): the address "
+        "the trainers' elastic.rdzv_endpoint names, or 0.0.0.0 for every interface",
+    )
     parser.add_argument("--port", type=int, default=29400)
     args = parser.parse_args(argv)
     try:
+        # TCPStore's server ignores its host argument and listens on every interface ([::]),
+        # and it has no authentication: bind the address asked for ourselves and hand the
+        # socket over (torch then owns and closes it).
+        family, _, _, _, address = socket.getaddrinfo(
+            args.host, args.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        listener = socket.create_server(address[:2], family=family, backlog=socket.SOMAXCONN)
+        bound, port = listener.getsockname()[:2]  # port: the one chosen when asked for 0
         store = TCPStore(  # noqa: F841 - serves while it exists
-            args.host, args.port, is_master=True, wait_for_workers=False, multi_tenant=True
+            args.host,
+            port,
+            is_master=True,
+            wait_for_workers=False,
+            multi_tenant=True,
+            master_listen_fd=listener.detach(),
         )
-    except (RuntimeError, OSError) as exc:
-        print(f"rendezvous: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+    except (RuntimeError, OSError, ValueError) as exc:
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        print(f"rendezvous: cannot listen on {args.host}:{args.port}: {reason}", file=sys.stderr)
         return 1
-    print(f"rendezvous store listening on {args.host}:{args.port}", flush=True)
+    where = f"[{args.host}]:{port}" if ":" in args.host else f"{args.host}:{port}"  # IPv6
+    if not ipaddress.ip_address(bound).is_loopback:
+        print(
+            f"rendezvous: warning: {where} can be reached from other machines and "
+            "the store has no authentication: let only the trainers reach this port (a "
+            "firewall, a security group, a NetworkPolicy)",
+            file=sys.stderr,
+            flush=True,
+        )
+    print(f"rendezvous store listening on {where}", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with contextlib.suppress(KeyboardInterrupt):
         signal.pause()

@@ -322,6 +322,8 @@ def test_compose_trainers_use_the_elastic_settings_the_elastic_tests_use(capsys)
             assert host == "rendezvous" and port == value.split(":")[1]
             assert services["rendezvous"]["expose"] == [port]
             assert port in services["rendezvous"]["entrypoint"]
+            store = services["rendezvous"]["entrypoint"]  # the default, loopback, is
+            assert store[store.index("--host") + 1] == "0.0.0.0"  # out of the trainers' reach
         else:
             assert ours.get(key) == value, key
     assert ours["storage"] == "s3" and ours["storage.endpoint_url"] == "http://s3:5000"
@@ -525,6 +527,7 @@ def test_kubernetes_exit_codes_grace_period_and_elastic_settings(capsys):
     (listens,) = [p for p in store["ports"] if p["name"] == port["targetPort"]]
     command = store["command"]
     assert command[command.index("--port") + 1] == str(listens["containerPort"])
+    assert command[command.index("--host") + 1] == "0.0.0.0"  # the default is loopback only
     endpoint = f"{service['metadata']['name']}:{port['port']}"
 
     # Plain Job: 2 and 3 fail the job, 75 is retried without counting, a crash counts.

@@ -16,6 +16,13 @@ from email.message import Message
 log = logging.getLogger(__name__)
 
 
+# Metadata services are link-local and never behind a proxy (cloud SDKs never proxy them), but
+# urllib's default opener honours http_proxy/HTTP_PROXY: with a proxy in the environment (common
+# in corporate VPCs) every poll would go to the proxy and the notice would never be seen. This
+# opener has no proxy, whatever the environment says.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 class EndpointError(Exception):
     """The endpoint did not answer as the protocol says (timeout, 5xx, a body that does not parse)."""
 
@@ -31,7 +38,7 @@ def request(
     The headers are case-insensitive, as HTTP's are."""
     req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - http(s) only
+        with _OPENER.open(req, timeout=timeout) as resp:  # http(s) only: no proxy, see _OPENER
             return resp.status, resp.headers, resp.read(1 << 20)
     except urllib.error.HTTPError as exc:
         if 400 <= exc.code < 500:

@@ -1,0 +1,161 @@
+"""`elastic.rdzv_keep_alive_seconds` and `rdzv_keep_alive_max_attempt` reach torch's rendezvous:
+a node lost without a word (SIGKILL) is dropped after interval x max_attempt, and only then can
+the survivors regroup. Unset, torch uses 5 s x 3 whatever the config says."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from spot.config import CloudConfig, ConfigError, ElasticConfig, validate
+from spot.launch import launch_config
+
+from .conftest import REPO
+from .test_config import composed
+from .test_elastic_agents import Cluster, node_args, starts, trained_since
+
+LAST_CALL = 2  # seconds the survivor waits for more nodes once it could regroup
+
+
+def test_the_rendezvous_torch_builds_has_the_configured_keep_alive():
+    """The handler torch's launcher builds from our LaunchConfig (as `elastic_launch` does), so a
+    misspelt key, which torch would ignore, fails here."""
+    from torch.distributed.elastic.rendezvous import RendezvousParameters
+    from torch.distributed.elastic.rendezvous import registry as rdzv_registry
+
+    cfg = ElasticConfig(nproc_per_node=2, rdzv_keep_alive_seconds=2, rdzv_keep_alive_max_attempt=4)
+    config = launch_config(cfg, CloudConfig(), "keepalive-unit")
+    params = RendezvousParameters(
+        backend=config.rdzv_backend,
+        endpoint=config.rdzv_endpoint,  # one node: localhost:0, a private store on a free port
+        run_id=config.run_id,
+        min_nodes=config.min_nodes,
+        max_nodes=config.max_nodes,
+        local_addr=config.local_addr,
+        **config.rdzv_configs,
+    )
+    settings = rdzv_registry.get_rendezvous_handler(params).settings
+    assert settings.keep_alive_interval == timedelta(seconds=2)
+    assert settings.keep_alive_max_attempt == 4
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("elastic.rdzv_keep_alive_seconds=0.5", "elastic.rdzv_keep_alive_seconds"),  # torch: 0
+        ("elastic.rdzv_keep_alive_seconds=1.5", "elastic.rdzv_keep_alive_seconds"),  # torch: 1
+        ("elastic.rdzv_keep_alive_max_attempt=0", "elastic.rdzv_keep_alive_max_attempt"),
+    ],
+)
+def test_a_keep_alive_torch_cannot_honour_is_refused(override, key):
+    with pytest.raises(ConfigError) as err:
+        validate(composed(override))
+    assert err.value.key == key and "\n" not in str(err.value)
+
+
+def children(pid: int) -> set[int]:
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if f"PPid:\t{pid}\n" in (entry / "status").read_text():
+                    found.add(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def regroup_seconds(cluster: Cluster, name: str, interval: int, attempts: int) -> float:
+    """Two agents (min_nodes=1) train together; one is SIGKILLed. Returns the seconds from the
+    kill until the survivor's agent starts its new worker: its workers failed at once (the peer's
+    connections broke), so that is the time its re-rendezvous took."""
+    root = cluster.tmp / name
+    overrides = {
+        "elastic.max_nodes": "2",
+        "elastic.rdzv_keep_alive_seconds": str(interval),
+        "elastic.rdzv_keep_alive_max_attempt": str(attempts),
+        "elastic.rdzv_last_call_seconds": str(LAST_CALL),
+        "run.name": name,  # its own rendezvous run id on the shared store
+        "run.root": str(root),
+    }
+    args = [a for a in node_args(cluster.port, root) if a.split("=")[0] not in overrides]
+    args += [f"{k}={v}" for k, v in overrides.items()]
+    agents = {
+        node: cluster.start(f"{name}-{node}", [sys.executable, str(REPO / "train.py"), *args])
+        for node in ("a", "b")
+    }
+
+    def events() -> list[dict]:
+        from spot.events import read_events
+
+        files = list(root.glob("*/*/events.jsonl"))
+        return read_events(files[0]) if files else []
+
+    deadline = time.monotonic() + 120
+    while not (two := [s for s in starts(events(), 2) if trained_since(events(), s, 1)]):
+        assert time.monotonic() < deadline, cluster.logs()
+        assert all(p.poll() is None for p in agents.values()), cluster.logs()
+        time.sleep(0.1)
+    survivor, victim = sorted(agents, key=lambda n: agents[n].pid != two[-1]["agent_pid"])
+    old_workers = children(agents[survivor].pid)
+    assert old_workers, cluster.logs()
+    killed_at = time.monotonic()
+    os.killpg(agents[victim].pid, signal.SIGKILL)  # its worker dies with it (PDEATHSIG)
+    agents[victim].wait()
+    while not (new_workers := children(agents[survivor].pid) - old_workers):
+        assert time.monotonic() - killed_at < 60, cluster.logs()
+        assert agents[survivor].poll() is None, cluster.logs()
+        time.sleep(0.05)
+    regrouped = time.monotonic() - killed_at
+    print(f"keep-alive {interval} s x {attempts}: regrouped {regrouped:.1f} s after SIGKILL")
+    # The new worker too: it is in its own session and has not yet armed its death with the
+    # agent (spot.distributed.die_with_agent runs after its imports).
+    for pid in [agents[survivor].pid, *new_workers]:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+    agents[survivor].wait()
+    return regrouped
+
+
+@pytest.mark.slow
+@pytest.mark.serial
+def test_a_lost_node_is_detected_as_the_keep_alive_says(tmp_path):
+    """The same loss, side by side with two keep-alive settings. The survivor regroups once the
+    dead node's last heartbeat is interval x max_attempt old, and then waits the last call. The
+    dead node sent its last heartbeat at most two intervals before the kill (a beat can be
+    skipped: torch sends one only when the last is a full interval old), so the floor is
+    interval x (max_attempt - 2) + last call; the ceiling is interval x max_attempt + last call,
+    plus torch's once-a-second polls of the rendezvous state, the worker's failure and the
+    agent's restart. (Torch's default, 5 s x 3, held the survivor 12.6 and 15.7 s when these
+    settings did not reach it.)"""
+    settings = {"short": (1, 2), "long": (2, 4)}
+    cluster = Cluster(tmp_path)
+    store = cluster.start(
+        "rendezvous",
+        [sys.executable, "-m", "spot", "rendezvous", "--host", "127.0.0.1"]
+        + ["--port", str(cluster.port)],
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while "listening" not in (tmp_path / "rendezvous.log").read_text():
+            assert store.poll() is None and time.monotonic() < deadline, cluster.logs()
+            time.sleep(0.05)
+        seconds = {
+            name: regroup_seconds(cluster, name, *setting) for name, setting in settings.items()
+        }
+    finally:
+        cluster.stop_all()
+    slack = 4.0  # polls once a second, the worker's failure, the agent's restart, a busy machine
+    for name, (interval, attempts) in settings.items():
+        assert interval * (attempts - 2) + LAST_CALL <= seconds[name], seconds
+        assert seconds[name] <= interval * attempts + LAST_CALL + slack, seconds
+    # Without the slack the two do not overlap: short within 1 x 2 + 2 s (and the polls), long
+    # not before 2 x 2 + 2 s.
+    assert seconds["short"] < seconds["long"], seconds
