@@ -30,6 +30,9 @@ from spot.config import ConfigError
 log = logging.getLogger(__name__)
 
 
+AGENT_PID_ENV = "SPOT_AGENT_PID"  # set by spot.launch for the workers of our own agent
+
+
 def launched_by_torch_elastic() -> bool:
     """True in a worker started by torchrun or by our own elastic agent."""
     return "TORCHELASTIC_RUN_ID" in os.environ or (
@@ -224,7 +227,10 @@ def die_with_agent() -> None:
         return
     import ctypes
 
-    agent = os.getppid()
+    # The agent's pid as the agent said it (our own agent sets it before starting workers):
+    # os.getppid() read here, after the worker's imports, would already be 1 (or a subreaper)
+    # if the agent died during them, and the orphan would train on with nobody to stop it.
+    agent = int(os.environ.get(AGENT_PID_ENV) or os.getppid())
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     if os.getppid() != agent:  # the agent died before prctl took effect

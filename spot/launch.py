@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from spot.config import ElasticConfig
-from spot.distributed import launched_by_torch_elastic
+from spot.distributed import AGENT_PID_ENV, launched_by_torch_elastic
 from spot.exitcodes import EXIT_COMPLETE, EXIT_PREEMPTED
 
 log = logging.getLogger(__name__)
@@ -93,6 +93,7 @@ def run_agent(
         config_path = Path(tmp) / "config.yaml"
         config_path.write_text(resolved_config)
         os.environ[RESOLVED_CONFIG_ENV] = str(config_path)  # the workers inherit it
+        os.environ[AGENT_PID_ENV] = str(os.getpid())  # so does the pid they die with
         # torch 2.13 shares the rendezvous TCPStore with the workers by default and keeps it
         # across restarts, without a per-attempt prefix (rendezvous.py assumes a new store per
         # retry): process groups created after a restart then read the previous attempt's
@@ -118,6 +119,7 @@ def run_agent(
             log.warning("elastic agent stopped by %s", exc.sigval.name)
         finally:
             os.environ.pop(RESOLVED_CONFIG_ENV, None)
+            os.environ.pop(AGENT_PID_ENV, None)
     return EXIT_COMPLETE if complete() else EXIT_PREEMPTED
 
 

@@ -318,3 +318,28 @@ def test_a_save_slower_than_the_collective_timeout_does_not_fail_the_group(tmp_p
     assert [e["restart"] for e in events if e["event"] == "start"] == [0]
     assert committed_steps(run_dir_of(tmp_path) / "events.jsonl") == [10, 20]
     assert time.monotonic() - began > 2 * 8  # the saves really were that slow
+
+
+# ---- a worker whose agent died while it was starting -------------------------------------------
+
+
+@pytest.mark.parametrize("agent_alive", [True, False])
+def test_a_worker_whose_agent_died_during_its_start_dies_too(agent_alive):
+    """The agent's pid comes from the agent, not from os.getppid() after the worker's imports
+    (by then an orphan's parent is already init): a worker that lost its agent before it could
+    watch for that kills itself instead of training on unsupervised."""
+    import subprocess
+    import sys
+
+    agent = os.getpid() if agent_alive else 2**22 + 1  # this test process is the real parent
+    result = subprocess.run(
+        [sys.executable, "-c", "from spot.distributed import die_with_agent as d; d(); print(1)"],
+        env={**os.environ, "SPOT_AGENT_PID": str(agent)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if agent_alive:
+        assert result.returncode == 0 and result.stdout == "1\n", result.stderr
+    else:
+        assert result.returncode == -9 and result.stdout == ""
