@@ -24,7 +24,7 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
 	$(BIN)/pip install --quiet -e '.[test]'
 	@touch $@
 
-install: $(VENV)/.installed ## create .venv and install the project (torch==2.13.0, CPU build where available)
+install: $(VENV)/.installed ## create .venv, install the project editable with its runtime deps (torch 2.13.0 as your pip index serves it, hydra, boto3, wandb)
 
 install-test: $(VENV)/.installed-test ## install the project with its test extras
 
