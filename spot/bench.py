@@ -318,7 +318,7 @@ def report(results: dict, e2e: dict | None, info: dict) -> str:
         ("persist", "background persist, this project"),
         ("restore_verify", "restore + verify, this project (cold)"),
         ("torch_load", "torch.load, weights_only (cold)"),
-        ("upload", "upload, this project (boto3 transfer manager)"),
+        ("upload", "upload, this project (hashed as sent, multipart)"),
         ("aws_s3_cp", "upload, aws s3 cp --recursive (same files)"),
     ]
     for key, label in rows:

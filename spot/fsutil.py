@@ -42,6 +42,15 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_file(path: Path) -> None:
+    """Make a file written by someone else (a download) durable before it is renamed into use."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_file_durably(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)

@@ -5,13 +5,18 @@ disk. Upload order makes the remote copy atomic too: the components first, `mani
 so a reader never sees a manifest whose files are missing; deletion removes the manifest first.
 Credentials come from boto3's chain (environment, profile, instance role) and are never logged.
 Retries are botocore's ("adaptive" mode: exponential backoff plus client-side rate limiting on
-throttling); multipart transfers are boto3's transfer manager.
+throttling). Uploads check every byte they send against the manifest (spot.upload); downloads
+are boto3's transfer manager, verified before the checkpoint is renamed into place.
 
 A process that is the same run as another (a zombie from before a restart) is fenced: each
 process claims the run by writing `owner.json` when it starts, and checks that it still owns it
 before every manifest it writes and every deletion. The newest process wins; a zombie stops
-uploading. What is left of the race can only produce a checkpoint that fails verification
-(files from one writer, manifest from the other), which resume skips: never a wrong one.
+uploading. S3 conditions apply only to the object being written, so that check and the manifest
+write cannot be one atomic step; where the service supports conditional writes, the manifest is
+created only if absent, so a commit is never overwritten unseen, and the upload receipt (see
+`receipt`) shows any file written again after a commit. What is left of the race can only
+produce a checkpoint that fails verification (files from one writer, manifest from the other),
+which retention does not count and resume skips: never a wrong one.
 """
 
 from __future__ import annotations
@@ -20,15 +25,14 @@ import json
 import logging
 import os
 import re
-import threading
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import boto3
-from boto3.s3.transfer import TransferConfig, create_transfer_manager
+from boto3.exceptions import Boto3Error
+from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
@@ -36,8 +40,9 @@ from spot import manifest
 from spot.checkpoint import committed_checkpoints
 from spot.events import EventLog
 from spot.failpoints import failpoint
-from spot.fsutil import fsync_dir, remove_tree
+from spot.fsutil import fsync_dir, fsync_file, remove_tree
 from spot.manifest import MANIFEST, STEP_DIR, CorruptCheckpoint, step_dir_name
+from spot.upload import NOT_FOUND, RECEIPT, Uploader, error_code, receipt, send_files
 
 log = logging.getLogger(__name__)
 for _noisy in ("boto3", "botocore", "s3transfer", "urllib3"):  # their INFO lines are not ours
@@ -56,6 +61,11 @@ class RemoteCheckpoint:
     committed: bool  # a manifest exists
     bytes: int
     modified: float | None
+    objects: dict[str, tuple[int, str]] = field(default_factory=dict)  # file: (size, ETag)
+
+
+def _status(exc: ClientError) -> int | None:
+    return exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -81,6 +91,11 @@ class S3Store:
         self.bucket = bucket
         self.prefix = run_prefix.strip("/")
         self.writer = f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.concurrency = concurrency
+        # Conditional writes (If-None-Match) until the service answers that it has none.
+        self.conditional = True
+        # Steps whose download in this process failed: not counted, whatever a listing says.
+        self.unusable: dict[int, str] = {}
         config = Config(
             retries={"mode": "adaptive", "max_attempts": max_attempts},
             connect_timeout=5,
@@ -157,6 +172,7 @@ class S3Store:
                 entry.bytes += obj["Size"]
                 entry.modified = max(entry.modified or 0, obj["LastModified"].timestamp())
                 entry.committed |= rest[1] == MANIFEST
+                entry.objects[rest[1]] = (obj["Size"], obj.get("ETag", ""))
         return sorted(found.values(), key=lambda c: c.step, reverse=True)
 
     def committed_steps(self) -> list[int]:
@@ -165,68 +181,138 @@ class S3Store:
     # ---- transfer -------------------------------------------------------------------------
 
     def upload(self, local_dir: Path, step: int) -> int:
-        """Upload a committed local checkpoint: files, then the manifest. Returns bytes sent."""
-        m = manifest.read(local_dir)
-        # Every file at once through one transfer manager (parts of all files share its
-        # concurrency), each part with a CRC32 that S3 verifies on receipt.
-        with create_transfer_manager(self.client, self.transfer) as transfers:
-            futures = [
-                transfers.upload(
-                    str(local_dir / file),
-                    self.bucket,
-                    self.key(step_dir_name(step), file),
-                    extra_args={"ChecksumAlgorithm": "CRC32"},
-                )
-                for file in m.files
-            ]
-            for future in futures:
-                future.result()
+        """Upload a committed local checkpoint: files, then the manifest. Returns bytes sent.
+        CorruptCheckpoint, committing nothing, if the local copy vanished or its files do not
+        match its manifest (spot.upload.send_files checks what it sends); RemoteError if another
+        process now owns the run."""
+        name = step_dir_name(step)
+        try:  # these bytes are what is checked and what is committed, whatever the disk does
+            body = (local_dir / MANIFEST).read_bytes()
+        except FileNotFoundError:
+            raise CorruptCheckpoint(f"{local_dir} is gone (moved aside or deleted)") from None
+        m = manifest.parse(body, name)
+        try:
+            etags = send_files(
+                self.client,
+                self.bucket,
+                {file: self.key(name, file) for file in m.files},
+                local_dir,
+                m.files,
+                part_size=self.transfer.multipart_chunksize,
+                concurrency=self.concurrency,
+            )
+        except CorruptCheckpoint:
+            self._discard_refused(name, step)
+            raise
         failpoint("upload.file_uploaded", step)
-        sent = sum(entry["bytes"] for entry in m.files.values())
         if not self.owns():
             raise RemoteError(f"{self.url}: another process now owns this run; not committing")
-        self.client.upload_file(
-            str(local_dir / MANIFEST),
-            self.bucket,
-            self.key(step_dir_name(step), MANIFEST),
-            ExtraArgs={"ChecksumAlgorithm": "CRC32"},
-        )
-        return sent + (local_dir / MANIFEST).stat().st_size
+        self._commit(name, body, receipt(etags))
+        self.unusable.pop(step, None)
+        return m.total_bytes + len(body)
+
+    def _discard_refused(self, name: str, step: int) -> None:
+        """Remove the files a refused upload sent before its bad one (each matched): without a
+        manifest they are no checkpoint. A commit of this step already there is left as is."""
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self.key(name, MANIFEST))
+            return
+        except ClientError as exc:
+            if error_code(exc) not in NOT_FOUND:
+                return  # unknown: left, as a torn upload is
+        except BotoCoreError:
+            return
+        try:
+            if self.owns():
+                self.delete(step)
+        except (ClientError, BotoCoreError) as exc:  # the refusal is what the caller must see
+            log.warning("could not remove the refused %s: %s", name, _one_line(exc))
+
+    def _commit(self, name: str, body: bytes, etags_digest: str) -> None:
+        """Write a step's manifest, the commit, after its files. With conditional writes it is
+        created only if absent (If-None-Match: *): two writers never both commit a step, and an
+        existing commit is never overwritten unseen. Found one: either this write, retried by
+        botocore after its response was lost (the same bytes: done), or another commit of the
+        step, which the owner (checked again) deletes first: an unverifiable copy this upload
+        replaces, or a zombie's."""
+        key = self.key(name, MANIFEST)
+        put = {"Bucket": self.bucket, "Key": key, "Body": body, "ChecksumAlgorithm": "CRC32"}
+        put["Metadata"] = {RECEIPT: etags_digest}
+        for _ in range(3):
+            if not self.conditional:
+                self.client.put_object(**put)
+                return
+            try:
+                self.client.put_object(**put, IfNoneMatch="*")
+                return
+            except ClientError as exc:
+                if error_code(exc) == "NotImplemented" or _status(exc) == 501:
+                    log.info("%s: no conditional writes; manifests are overwritten", self.url)
+                    self.conditional = False
+                    continue
+                if error_code(exc) != "PreconditionFailed" and _status(exc) != 412:
+                    raise
+            try:
+                there = self.client.get_object(Bucket=self.bucket, Key=key)
+            except ClientError as exc:
+                if error_code(exc) in NOT_FOUND:
+                    continue  # deleted meanwhile: create it
+                raise
+            if (
+                there["Body"].read() == body
+                and there.get("Metadata", {}).get(RECEIPT) == etags_digest
+            ):
+                return
+            if not self.owns():
+                raise RemoteError(f"{self.url}: another process now owns this run; not committing")
+            self.client.delete_object(Bucket=self.bucket, Key=key)
+        raise RemoteError(f"{self.url}/{name}: another writer keeps committing this step")
 
     def download(self, step: int, into: Path) -> Path:
-        """Fetch a remote checkpoint into `into/.download-step-N-*`, verify it, and rename it to
-        `into/step-N`. Only names the manifest lists (checked: no separators) become paths."""
+        """Fetch a remote checkpoint into `into/.download-step-N-*`, verify it, make it durable
+        and rename it to `into/step-N`. Only names the manifest lists (checked: no separators)
+        become paths. CorruptCheckpoint (one line) if it cannot be read whole, after botocore's
+        and the transfer manager's retries, or fails verification; the step is then not counted
+        by retention either (spot.upload.remote_problem)."""
         name = step_dir_name(step)
         staging = into / f".download-{name}-{uuid.uuid4().hex[:8]}"
         staging.mkdir(parents=True)
         try:
-            try:
-                raw = self.client.get_object(Bucket=self.bucket, Key=self.key(name, MANIFEST))
-                body = raw["Body"].read()
-            except ClientError as exc:
-                raise CorruptCheckpoint(f"remote manifest unreadable ({exc})") from None
-            m = manifest.parse(body, name)
-            for file in m.files:  # names were validated by parse(): a plain file name each
-                target = staging / file
-                if target.resolve().parent != staging.resolve():
-                    raise CorruptCheckpoint(f"remote manifest names an unsafe file {file!r}")
-                try:
-                    self.client.download_file(
-                        self.bucket, self.key(name, file), str(target), Config=self.transfer
-                    )
-                except ClientError as exc:
-                    raise CorruptCheckpoint(f"remote {file} unreadable ({exc})") from None
-            (staging / MANIFEST).write_bytes(body)
-            manifest.verify(staging)
-            final = into / name
-            if final.exists():
-                remove_tree(final)
-            os.replace(staging, final)
-            fsync_dir(into)
-            return final
+            return self._fetch(name, staging, into)
+        except CorruptCheckpoint as exc:
+            self.unusable[step] = f"download failed: {exc}"
+            raise
         finally:
             if staging.exists():
                 remove_tree(staging)
+
+    def _fetch(self, name: str, staging: Path, into: Path) -> Path:
+        # Every object through the transfer manager, the manifest too: it also retries a
+        # connection reset while reading a body, which get_object's caller would have to.
+        self._fetch_file(name, MANIFEST, staging)
+        m = manifest.parse((staging / MANIFEST).read_bytes(), name)
+        for file in m.files:  # names were validated by parse(): a plain file name each
+            if (staging / file).resolve().parent != staging.resolve():
+                raise CorruptCheckpoint(f"remote manifest names an unsafe file {file!r}")
+            self._fetch_file(name, file, staging)
+        manifest.verify(staging)
+        fsync_dir(staging)
+        final = into / name
+        if final.exists():
+            remove_tree(final)
+        os.replace(staging, final)
+        fsync_dir(into)
+        return final
+
+    def _fetch_file(self, name: str, file: str, staging: Path) -> None:
+        target = staging / file
+        try:
+            self.client.download_file(
+                self.bucket, self.key(name, file), str(target), Config=self.transfer
+            )
+        except (ClientError, BotoCoreError, Boto3Error) as exc:  # after every retry
+            raise CorruptCheckpoint(f"remote {file} unreadable ({_one_line(exc)})") from None
+        fsync_file(target)  # durable before the rename makes the directory a checkpoint
 
     def delete(self, step: int) -> None:
         """Delete a remote checkpoint, manifest first (it stops existing at once)."""
@@ -240,125 +326,8 @@ class S3Store:
             self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys[i : i + 1000]})
 
 
-class Uploader:
-    """Uploads committed checkpoints in the background, oldest first, without blocking training.
-
-    A failed upload is retried later with backoff; after `alert_after` consecutive failures the
-    run says so loudly (an `upload_failing` event and a warning) and keeps the local copies.
-    After each success, `keep_last` is applied to the bucket (only older than the new one)."""
-
-    def __init__(
-        self,
-        store: S3Store,
-        local_root: Path,
-        events: EventLog,
-        keep_last: int,
-        alert_after: int = 3,
-        on_uploaded: Callable[[int], None] | None = None,
-    ):
-        self.store = store
-        self.local_root = local_root
-        self.events = events
-        self.keep_last = keep_last
-        self.alert_after = alert_after
-        self.on_uploaded = on_uploaded
-        self.newest_uploaded: int | None = None
-        self.failures = 0
-        self._pending: list[int] = []
-        self._attempts: dict[int, int] = {}
-        self._cond = threading.Condition()
-        self._closing = False
-        self._thread = threading.Thread(target=self._run, name="ckpt-upload", daemon=True)
-        self._thread.start()
-
-    def submit(self, step: int) -> None:
-        with self._cond:
-            if step not in self._pending:
-                self._pending.append(step)
-                self._pending.sort()
-            self._cond.notify_all()
-
-    def drain(self, timeout: float) -> bool:
-        """Wait until every submitted checkpoint is uploaded; False if `timeout` ran out."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while self._pending:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(min(left, 0.5))
-        return True
-
-    def close(self) -> None:
-        with self._cond:
-            self._closing = True
-            self._cond.notify_all()
-        self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        delay = 0.0
-        while True:
-            with self._cond:
-                while not self._pending and not self._closing:
-                    self._cond.wait()
-                if self._closing:
-                    return
-                step = self._pending[0]
-            if delay:
-                time.sleep(delay)
-            if self._upload(step):
-                delay = 0.0
-                with self._cond:
-                    self._pending.remove(step)
-                    self._cond.notify_all()
-            else:
-                delay = min(max(2 * delay, 1.0), 60.0)
-
-    def _upload(self, step: int) -> bool:
-        attempts = self._attempts[step] = self._attempts.get(step, 0) + 1
-        start = time.perf_counter()
-        local = self.local_root / step_dir_name(step)
-        try:
-            sent = self.store.upload(local, step)
-        except Exception as exc:  # S3UploadFailedError, network, disk: never fatal here
-            self.failures += 1
-            self.events.emit("upload_failed", step=step, attempts=attempts, error=str(exc))
-            if self.failures == self.alert_after:
-                log.warning(
-                    "%d checkpoint uploads in a row failed (last: %s); local copies are kept",
-                    self.failures,
-                    exc,
-                )
-                self.events.emit(
-                    "upload_failing", step=step, failures=self.failures, error=str(exc)
-                )
-            return False
-        seconds = time.perf_counter() - start
-        self.failures = 0
-        self.newest_uploaded = max(step, self.newest_uploaded or step)
-        self.events.emit(
-            "upload",
-            step=step,
-            bytes=sent,
-            seconds=round(seconds, 6),
-            attempts=attempts,
-            url=f"{self.store.url}/{step_dir_name(step)}/",
-        )
-        failpoint("upload.committed", step)
-        self._retain_remote()
-        if self.on_uploaded:
-            self.on_uploaded(step)
-        return True
-
-    def _retain_remote(self) -> None:
-        try:
-            committed = self.store.committed_steps()
-            stale = [s for s in committed[self.keep_last :] if s < (self.newest_uploaded or 0)]
-            if stale and self.store.owns():
-                for step in stale:
-                    self.store.delete(step)
-        except Exception as exc:  # retention is retried after the next upload
-            log.warning("remote retention failed (will retry after the next upload): %s", exc)
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())
 
 
 COMPLETE = "COMPLETE"
@@ -394,8 +363,11 @@ def mark_remote_complete(store: S3Store, step: int) -> None:
 
 
 def attach(checkpoints, store: S3Store, events: EventLog, alert_after: int) -> Uploader:
-    """Wire a CheckpointManager to upload every commit, and to keep local checkpoints until
-    they are uploaded. Local checkpoints newer than the bucket's newest are queued now."""
+    """Wire a CheckpointManager to upload every commit, and to keep local checkpoints until a
+    verified copy of a newer one is in the bucket. Call it after the restore: a corrupt local
+    checkpoint the restore moved aside is then never queued, and a remote one whose download
+    failed is not counted. Local checkpoints newer than the newest verified remote one are
+    queued now (one at the step of an unverifiable remote copy too: it replaces that copy)."""
     store.claim()
     uploader = Uploader(
         store,
@@ -408,9 +380,12 @@ def attach(checkpoints, store: S3Store, events: EventLog, alert_after: int) -> U
     checkpoints.remote = store
     checkpoints.on_commit = uploader.submit
     checkpoints.newest_uploaded = lambda: uploader.newest_uploaded
-    remote = store.committed_steps()
-    uploader.newest_uploaded = remote[0] if remote else None
-    for step, _path in reversed(committed_checkpoints(checkpoints.root)):
-        if not remote or step > remote[0]:
+    try:
+        uploader.look()
+    except (ClientError, BotoCoreError) as exc:  # then count none: local copies are all kept
+        log.warning("could not check the checkpoints in %s: %s", store.url, _one_line(exc))
+    newest = uploader.newest_uploaded
+    for step, _path in committed_checkpoints(checkpoints.root):
+        if newest is None or step > newest:
             uploader.submit(step)
     return uploader

@@ -2,6 +2,7 @@
 
 `rule(method, path) -> action` decides each request: "pass", "500", "503" (ServiceUnavailable),
 "slowdown" (503 SlowDown, S3's throttling), "reset" (half a response, then a TCP reset),
+"lost" (the request reaches the server, then a TCP reset instead of its response),
 or ("slow", seconds) (forward after a delay). Loopback only.
 """
 
@@ -73,6 +74,12 @@ class FaultProxy:
                 status, headers, payload = proxy.forward(
                     self.command, self.path, self.headers, body
                 )
+                if action == "lost":  # done upstream, but the client never hears of it
+                    self.connection.setsockopt(
+                        socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                    )
+                    self.close_connection = True
+                    return
                 if action == "reset":  # promise the whole body, send half, then RST
                     self.send_response(status)
                     self.send_header("Content-Length", str(len(payload) + 1000))
