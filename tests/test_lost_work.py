@@ -297,7 +297,7 @@ def test_each_rank_restores_its_own_cuda_generator():
 @pytest.mark.slow
 @pytest.mark.serial
 def test_a_save_slower_than_the_collective_timeout_does_not_fail_the_group(tmp_path):
-    """Two ranks, synchronous saves that take 4x the collective timeout on rank 0: the other rank
+    """Two ranks, synchronous saves that take 2x the collective timeout on rank 0: the other rank
     waits for it on the long-timeout group, no collective times out, nothing restarts."""
     args = [
         *FAST,
@@ -310,14 +310,14 @@ def test_a_save_slower_than_the_collective_timeout_does_not_fail_the_group(tmp_p
         "elastic.max_restarts=1",
         f"run.root={tmp_path}",
     ]
-    env = train_env(SPOT_FAILPOINTS="checkpoint.component_written@sleep=2")  # 8 s a save
+    env = train_env(SPOT_FAILPOINTS="checkpoint.component_written@sleep=1")  # 4 s a save
     began = time.monotonic()
     result = run_train(args, env=env, timeout=240)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     events = read_events(run_dir_of(tmp_path) / "events.jsonl")
     assert [e["restart"] for e in events if e["event"] == "start"] == [0]
     assert committed_steps(run_dir_of(tmp_path) / "events.jsonl") == [10, 20]
-    assert time.monotonic() - began > 2 * 8  # the saves really were that slow
+    assert time.monotonic() - began > 2 * 4  # the saves really were that slow
 
 
 # ---- a worker whose agent died while it was starting -------------------------------------------
