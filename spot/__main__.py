@@ -1,22 +1,12 @@
-"""`python -m spot <command>`: the library's tools.
-
-list PATH      every checkpoint under PATH (a run directory, its checkpoints/, or one step-*;
-               or s3://bucket/prefix/<run.name>/<run.id>, with --endpoint-url for S3-compatible services)
-verify PATH    check every checkpoint fully (sizes, checksums, weights_only load); exit 1 if any is bad
-inspect PATH   the newest valid checkpoint's manifest and tensors (or the one PATH names)
-bench          checkpoint performance on this machine (`python -m spot bench --help`)
-cost [RUN]     spot economics (overhead, break-even), or a finished run's time split and cost
-report RUN     a PNG of a run (loss with interruptions marked, wall time split, cost)
-chaos          train under random interruptions, restart each time, compare bitwise at the end
-emulate CLOUD  a local AWS/GCP/Azure metadata endpoint that can issue notices or misbehave
-rendezvous     serve the c10d rendezvous store for elastic.rdzv_store_host=external, on a node
-               that is not reclaimed (`python -m spot rendezvous --help`)
-"""
+"""`python -m spot <command>`: the library's tools (`python -m spot --help` lists them, and
+`python -m spot <command> --help` says what each takes). The table is COMMANDS below; each tool
+defines its own arguments."""
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib
 import sys
 from pathlib import Path
 
@@ -137,55 +127,79 @@ def cmd_inspect(path: Path) -> int:
     return 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:
-        from spot import bench
+def _add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "path", help="a run directory, its checkpoints/, one step-*, or s3://bucket/prefix/name/id"
+    )
+    parser.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (s3:// paths)")
 
-        return bench.main(argv[1:])
-    if argv[:1] == ["cost"]:
-        from spot import goodput
 
-        return goodput.main(argv[1:])
-    if argv[:1] == ["report"]:
-        from spot import report
-
-        return report.main(argv[1:])
-    if argv[:1] == ["chaos"]:
-        from spot import chaos
-
-        return chaos.main(argv[1:])
-    if argv[:1] == ["emulate"]:
-        from spot.interruption import emulate
-
-        return emulate.main(argv[1:])
-    if argv[:1] == ["rendezvous"]:
-        from spot import launch
-
-        return launch.rendezvous_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="python -m spot", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (
-        ("list", "list checkpoints (manifests only: fast)"),
-        ("verify", "verify every checkpoint completely"),
-        ("inspect", "show the newest valid checkpoint"),
-        ("bench", "checkpoint performance on this machine (python -m spot bench --help)"),
-        ("rendezvous", "serve the elastic rendezvous store (python -m spot rendezvous --help)"),
-        ("emulate", "a local cloud metadata endpoint (python -m spot emulate --help)"),
-        ("chaos", "train under random interruptions, compare (python -m spot chaos --help)"),
-        ("cost", "spot economics, or a run's wall time and cost (python -m spot cost --help)"),
-        ("report", "a PNG of a run: loss, interruptions, wall time, cost (needs matplotlib)"),
-    ):
-        p = sub.add_parser(name, help=help_text)
-        p.add_argument("path")
-        p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (s3:// paths)")
-    args = parser.parse_args(argv)
+def _checkpoints(args: argparse.Namespace) -> int:
     if args.path.startswith("s3://"):
         return cmd_remote(args.path, args.command, args.endpoint_url)
-    args.path = Path(args.path)
     if args.command == "inspect":
-        return cmd_inspect(args.path)
-    return cmd_list(args.path, full=args.command == "verify")
+        return cmd_inspect(Path(args.path))
+    return cmd_list(Path(args.path), full=args.command == "verify")
+
+
+# name: (help, the module that defines its arguments and runs it, its add-arguments and run
+# functions). Each tool's arguments and --help are its own.
+COMMANDS = {
+    "list": ("list checkpoints (manifests only: fast)", __name__, None, None),
+    "verify": ("verify every checkpoint completely; exit 1 if any is bad", __name__, None, None),
+    "inspect": ("show the newest valid checkpoint (or the one PATH names)", __name__, None, None),
+    "bench": ("checkpoint performance on this machine", "spot.bench", "add_arguments", "command"),
+    "cost": (
+        "spot economics, or a finished run's wall time and cost",
+        "spot.goodput",
+        "add_arguments",
+        "command",
+    ),
+    "report": (
+        "a PNG of a run: loss, interruptions, wall time, cost (needs matplotlib)",
+        "spot.report",
+        "add_arguments",
+        "command",
+    ),
+    "chaos": (
+        "train under random interruptions, compare bitwise (python -m spot chaos -- OVERRIDES)",
+        "spot.chaos",
+        "add_arguments",
+        "command",
+    ),
+    "emulate": (
+        "a local AWS/GCP/Azure metadata endpoint that can issue notices or misbehave",
+        "spot.interruption.emulate",
+        "add_arguments",
+        "command",
+    ),
+    "rendezvous": (
+        "serve the c10d rendezvous store (elastic.rdzv_store_host=external)",
+        "spot.launch",
+        "add_rendezvous_arguments",
+        "rendezvous",
+    ),
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="python -m spot", description="the library's tools")
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, module, add, run) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if add is None:  # list, verify, inspect: here
+            _add_checkpoint_arguments(p)
+            p.set_defaults(func=_checkpoints)
+        else:
+            tool = importlib.import_module(module)
+            getattr(tool, add)(p)
+            p.set_defaults(func=getattr(tool, run))
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(sys.argv[1:] if argv is None else argv)
+    return args.func(args)
 
 
 if __name__ == "__main__":

@@ -352,18 +352,41 @@ def report(results: dict, e2e: dict | None, info: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m spot bench", description=__doc__.splitlines()[0]
+def _at_least(convert, low: float, strict: bool = False):
+    """An argparse type: a number >= low (> low when strict), else one line saying so."""
+
+    def parse(text: str):
+        value = convert(text)
+        if value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(
+                f"{text} is not allowed; must be {'>' if strict else '>='} {low}"
+            )
+        return value
+
+    return parse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--size-gib",
+        type=_at_least(float, 0, strict=True),
+        default=1.0,
+        help="state size (default 1.0)",
     )
-    parser.add_argument("--size-gib", type=float, default=1.0, help="state size (default 1.0)")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=_at_least(int, 1), default=5)
     parser.add_argument(
         "--dir", type=Path, default=None, help="where to write (default: a temp dir in the cwd)"
     )
     parser.add_argument("--no-dcp", action="store_true", help="skip torch.distributed.checkpoint")
-    parser.add_argument("--every", type=float, default=10.0, help="checkpoint interval, e2e run")
-    parser.add_argument("--pairs", type=int, default=6, help="e2e block pairs (0 skips it)")
+    parser.add_argument(
+        "--every",
+        type=_at_least(float, 0, strict=True),
+        default=10.0,
+        help="checkpoint interval, e2e run",
+    )
+    parser.add_argument(
+        "--pairs", type=_at_least(int, 0), default=6, help="e2e block pairs (0 skips it)"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument(
         "--s3",
@@ -371,10 +394,9 @@ def main(argv: list[str] | None = None) -> int:
         help='upload column: s3://bucket/prefix, or "local" for a moto server on loopback',
     )
     parser.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for --s3")
-    args = parser.parse_args(argv)
-    if args.size_gib <= 0 or args.repeats < 1 or args.every <= 0 or args.pairs < 0:
-        parser.error("need --size-gib > 0, --repeats >= 1, --every > 0, --pairs >= 0")
 
+
+def command(args: argparse.Namespace) -> int:
     model, optimizer = build_state(int(args.size_gib * 2**30))
     base = args.dir or Path.cwd()
     base.mkdir(parents=True, exist_ok=True)

@@ -170,17 +170,19 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0 if not diffs else 1
 
 
-def main(argv: list[str]) -> int:
-    if "--" in argv:
-        split = argv.index("--")
-        argv, overrides = argv[:split], argv[split + 1 :]
-    else:
-        overrides = []
-    parser = argparse.ArgumentParser(
-        prog="python -m spot chaos", description=__doc__.splitlines()[0]
-    )
+def _kinds(text: str) -> list[str]:
+    kinds = text.split(",")
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"{', '.join(unknown)} not allowed; allowed: {', '.join(KINDS)}"
+        )
+    return kinds
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--interruptions", type=int, default=4)
-    parser.add_argument("--kinds", type=lambda s: s.split(","), default=list(KINDS))
+    parser.add_argument("--kinds", type=_kinds, default=list(KINDS))
     parser.add_argument("--cloud", choices=("aws", "gcp", "azure"), default="aws")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -189,8 +191,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--step-delay", type=float, default=0.0, help="slow each step (seconds)")
     parser.add_argument("--script", default="train.py")
     parser.add_argument("--workdir", default=None)
-    args = parser.parse_args(argv)
-    unknown = [k for k in args.kinds if k not in KINDS]
-    if unknown:
-        parser.error(f"--kinds: {', '.join(unknown)} not allowed; allowed: {', '.join(KINDS)}")
-    return run(args, overrides)
+    parser.add_argument(
+        "overrides", nargs="*", help="after --: the train.py overrides of the run to interrupt"
+    )
+
+
+def command(args: argparse.Namespace) -> int:
+    return run(args, args.overrides)

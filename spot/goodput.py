@@ -205,14 +205,8 @@ def summary_lines(run_dir: Path, cloud, a: Accounting) -> list[str]:
     return lines
 
 
-def main(argv: list[str]) -> int:
+def add_arguments(parser) -> None:
     """`python -m spot cost [RUN_DIR]`: the spot economics for given figures, or a run's."""
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="python -m spot cost",
-        description="spot economics: expected overhead and break-even, or a finished run's costs",
-    )
     parser.add_argument("run_dir", nargs="?", help="a run directory: its wall time and cost")
     parser.add_argument("--work-hours", type=float, default=100.0)
     parser.add_argument("--spot", type=float, default=7.35, help="$/h (p3.16xlarge spot)")
@@ -221,7 +215,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--checkpoint-seconds", type=float, default=180.0)
     parser.add_argument("--interval-minutes", type=float, default=30.0)
     parser.add_argument("--restart-seconds", type=float, default=300.0)
-    args = parser.parse_args(argv)
+
+
+def command(args) -> int:
 
     if args.run_dir:
         try:

@@ -123,24 +123,7 @@ def run_agent(
     return EXIT_COMPLETE if complete() else EXIT_PREEMPTED
 
 
-def rendezvous_main(argv: list[str]) -> int:
-    """`python -m spot rendezvous`: the c10d rendezvous store, in its own process.
-
-    With `elastic.rdzv_store_host=agent` the first agent on the endpoint's host serves the store,
-    and when that node is reclaimed the whole job loses its rendezvous. Run this instead on a
-    node that is not reclaimed (an on-demand instance, the head node, a small always-on VM) and
-    start the agents with `elastic.rdzv_store_host=external`.
-    """
-    import argparse
-    import ipaddress
-    import signal
-    import socket
-
-    from torch.distributed import TCPStore
-
-    parser = argparse.ArgumentParser(
-        prog="python -m spot rendezvous", description=rendezvous_main.__doc__.splitlines()[0]
-    )
+def add_rendezvous_arguments(parser) -> None:
     parser.add_argument(
         "--host",
         default="127.0.0.1",
@@ -148,7 +131,22 @@ def rendezvous_main(argv: list[str]) -> int:
         "the trainers' elastic.rdzv_endpoint names, or 0.0.0.0 for every interface",
     )
     parser.add_argument("--port", type=int, default=29400)
-    args = parser.parse_args(argv)
+
+
+def rendezvous(args) -> int:
+    """`python -m spot rendezvous`: the c10d rendezvous store, in its own process.
+
+    With `elastic.rdzv_store_host=agent` the first agent on the endpoint's host serves the store,
+    and when that node is reclaimed the whole job loses its rendezvous. Run this instead on a
+    node that is not reclaimed (an on-demand instance, the head node, a small always-on VM) and
+    start the agents with `elastic.rdzv_store_host=external`.
+    """
+    import ipaddress
+    import signal
+    import socket
+
+    from torch.distributed import TCPStore
+
     try:
         # TCPStore's server ignores its host argument and listens on every interface ([::]),
         # and it has no authentication: bind the address asked for ourselves and hand the

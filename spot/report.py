@@ -105,14 +105,12 @@ def plot(run_dir: Path, out: Path) -> dict:
     return {"accounting": a, "cloud": cloud, "marks": found}
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m spot report",
-        description="a PNG of a run (loss with interruptions marked, wall time split, cost)",
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="a run directory (<run.root>/<run.name>/<run.id>)")
     parser.add_argument("--out", help="the PNG to write (default RUN_DIR/report.png)")
-    args = parser.parse_args(argv)
+
+
+def command(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     out = Path(args.out) if args.out else run_dir / "report.png"
     try:

@@ -97,3 +97,29 @@ def test_make_train_on_a_clean_clone(tmp_path: Path):
     run_dir = next((clone / "runs" / "example").iterdir())
     assert (run_dir / "COMPLETE").exists()
     assert f"run complete at step 60: {run_dir.relative_to(clone)}" in result.stdout + result.stderr
+
+
+def test_every_tool_is_an_argparse_subcommand_with_its_own_arguments(capsys):
+    """`python -m spot` dispatches through subparsers only: each command's --help shows its own
+    arguments (no `path` forced on tools that take none), and a bad value is one line, exit 2."""
+    from spot.__main__ import COMMANDS, main
+
+    own = {"bench": "--size-gib", "chaos": "--interruptions", "emulate": "{aws,gcp,azure}"}
+    own |= {"rendezvous": "--host", "cost": "--work-hours", "report": "--out", "list": "path"}
+    for name in COMMANDS:
+        with pytest.raises(SystemExit) as done:
+            main([name, "--help"])
+        shown = capsys.readouterr().out
+        assert done.value.code == 0 and f"python -m spot {name}" in shown
+        assert own.get(name, "") in shown
+        usage = shown.split("\n\n")[0]
+        assert (" path" in usage) == (name in ("list", "verify", "inspect")), (name, usage)
+    for argv, key in (
+        (["bench", "--repeats", "0"], "--repeats: 0 is not allowed; must be >= 1"),
+        (["chaos", "--kinds", "notice,flood"], "--kinds: flood not allowed"),
+        (["nonsense"], "invalid choice: 'nonsense'"),
+    ):
+        with pytest.raises(SystemExit) as done:
+            main(argv)
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert done.value.code == 2 and key in error, error

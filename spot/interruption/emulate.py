@@ -141,10 +141,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._serve("POST")
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m spot emulate", description=__doc__.splitlines()[0]
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("cloud", choices=("aws", "gcp", "azure"))
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8169)
@@ -153,7 +150,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--rebalance-after", type=float, help="AWS: a rebalance recommendation")
     parser.add_argument("--misbehave", choices=MODES, default="ok")
     parser.add_argument("--token-ttl", type=int, help="AWS: cap IMDSv2 token lifetimes (401s)")
-    args = parser.parse_args(argv)
+
+
+def command(args: argparse.Namespace) -> int:
     try:
         server = EmulatorServer(args.cloud, args.host, args.port, args.token_ttl)
     except OSError as exc:
