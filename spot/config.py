@@ -114,7 +114,7 @@ class TrainerConfig:
     max_epochs: int | None = None
     batch_size: int = 32
     device: str = "auto"
-    log_every: int = 10
+    log_every: int = 20
     deterministic: bool = True
     grad_clip: float | None = None
 

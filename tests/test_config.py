@@ -217,3 +217,42 @@ def test_resolved_config_round_trips(tmp_path: Path):
     path = tmp_path / "c.yaml"
     OmegaConf.save(cfg, path)
     assert validate(OmegaConf.load(path)).run.name == "example"
+
+
+def _leaves(node, prefix: str = "") -> dict:
+    """Dotted key -> value of a plain nested dict."""
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            out |= _leaves(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_the_schema_and_the_yaml_defaults_cannot_drift():
+    """Every default is one value: the schema's (spot/config.py) and the default options' YAML
+    compose to the same thing; every key of every option file exists in the schema; and every
+    option validates as composed (so its values have the schema's types)."""
+    from dataclasses import fields
+
+    schema = OmegaConf.to_container(OmegaConf.structured(Settings))
+    typed = [f.name for f in fields(Settings) if f.name not in ("model", "optimizer", "scheduler")]
+    default = OmegaConf.to_container(composed(), resolve=False)
+
+    def defaults(tree: dict) -> dict:  # the data set is a `_target_` node: not in the schema
+        leaves = _leaves({g: tree[g] for g in typed})
+        return {k: v for k, v in leaves.items() if not k.startswith("data.dataset")}
+
+    got, want = defaults(default), defaults(schema)
+    assert got == want, {
+        k: (got.get(k), want.get(k)) for k in got.keys() | want.keys() if got.get(k) != want.get(k)
+    }
+    for group in ("cloud", "storage", "checkpoint", "elastic", "logger", "trainer"):
+        known = _leaves(schema[group])
+        for option in options(group):
+            extra = ["storage.bucket=my-bucket"] if option == "s3" else []
+            composed_option = composed(f"{group}={option}", *extra)
+            for key in _leaves(OmegaConf.to_container(composed_option[group], resolve=False)):
+                assert key in known, f"conf/{group}/{option}.yaml: {key} is not in the schema"
+            validate(composed_option)
