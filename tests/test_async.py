@@ -21,7 +21,7 @@ from spot.checkpoint import CheckpointManager, CheckpointWriteError, list_step_d
 from spot.events import EventLog, read_events
 from spot.exitcodes import EXIT_CHECKPOINT_WRITE_FAILED
 from spot.manifest import verify
-from tests.conftest import FAST, REPO, assert_bitwise_equal, run_dir_of, run_train, train_env
+from tests.helpers import FAST, REPO, assert_bitwise_equal, run_dir_of, run_train, train_env
 
 DIGEST = "a" * 16
 
@@ -161,7 +161,7 @@ def _limit_file_size(limit: int):
 def test_disk_refuses_writes(on_error, tmp_path, markers):
     """The kernel refuses checkpoint writes (RLIMIT_FSIZE: 'File too large', as a full disk
     refuses them): reported as configured, previous checkpoints intact, nothing half-written."""
-    from tests.conftest import run_until_failpoint
+    from tests.helpers import run_until_failpoint
 
     # The default hidden=128, not FAST's 32: model.bin and optimizer.bin are over 64 KiB.
     fast = [a for a in FAST if not a.startswith("model.hidden")]

@@ -19,7 +19,7 @@ from spot.checkpoint import (
 )
 from spot.events import EventLog, read_events
 from spot.fsutil import digest_bytes
-from tests.conftest import assert_bitwise_equal, rewrite_manifest
+from tests.helpers import assert_bitwise_equal, rewrite_manifest
 
 DIGEST = "d" * 16
 
@@ -209,7 +209,7 @@ def test_spot_cli_lists_verifies_and_inspects(tmp_path):
     import subprocess
     import sys
 
-    from tests.conftest import REPO
+    from tests.helpers import REPO
 
     root = tmp_path / "run" / "checkpoints"
     m = manager(root)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from spot.events import read_events
-from tests.conftest import FAST, REPO, run_train, train_env
+from tests.helpers import FAST, REPO, run_train, train_env
 
 pytestmark = pytest.mark.slow
 

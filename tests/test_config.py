@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from spot.config import ConfigError, Settings, validate
 from spot.exitcodes import EXIT_BAD_CONFIG
 from spot.identity import run_id_from_overrides
-from tests.conftest import REPO, run_train
+from tests.helpers import REPO, run_train
 
 CONF = REPO / "conf"
 

@@ -16,7 +16,7 @@ import pytest
 from spot.events import read_events
 from spot.ledger import read_ledger
 
-from .conftest import (
+from .helpers import (
     FAST,
     REPO,
     assert_bitwise_equal,

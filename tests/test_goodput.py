@@ -69,7 +69,7 @@ def test_the_articles_example_done_right():
 def test_accounting_of_a_real_interrupted_run(tmp_path, markers):
     from spot.events import read_events
 
-    from .conftest import FAST, run_dir_of, run_train, run_until_failpoint
+    from .helpers import FAST, run_dir_of, run_train, run_until_failpoint
 
     args = [
         *FAST,

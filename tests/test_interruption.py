@@ -21,7 +21,7 @@ from spot.exitcodes import EXIT_PREEMPTED
 from spot.interruption.emulate import EmulatorServer
 from spot.ledger import read_ledger
 
-from .conftest import (
+from .helpers import (
     FAST,
     REPO,
     assert_bitwise_equal,

@@ -20,7 +20,7 @@ from spot.exitcodes import EXIT_PREEMPTED
 from spot.interruption import InterruptionMonitor
 from spot.interruption.emulate import EmulatorServer
 
-from .conftest import run_dir_of, wait_for_step
+from .helpers import run_dir_of, wait_for_step
 from .test_interruption import ARGS, control, finish, start
 from .test_watchers import wait_until
 

@@ -22,7 +22,7 @@ from spot.interval import CheckpointSchedule
 from spot.manifest import verify
 from spot.sampler import ResumableBatchSampler
 from spot.schedule import TrainingLength, set_position, warmup_cosine
-from tests.conftest import (
+from tests.helpers import (
     FAST,
     rewrite_manifest,
     run_dir_of,

@@ -15,7 +15,7 @@ from spot.events import read_events
 from spot.goodput import account
 from spot.metrics import RunMetrics, accounting_figures, without_credentials
 
-from .conftest import (
+from .helpers import (
     FAST,
     REPO,
     run_dir_of,

@@ -17,7 +17,7 @@ import pytest
 from spot.config import CloudConfig, ConfigError, ElasticConfig, validate
 from spot.launch import launch_config
 
-from .conftest import REPO
+from .helpers import REPO
 from .test_config import composed
 from .test_elastic_agents import Cluster, node_args, starts, trained_since
 

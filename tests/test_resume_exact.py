@@ -16,7 +16,7 @@ from spot.checkpoint import list_step_dirs
 from spot.events import read_events
 from spot.exitcodes import EXIT_CHECKPOINT_UNUSABLE
 from spot.ledger import read_ledger
-from tests.conftest import (
+from tests.helpers import (
     FAST,
     assert_bitwise_equal,
     completed_run,

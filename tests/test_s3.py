@@ -14,7 +14,7 @@ import pytest
 
 from spot.events import read_events
 from spot.exitcodes import EXIT_BAD_CONFIG
-from tests.conftest import (
+from tests.helpers import (
     FAST,
     REPO,
     assert_bitwise_equal,

@@ -21,8 +21,8 @@ from spot.manifest import step_dir_name
 from spot.storage import RemoteError, S3Store
 from spot.upload import remote_problem
 from tests import test_s3
-from tests.conftest import FAST, run_dir_of, run_train, run_until_failpoint
 from tests.faultproxy import FaultProxy
+from tests.helpers import FAST, run_dir_of, run_train, run_until_failpoint
 from tests.test_s3 import CREDENTIALS, env, keys
 
 s3_endpoint = test_s3.s3_endpoint  # its fixtures: a moto server for this module, a bucket a test

@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 
 from spot.events import read_events
 
-from .conftest import (
+from .helpers import (
     FAST,
     REPO,
     assert_bitwise_equal,

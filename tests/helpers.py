@@ -1,0 +1,183 @@
+"""Test helpers: run train.py as a real subprocess, stop it at a failpoint, read its results,
+compare state bitwise. Imported by the tests (`from tests.helpers import ...`); the fixtures are in
+conftest.py."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Small and fast, but crossing epoch boundaries (4096 samples / 64 per step = 64 steps per epoch).
+FAST = [
+    "logger=none",
+    "trainer.batch_size=64",
+    "trainer.log_every=1000",
+    "model.hidden=32",
+]
+
+
+def train_env(**extra: str) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SPOT_", "HYDRA_")) and k != "WANDB_API_KEY"
+    }
+    env.update({"OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"})
+    env.update(extra)
+    return env
+
+
+def run_train(args: list[str], *, timeout: float = 180, env: dict | None = None, cwd: Path = REPO):
+    return subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=cwd,
+        env=env or train_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def start_armed(
+    args: list[str], failpoint: str, marker_dir: Path, env: dict | None = None
+) -> tuple[subprocess.Popen, Path]:
+    """Start train.py in its own session, armed with a failpoint. Returns the process and the
+    marker file it writes when it reaches the failpoint (see spot/failpoints.py)."""
+    marker = marker_dir / failpoint.split("@")[0]
+    marker.unlink(missing_ok=True)
+    env = {
+        **(env or train_env()),
+        "SPOT_FAILPOINTS": failpoint,
+        "SPOT_FAILPOINT_DIR": str(marker_dir),
+    }
+    return start_train(args, env), marker
+
+
+def start_train(args: list[str], env: dict | None = None) -> subprocess.Popen:
+    """train.py (or `-m` sweeps) in its own session, output merged into `.stdout`."""
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=REPO,
+        env=env or train_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def wait_for_step(root: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Until the run under `root` has logged a `train` event at `step` or later."""
+    from spot.events import read_events
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        files = list(root.glob("*/*/events.jsonl"))
+        if files and any(
+            e["event"] == "train" and e["step"] >= step for e in read_events(files[0])
+        ):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"never reached step {step}")
+
+
+def await_marker(proc: subprocess.Popen, marker: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not marker.exists():
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"train.py exited {proc.returncode} before {marker.name}:\n{proc.stdout.read()}"
+            )
+        if time.monotonic() > deadline:
+            raise AssertionError(f"train.py never reached {marker.name}")
+        time.sleep(0.02)
+
+
+def run_until_failpoint(
+    args: list[str], failpoint: str, marker_dir: Path, timeout: float = 180, env: dict | None = None
+):
+    """Start train.py armed with a failpoint; when it reaches it, SIGKILL it and every process it
+    started (elastic agent, workers, data-loader workers), as a reclaimed machine would. Returns
+    the step."""
+    proc, marker = start_armed(args, failpoint, marker_dir, env)
+    try:
+        await_marker(proc, marker, timeout)
+        os.killpg(proc.pid, signal.SIGKILL)  # no handler, no cleanup, like a reclaimed machine
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        proc.stdout.close()
+    assert proc.returncode == -9
+    return int(marker.read_text())
+
+
+def completed_run(args: list[str], root: Path) -> Path:
+    """Run train.py to completion (an uninterrupted reference run); return its run directory."""
+    result = run_train([*args, f"run.root={root}"])
+    assert result.returncode == 0, result.stderr
+    return run_dir_of(root)
+
+
+def run_dir_of(root: Path) -> Path:
+    """The single run directory under a run root (<root>/<name>/<id>)."""
+    dirs = [p for p in root.glob("*/*") if p.is_dir() and not p.name.startswith(".")]
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+def final_state(run_dir: Path) -> dict:
+    """The newest checkpoint's components, verified, as loaded tensors."""
+    from spot.checkpoint import CheckpointManager, list_step_dirs
+
+    step, path = list_step_dirs(run_dir / "checkpoints")[0]
+    return CheckpointManager.load(path).state
+
+
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's raw bits as integers (so -0.0 != 0.0 and NaN payloads count)."""
+    flat = t.detach().cpu().contiguous().flatten()
+    return flat.view(_SAME_SIZE_INT[flat.element_size()]) if flat.is_floating_point() else flat
+
+
+def assert_bitwise_equal(a, b, where: str = "") -> None:
+    """Recursively compare state trees; tensors must be identical bit for bit."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor), where
+        assert a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(_bits(a), _bits(b)), f"differs at {where}"
+    elif isinstance(a, dict):
+        assert set(a) == set(b), f"keys differ at {where}: {set(a) ^ set(b)}"
+        for k in a:
+            assert_bitwise_equal(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_bitwise_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def rewrite_manifest(ckpt: Path, change_files) -> None:
+    """Rewrite a checkpoint's manifest, self-consistent (its own checksum updated), after
+    `change_files(files)` edits the file table: how a buggy or hostile writer would do it."""
+    from spot import manifest
+
+    body = manifest.read(ckpt).body
+    files = dict(body["files"])
+    change_files(files)
+    generated = ("format", "library_version", "hash", "components", "files")
+    meta = {k: v for k, v in body.items() if k not in generated}
+    (ckpt / "manifest.json").write_bytes(manifest.build(files, meta))
