@@ -7,7 +7,7 @@ ARGS ?=
 BENCH_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-test train test bench chaos lint format clean new-experiment
+.PHONY: help install install-test train test test-fast bench chaos lint format clean new-experiment
 
 help: ## list every target
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -37,6 +37,9 @@ train: install ## a short CPU training on built-in synthetic data, with checkpoi
 test: install-test lint ## lint, then the whole test suite on CPU (what .ci/run calls)
 	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not serial"
 	$(BIN)/python -m pytest -m serial
+
+test-fast: install-test ## the quick tests while you work (not the end-to-end runs of train.py, not multi-process)
+	$(BIN)/python -m pytest -n 2 -m "not slow and not serial"
 
 bench: install ## checkpoint performance on this machine and disk (BENCH_ARGS="--size-gib 2")
 	$(BIN)/python -m spot bench $(BENCH_ARGS)

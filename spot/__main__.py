@@ -69,14 +69,16 @@ def cmd_remote(url: str, command: str, endpoint_url: str | None) -> int:
     if not found:
         print(f"no checkpoints in {url}")
         return 0 if command == "list" else 1
-    if command == "list":
+    if command == "list":  # the check retention makes (verify reads every byte)
+        from spot.upload import remote_problem
+
         print(f"{'step':>9}  {'bytes':>12}  {'modified':19}  status")
         for c in found:
-            status = (
-                "uploaded"
-                if c.committed
-                else "INCOMPLETE: no manifest (upload interrupted or in progress)"
-            )
+            if not c.committed:
+                status = "INCOMPLETE: no manifest (upload interrupted or in progress)"
+            else:
+                problem = remote_problem(store, c)
+                status = "uploaded" if problem is None else f"UNVERIFIED: {problem}"
             print(f"{c.step:>9}  {c.bytes:>12}  {_when(c.modified):19}  {status}")
         return 0
     bad = 0

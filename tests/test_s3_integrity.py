@@ -23,7 +23,7 @@ from spot.upload import remote_problem
 from tests import test_s3
 from tests.faultproxy import FaultProxy
 from tests.helpers import FAST, run_dir_of, run_train, run_until_failpoint
-from tests.test_s3 import CREDENTIALS, env, keys
+from tests.test_s3 import CREDENTIALS, env, keys, spot_cli
 
 s3_endpoint = test_s3.s3_endpoint  # its fixtures: a moto server for this module, a bucket a test
 bucket = test_s3.bucket
@@ -248,6 +248,9 @@ def test_an_unverifiable_remote_checkpoint_is_not_counted(
     assert [e["step"] for e in unverified] == [60]
     assert "optimizer.bin fails its xxh3_128 checksum" in unverified[0]["reason"]
     assert [e["step"] for e in events if e["event"] == "upload"] == [50]
+    listed = spot_cli("list", f"s3://{name}/{prefix_of(run_dir)}", s3_endpoint)
+    rows = {line.split()[0]: line for line in listed.stdout.splitlines()[1:]}
+    assert rows["50"].endswith("uploaded") and "UNVERIFIED: files written again" in rows["60"]
 
 
 def test_local_retention_keeps_what_only_this_disk_has(s3_endpoint, bucket, tmp_path):
