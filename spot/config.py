@@ -152,6 +152,11 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=,+-]{0,127}$")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
+def _whole_seconds(key: str, value: float) -> None:
+    if value < 1 or value != int(value):
+        raise ConfigError(key, f"{value!r} is not allowed; must be a whole number of seconds >= 1")
+
+
 def _one_of(key: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ConfigError(key, f"{value!r} is not allowed; allowed: {', '.join(map(str, allowed))}")
@@ -300,13 +305,10 @@ def validate(cfg: DictConfig) -> Settings:
         "restore_timeout_seconds",
     ):
         _positive(f"elastic.{key}", getattr(e, key))
-    # torch's rendezvous reads keep_alive_interval as an int: 0.5 would become 0 (a heartbeat
-    # timer that never waits), 1.5 silently 1.
-    if e.rdzv_keep_alive_seconds < 1 or e.rdzv_keep_alive_seconds != int(e.rdzv_keep_alive_seconds):
-        raise ConfigError(
-            "elastic.rdzv_keep_alive_seconds",
-            f"{e.rdzv_keep_alive_seconds!r} is not allowed; must be a whole number of seconds >= 1",
-        )
+    # torch's rendezvous reads these as ints: a keep-alive of 0.5 would become 0 (a heartbeat
+    # timer that never waits), 1.5 silently 1, a last call of 0.5 none at all.
+    for key in ("rdzv_join_timeout_seconds", "rdzv_last_call_seconds", "rdzv_keep_alive_seconds"):
+        _whole_seconds(f"elastic.{key}", getattr(e, key))
     if e.rdzv_keep_alive_max_attempt < 1:
         raise ConfigError(
             "elastic.rdzv_keep_alive_max_attempt",

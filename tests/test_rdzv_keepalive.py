@@ -52,6 +52,8 @@ def test_the_rendezvous_torch_builds_has_the_configured_keep_alive():
         ("elastic.rdzv_keep_alive_seconds=0.5", "elastic.rdzv_keep_alive_seconds"),  # torch: 0
         ("elastic.rdzv_keep_alive_seconds=1.5", "elastic.rdzv_keep_alive_seconds"),  # torch: 1
         ("elastic.rdzv_keep_alive_max_attempt=0", "elastic.rdzv_keep_alive_max_attempt"),
+        ("elastic.rdzv_last_call_seconds=0.5", "elastic.rdzv_last_call_seconds"),  # torch: 0
+        ("elastic.rdzv_join_timeout_seconds=2.5", "elastic.rdzv_join_timeout_seconds"),
     ],
 )
 def test_a_keep_alive_torch_cannot_honour_is_refused(override, key):
