@@ -92,6 +92,13 @@ def keys(client, bucket: str) -> list[str]:
     return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
 
 
+def held(upload_point: str, step: int) -> str:
+    """Failpoints: the upload of `step` stops at `upload_point`, and training waits at the next
+    step, so no newer checkpoint exists: uploads go newest first, and one committed meanwhile
+    would go before `step` (or make it superseded)."""
+    return f"{upload_point}@step={step},train.step@step={step + 1}"
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     return completed_run(BASE, tmp_path_factory.mktemp("s3-reference"))
@@ -100,11 +107,11 @@ def reference(tmp_path_factory) -> Path:
 def test_uploads_and_resumes_on_a_fresh_machine(s3_endpoint, bucket, reference, tmp_path, markers):
     client, name = bucket
     args = s3_args(s3_endpoint, name, tmp_path)
-    step = run_until_failpoint(args, "upload.committed@step=60", markers, env=env())
+    step = run_until_failpoint(args, held("upload.committed", 60), markers, env=env())
     assert step == 60
     run_dir = run_dir_of(tmp_path)
     uploads = [e["step"] for e in read_events(run_dir / "events.jsonl") if e["event"] == "upload"]
-    assert uploads[-1] == 60 and set(uploads) <= {20, 40, 60}  # newest first: 40 may be next
+    assert uploads[-1] == 60 and set(uploads) <= {20, 40, 60}
     shutil.rmtree(tmp_path)  # the machine is gone, its disk with it
 
     result = run_train(args, env=env())
@@ -136,7 +143,7 @@ def test_sigkill_during_upload_leaves_no_manifest(
 ):
     client, name = bucket
     args = s3_args(s3_endpoint, name, tmp_path)
-    run_until_failpoint(args, "upload.file_uploaded@step=40", markers, env=env())
+    run_until_failpoint(args, held("upload.file_uploaded", 40), markers, env=env())
     run_dir = run_dir_of(tmp_path)
     prefix = f"checkpoints/default/{run_dir.name}/step-000000040/"
     partial = [k for k in keys(client, name) if k.startswith(prefix)]
@@ -162,7 +169,7 @@ def test_sigkill_during_upload_leaves_no_manifest(
 def test_corrupt_object_in_the_bucket_falls_back(s3_endpoint, bucket, reference, tmp_path, markers):
     client, name = bucket
     args = s3_args(s3_endpoint, name, tmp_path)
-    run_until_failpoint(args, "upload.committed@step=60", markers, env=env())
+    run_until_failpoint(args, held("upload.committed", 60), markers, env=env())
     run_dir = run_dir_of(tmp_path)
     key = f"checkpoints/default/{run_dir.name}/step-000000060/optimizer.bin"
     data = bytearray(client.get_object(Bucket=name, Key=key)["Body"].read())
@@ -370,7 +377,7 @@ def test_hostile_keys_never_escape_the_checkpoint_directory(s3_endpoint, bucket,
 
     client, name = bucket
     args = s3_args(s3_endpoint, name, tmp_path / "root")
-    run_until_failpoint(args, "upload.committed@step=40", markers, env=env())
+    run_until_failpoint(args, held("upload.committed", 40), markers, env=env())
     run_dir = run_dir_of(tmp_path / "root")
     prefix = f"checkpoints/default/{run_dir.name}"
     body = manifest.read(run_dir / "checkpoints" / "step-000000040").body

@@ -235,7 +235,7 @@ def test_an_unverifiable_remote_checkpoint_is_not_counted(
     args = s3_run_args(
         s3_endpoint, name, root, "checkpoint.every_steps=10", "checkpoint.keep_last=1"
     )
-    run_until_failpoint(args, "upload.retained@step=50", markers, env=env())
+    run_until_failpoint(args, test_s3.held("upload.retained", 50), markers, env=env())
     assert store.committed_steps() == [60, 50]  # 60 neither counted nor deleted; 40 went
     assert verifies(store, 50, tmp_path / "check")
     events = read_events(run_dir_of(root) / "events.jsonl")
