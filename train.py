@@ -8,6 +8,7 @@ The machinery lives in `spot/`; edit `compute_loss` and the configs for your own
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -26,10 +27,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from spot import distributed, elastic, identity, launch, rng, slurm, storage
+from spot import distributed, elastic, identity, launch, slurm, storage
 from spot.checkpoint import CheckpointManager, CheckpointUnusable, CheckpointWriteError
+from spot.checkpointer import Checkpointer
 from spot.config import ConfigError, training_view, validate
-from spot.events import EventLog, read_events
+from spot.events import EventLog
 from spot.exitcodes import (
     EXIT_BAD_CONFIG,
     EXIT_CHECKPOINT_UNUSABLE,
@@ -42,9 +44,6 @@ from spot.fsutil import atomic_write_bytes
 from spot.interruption import (
     InterruptionMonitor,
     ignore_in_data_workers,
-    previous_commit_seconds,
-    record_emergency,
-    warn_if_window_at_risk,
 )
 from spot.interval import CheckpointSchedule
 from spot.ledger import Ledger, truncate_ledgers
@@ -134,296 +133,270 @@ def train(cfg: DictConfig, overrides: list[str]) -> int:
     model = world.wrap(model, device)
     optimizer = instantiate(cfg.optimizer)(model.parameters())
 
-    # The run directory, its config and its event log: the same for every rank and restart.
-    run_dir.mkdir(parents=True, exist_ok=True)
-    events = EventLog(run_dir / "events.jsonl" if world.is_leader else None)
-    checkpoints = distributed.FollowerCheckpoints()
-    uploader = None
-    if world.is_leader:
-        atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
-        ckpt_root = (
-            Path(s.storage.dir) / s.run.name / run_id if s.storage.dir else run_dir / "checkpoints"
-        )
-        checkpoints = CheckpointManager(
-            ckpt_root,
-            keep_last=s.checkpoint.keep_last,
-            async_save=s.checkpoint.async_save,
-            on_corrupt=s.checkpoint.on_corrupt,
-            on_error=s.checkpoint.on_error,
-            when_busy=s.checkpoint.when_busy,
-            events=events,
-            meta={
-                "run": {"name": s.run.name, "id": run_id},
-                "world_size": world.world_size,
-                "config_digest": digest,
-                "training_config": training_config,
-            },
-        )
-        checkpoints.remove_stale()
-        checkpoints.remote = remote  # the restore looks in the bucket too
+    # Everything opened from here on is closed on every way out (an exception too), in reverse.
+    reclaimed = False
+    with contextlib.ExitStack() as teardown:
+        # The run directory, its config and its event log: the same for every rank and restart.
+        run_dir.mkdir(parents=True, exist_ok=True)
+        events = EventLog(run_dir / "events.jsonl" if world.is_leader else None)
+        teardown.callback(events.close)
+        checkpoints = uploader = None  # rank 0's alone: the other ranks hold replicas
+        if world.is_leader:
+            atomic_write_bytes(
+                run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode()
+            )
+            ckpt_root = (
+                Path(s.storage.dir) / s.run.name / run_id
+                if s.storage.dir
+                else run_dir / "checkpoints"
+            )
+            checkpoints = CheckpointManager(
+                ckpt_root,
+                keep_last=s.checkpoint.keep_last,
+                async_save=s.checkpoint.async_save,
+                on_corrupt=s.checkpoint.on_corrupt,
+                on_error=s.checkpoint.on_error,
+                when_busy=s.checkpoint.when_busy,
+                events=events,
+                meta={
+                    "run": {"name": s.run.name, "id": run_id},
+                    "world_size": world.world_size,
+                    "config_digest": digest,
+                    "training_config": training_config,
+                },
+            )
+            checkpoints.remove_stale()
+            checkpoints.remote = remote  # the restore looks in the bucket too
 
-    # Find the newest checkpoint that verifies, local or remote: rank 0 loads it, every other
-    # rank receives it from rank 0.
-    began = time.perf_counter()
-    restored = None
-    if world.is_leader:
-        restored = restore_latest(checkpoints, digest, training_config)
-        # Uploads start after the restore: what it moved aside or could not download is
-        # neither queued nor counted as uploaded.
-        uploader = remote and storage.attach(
-            checkpoints, remote, events, s.storage.alert_after_failures
-        )
-        if s.data.ledger and not (restored and restored.get("error")):
-            truncate_ledgers(run_dir, restored["step"] if restored else 0)
-    restored = world.share(restored)
-    if restored and restored.get("error"):
-        events.emit("checkpoint_unusable", reason=restored["error"])
-        raise CheckpointUnusable(restored["error"])
-    saved = restored["state"]["trainer"] if restored else {}
+        # Find the newest checkpoint that verifies, local or remote: rank 0 loads it, every other
+        # rank receives it from rank 0.
+        began = time.perf_counter()
+        restored = None
+        if world.is_leader:
+            restored = restore_latest(checkpoints, digest, training_config)
+            # Uploads start after the restore: what it moved aside or could not download is
+            # neither queued nor counted as uploaded.
+            uploader = remote and storage.attach(
+                checkpoints, remote, events, s.storage.alert_after_failures
+            )
+            if s.data.ledger and not (restored and restored.get("error")):
+                truncate_ledgers(run_dir, restored["step"] if restored else 0)
+        restored = world.share(restored)
+        if restored and restored.get("error"):
+            events.emit("checkpoint_unusable", reason=restored["error"])
+            raise CheckpointUnusable(restored["error"])
+        saved = restored["state"]["trainer"] if restored else {}
 
-    # Metrics follow the events; the tracker's run is the one the checkpoint names.
-    tracker_run_id = saved.get("tracker_run_id") or f"{s.run.name}-{run_id}"
-    tracker = make_tracker(
-        s.logger,
-        run_dir,
-        tracker_run_id,
-        {**OmegaConf.to_container(cfg, resolve=True), "world_size": world.world_size},
-        rank=world.rank,
-    )
-    metrics = subscribe_metrics(events, tracker, s.cloud)
-
-    # The batch and LR for this world size. The reference world size (for which the config's LR
-    # and batch are meant) is the config's, else the one the run started with.
-    reference = (
-        s.elastic.reference_world_size or saved.get("reference_world_size") or world.world_size
-    )
-    sampler = ResumableBatchSampler(
-        len(dataset),
-        s.trainer.batch_size,
-        seed=s.seed,
-        shuffle=s.data.shuffle,
-        rank=world.rank,
-        world_size=world.world_size,
-        global_batch=elastic.global_batch(
-            s.elastic.batch_policy, s.trainer.batch_size, world.world_size, reference
-        ),
-    )
-    # The run's length in steps at this world size; an epoch's steps depend on the world size
-    # (scale_lr), so a run bounded by epochs stops on the epoch count, and the LR schedule
-    # follows the share of training done (TrainingLength), not this estimate.
-    max_steps = s.trainer.max_steps or s.trainer.max_epochs * sampler.steps_per_epoch()
-    if s.trainer.max_epochs:
-        max_steps = min(max_steps, s.trainer.max_epochs * sampler.steps_per_epoch())
-    length = TrainingLength(
-        s.trainer.max_steps,
-        s.trainer.max_epochs,
-        len(dataset),
-        schedule_steps=saved.get("schedule_steps") or max_steps,
-    )
-    scheduler = build_scheduler(instantiate(cfg.scheduler), optimizer, length.schedule_steps)
-    config_lrs = list(scheduler.base_lrs)
-    state = TrainingState(
-        model,
-        optimizer,
-        scheduler,
-        sampler,
-        seed=s.seed,
-        rank=world.rank,
-        world_size=world.world_size,
-        reference_world_size=reference,
-        tracker_run_id=tracker_run_id,
-        schedule_steps=length.schedule_steps,
-    )
-    if restored:
-        try:
-            state.load_state_dict(restored["state"])  # refuses one that does not fit
-        except CheckpointUnusable as exc:
-            events.emit("checkpoint_unusable", reason=str(exc))
-            raise
-        checkpoints.last_committed_step = state.step
-        events.emit(
-            "resume",
-            step=state.step,
-            epoch=state.epoch,
-            samples_in_epoch=sampler.consumed,
-            checkpoint=restored["path"],
-            restore_seconds=round(time.perf_counter() - began, 6),
+        # Metrics follow the events; the tracker's run is the one the checkpoint names.
+        tracker_run_id = saved.get("tracker_run_id") or f"{s.run.name}-{run_id}"
+        tracker = make_tracker(
+            s.logger,
+            run_dir,
+            tracker_run_id,
+            {**OmegaConf.to_container(cfg, resolve=True), "world_size": world.world_size},
+            rank=world.rank,
         )
-        log.info("resumed from %s (step %d, epoch %d)", restored["path"], state.step, state.epoch)
-    # From the config's base LRs after every load: never compounded across changes.
-    lr_scale = elastic.lr_scale(s.elastic, world.world_size, reference)
-    elastic.apply_lr_scale(scheduler, config_lrs, lr_scale)
-    split = elastic.describe_split(sampler)
-    if restored and state.saved_world_size != world.world_size:
-        events.emit(
-            "world_size_change",
-            step=state.step,
-            previous=state.saved_world_size,
+        metrics = subscribe_metrics(events, tracker, s.cloud)
+        teardown.callback(metrics.close)
+
+        # The batch and LR for this world size. The reference world size (for which the config's LR
+        # and batch are meant) is the config's, else the one the run started with.
+        reference = (
+            s.elastic.reference_world_size or saved.get("reference_world_size") or world.world_size
+        )
+        sampler = ResumableBatchSampler(
+            len(dataset),
+            s.trainer.batch_size,
+            seed=s.seed,
+            shuffle=s.data.shuffle,
+            rank=world.rank,
             world_size=world.world_size,
-            batch_policy=s.elastic.batch_policy,
+            global_batch=elastic.global_batch(
+                s.elastic.batch_policy, s.trainer.batch_size, world.world_size, reference
+            ),
+        )
+        # The run's length in steps at this world size; an epoch's steps depend on the world size
+        # (scale_lr), so a run bounded by epochs stops on the epoch count, and the LR schedule
+        # follows the share of training done (TrainingLength), not this estimate.
+        max_steps = s.trainer.max_steps or s.trainer.max_epochs * sampler.steps_per_epoch()
+        if s.trainer.max_epochs:
+            max_steps = min(max_steps, s.trainer.max_epochs * sampler.steps_per_epoch())
+        length = TrainingLength(
+            s.trainer.max_steps,
+            s.trainer.max_epochs,
+            len(dataset),
+            schedule_steps=saved.get("schedule_steps") or max_steps,
+        )
+        scheduler = build_scheduler(instantiate(cfg.scheduler), optimizer, length.schedule_steps)
+        config_lrs = list(scheduler.base_lrs)
+        state = TrainingState(
+            model,
+            optimizer,
+            scheduler,
+            sampler,
+            seed=s.seed,
+            rank=world.rank,
+            world_size=world.world_size,
             reference_world_size=reference,
+            tracker_run_id=tracker_run_id,
+            schedule_steps=length.schedule_steps,
+        )
+        if restored:
+            try:
+                state.load_state_dict(restored["state"])  # refuses one that does not fit
+            except CheckpointUnusable as exc:
+                events.emit("checkpoint_unusable", reason=str(exc))
+                raise
+            if checkpoints is not None:
+                checkpoints.last_committed_step = state.step
+            events.emit(
+                "resume",
+                step=state.step,
+                epoch=state.epoch,
+                samples_in_epoch=sampler.consumed,
+                checkpoint=restored["path"],
+                restore_seconds=round(time.perf_counter() - began, 6),
+            )
+            log.info(
+                "resumed from %s (step %d, epoch %d)", restored["path"], state.step, state.epoch
+            )
+        # From the config's base LRs after every load: never compounded across changes.
+        lr_scale = elastic.lr_scale(s.elastic, world.world_size, reference)
+        elastic.apply_lr_scale(scheduler, config_lrs, lr_scale)
+        split = elastic.describe_split(sampler)
+        if restored and state.saved_world_size != world.world_size:
+            events.emit(
+                "world_size_change",
+                step=state.step,
+                previous=state.saved_world_size,
+                world_size=world.world_size,
+                batch_policy=s.elastic.batch_policy,
+                reference_world_size=reference,
+                lr_scale=lr_scale,
+                **split,
+            )
+            log.info(
+                "world size %d -> %d: %s; LR scale %g",
+                state.saved_world_size,
+                world.world_size,
+                split["text"],
+                lr_scale,
+            )
+        events.emit(
+            "start",
+            step=state.step,
+            run_dir=str(run_dir),
+            device=str(device),
+            world_size=world.world_size,
             lr_scale=lr_scale,
+            restart=world.restart_count,
+            node_rank=int(os.environ.get("GROUP_RANK", 0)),
+            nodes=int(os.environ.get("GROUP_WORLD_SIZE", 1)),
+            agent_pid=os.getppid() if distributed.launched_by_torch_elastic() else None,
             **split,
         )
-        log.info(
-            "world size %d -> %d: %s; LR scale %g",
-            state.saved_world_size,
-            world.world_size,
-            split["text"],
-            lr_scale,
-        )
-    events.emit(
-        "start",
-        step=state.step,
-        run_dir=str(run_dir),
-        device=str(device),
-        world_size=world.world_size,
-        lr_scale=lr_scale,
-        restart=world.restart_count,
-        node_rank=int(os.environ.get("GROUP_RANK", 0)),
-        nodes=int(os.environ.get("GROUP_WORLD_SIZE", 1)),
-        agent_pid=os.getppid() if distributed.launched_by_torch_elastic() else None,
-        **split,
-    )
-    log.info("run directory: %s (%s)", run_dir, split["text"])
+        log.info("run directory: %s (%s)", run_dir, split["text"])
 
-    ledger = Ledger(run_dir, rank=world.rank) if s.data.ledger else None
-    schedule = CheckpointSchedule(s.checkpoint, s.cloud.interruption_rate_per_hour, events)
-    schedule.start(state.step)
-    first_step = state.step
-    progress = Progress(max_steps, state.step) if world.is_leader else None
-    if progress is not None:
-        events.subscribe(progress.on_event)
-    loss_fn = partial(compute_loss, device=device)
-    # Interruption notices: signals on every rank, the cloud's metadata on one rank per node.
-    monitor = InterruptionMonitor(s.cloud, poll_metadata=world.local_rank == 0)
-
-    def finished() -> bool:
-        return state.step >= (s.trainer.max_steps or 1e18) or (
-            state.epoch >= (s.trainer.max_epochs or 1e18)
-        )
-
-    overlap = state.unchanged_until_update() if s.checkpoint.overlap else ()
-
-    def save(reason: str) -> None:
-        rng_states = world.gather(rng.capture())  # every rank's RNG goes into the checkpoint
-        if world.is_leader:
-            info = {"reason": reason, "epoch": state.epoch, "samples_in_epoch": sampler.consumed}
-            final = reason in ("final", "emergency")  # waits for a running save, then commits
-            snapshot = state.state_dict(rng_states)
-            if checkpoints.save(state.step, snapshot, info, final=final, defer=overlap) is not None:
-                schedule.saved(state.step)  # None: skipped, the previous is still being written
-        # A save can block rank 0 (synchronous, or waiting for the one in flight) for longer
-        # than the collective timeout: the others wait for it here, on the group whose timeout
-        # is for rank 0's checkpoint I/O, rather than in the next all-reduce.
-        world.wait_for_leader()
-
-    stop = False
-    window_warned = world.is_leader and warn_if_window_at_risk(
-        previous_commit_seconds(read_events(run_dir / "events.jsonl"), bool(remote)),
-        s.cloud,
-        events,
-    )
-    model.train()
-    while not finished() and not stop:
-        batches = iter(
-            DataLoader(
-                dataset,
-                batch_sampler=sampler,
-                num_workers=s.data.num_workers,
-                pin_memory=device.type == "cuda",
-                generator=torch.Generator().manual_seed(s.seed),  # keeps the global RNG untouched
-                worker_init_fn=ignore_in_data_workers,  # a SIGTERM to the group: save first
-            )
-        )
-        while not sampler.epoch_finished:
-            step_samples, share = sampler.step_size(), sampler.current_indices()
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum = elastic.accumulate_gradients(
-                model, batches, sampler.current_plan(), len(share), step_samples, world, loss_fn
-            )
-            if s.trainer.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), s.trainer.grad_clip)
-            checkpoints.before_update()  # a checkpoint still copying this state finishes first
-            optimizer.step()
-            if ledger is not None:
-                ledger.record(state.step + 1, state.epoch, share)
-            state.step += 1
-            sampler.advance()
-            set_position(scheduler, length.position(state.step, state.epoch, sampler.consumed))
-            checkpoints.poll()
-            if state.step == first_step + 1:  # the state's layout is known: allocate its snapshot
-                checkpoints.prepare(state.state_dict([rng.capture()] * world.world_size))
-            for step, stall, persist in checkpoints.measurements():
-                schedule.measured(stall, persist, step)
-                if not window_warned:
-                    window_warned = warn_if_window_at_risk(persist, s.cloud, events)
-
-            if state.step % s.trainer.log_every == 0 or finished():  # .item() syncs a GPU
-                loss = world.sum(float(loss_sum)) / step_samples  # the mean over all ranks
-                lr = scheduler.get_last_lr()[0]
-                if progress is not None:
-                    progress.update(state.step, loss=loss, lr=lr)
-                events.emit("train", step=state.step, loss=loss, lr=lr)
-            failpoint("train.step", state.step, rank=world.rank)
-            if finished():
-                break
-            # Every rank agrees on how this step ends: a checkpoint, a stop, or neither.
-            due, rebalance, stop = world.agree(
-                world.is_leader and schedule.due(state.step),
-                monitor.take_rebalance() is not None,
-                monitor.stop_requested,
-            )
-            if stop:
-                break
-            if due or rebalance:
-                save("interval" if due else "rebalance")
-        if sampler.epoch_finished:
-            sampler.next_epoch()
-    if progress is not None:
-        progress.close()
-
-    if stop:  # an interruption notice: every rank stopped at this step
-        notices = world.gather(monitor.notice.as_dict() if monitor.notice else None)
-        save("emergency")
-        checkpoints.close()
-        if world.is_leader:  # upload in the time left, and say how long it all took
-            record_emergency(notices, state.step, s.cloud.notice_seconds, uploader, events)
-        monitor.acknowledge()  # Azure: the event may start now
-        monitor.close()
+        ledger = Ledger(run_dir, rank=world.rank) if s.data.ledger else None
         if ledger is not None:
-            ledger.close()
-        metrics.close()
-        events.close()
-        if monitor.notice is not None and monitor.notice.source != "signal":
-            # The cloud says this node is going away: its agent stops rather than restarting
-            # the workers. (A signal came from the agent itself, regrouping or stopping, or
-            # reached it too.)
-            distributed.stop_agent()
-        return EXIT_PREEMPTED
+            teardown.callback(ledger.close)
+        checkpointer = Checkpointer(
+            world,
+            state,
+            CheckpointSchedule(s.checkpoint, s.cloud.interruption_rate_per_hour, events),
+            events,
+            s.cloud,
+            manager=checkpoints,
+            uploader=uploader,
+            remote=remote,
+            final_upload_timeout_seconds=s.storage.final_upload_timeout_seconds,
+            overlap=s.checkpoint.overlap,
+        )
+        teardown.callback(checkpointer.close)
+        progress = Progress(max_steps, state.step) if world.is_leader else None
+        if progress is not None:
+            events.subscribe(progress.on_event)
+        loss_fn = partial(compute_loss, device=device)
+        # Interruption notices: signals on every rank, the cloud's metadata on one rank per node.
+        monitor = InterruptionMonitor(s.cloud, poll_metadata=world.local_rank == 0)
+        teardown.callback(monitor.close)
 
-    # The final checkpoint commits before the run is marked complete.
-    if world.agree(world.is_leader and checkpoints.last_committed_step != state.step)[0]:
-        save("final")
-    checkpoints.close()
-    if uploader:
-        if not uploader.drain(s.storage.final_upload_timeout_seconds):
-            raise CheckpointWriteError(
-                f"the final checkpoint (step {state.step}) is committed locally but not uploaded "
-                f"to {remote.url} in {s.storage.final_upload_timeout_seconds:g} s"
+        def finished() -> bool:
+            return state.step >= (s.trainer.max_steps or 1e18) or (
+                state.epoch >= (s.trainer.max_epochs or 1e18)
             )
-        uploader.close()
-        storage.mark_remote_complete(remote, state.step)
-    if world.is_leader:
-        atomic_write_bytes(run_dir / COMPLETE_MARKER, f"{state.step}\n".encode())
-        events.emit("complete", step=state.step, epoch=state.epoch)
-        log.info("run complete at step %d: %s", state.step, run_dir)
-    monitor.close()
-    if ledger is not None:
-        ledger.close()
-    metrics.close()
-    events.close()
-    return EXIT_COMPLETE
+
+        stop = False
+        model.train()
+        while not finished() and not stop:
+            batches = iter(
+                DataLoader(
+                    dataset,
+                    batch_sampler=sampler,
+                    num_workers=s.data.num_workers,
+                    pin_memory=device.type == "cuda",
+                    generator=torch.Generator().manual_seed(
+                        s.seed
+                    ),  # keeps the global RNG untouched
+                    worker_init_fn=ignore_in_data_workers,  # a SIGTERM to the group: save first
+                )
+            )
+            while not sampler.epoch_finished:
+                step_samples, share = sampler.step_size(), sampler.current_indices()
+                optimizer.zero_grad(set_to_none=True)
+                loss_sum = elastic.accumulate_gradients(
+                    model, batches, sampler.current_plan(), len(share), step_samples, world, loss_fn
+                )
+                if s.trainer.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), s.trainer.grad_clip)
+                checkpointer.before_update()  # a checkpoint still copying this state finishes first
+                optimizer.step()
+                if ledger is not None:
+                    ledger.record(state.step + 1, state.epoch, share)
+                state.step += 1
+                sampler.advance()
+                set_position(scheduler, length.position(state.step, state.epoch, sampler.consumed))
+                wanted = checkpointer.after_update()  # rank 0's vote: a checkpoint is due
+                if state.step % s.trainer.log_every == 0 or finished():  # .item() syncs a GPU
+                    loss = world.sum(float(loss_sum)) / step_samples  # the mean over all ranks
+                    lr = scheduler.get_last_lr()[0]
+                    if progress is not None:
+                        progress.update(state.step, loss=loss, lr=lr)
+                    events.emit("train", step=state.step, loss=loss, lr=lr)
+                failpoint("train.step", state.step, rank=world.rank)
+                if finished():
+                    break
+                # Every rank agrees on how this step ends: a checkpoint, a stop, or neither.
+                due, rebalance, stop = world.agree(
+                    wanted, monitor.take_rebalance() is not None, monitor.stop_requested
+                )
+                if stop:
+                    break
+                if due or rebalance:
+                    checkpointer.save("interval" if due else "rebalance")
+            if sampler.epoch_finished:
+                sampler.next_epoch()
+        if progress is not None:
+            progress.close()
+
+        if stop:  # an interruption notice: every rank stopped at this step
+            checkpointer.emergency(
+                world.gather(monitor.notice.as_dict() if monitor.notice else None)
+            )
+            monitor.acknowledge()  # Azure: the event may start now
+            reclaimed = monitor.notice is not None and monitor.notice.source != "signal"
+        else:
+            checkpointer.finish()  # the final checkpoint commits (and uploads) before "complete"
+            if world.is_leader:
+                atomic_write_bytes(run_dir / COMPLETE_MARKER, f"{state.step}\n".encode())
+                events.emit("complete", step=state.step, epoch=state.epoch)
+                log.info("run complete at step %d: %s", state.step, run_dir)
+
+    if reclaimed:
+        # The cloud says this node is going away: its agent stops rather than restarting the
+        # workers. (A signal came from the agent itself, regrouping or stopping, or reached it.)
+        distributed.stop_agent()
+    return EXIT_PREEMPTED if stop else EXIT_COMPLETE
 
 
 def restore_latest(checkpoints: CheckpointManager, digest: str, training_config: dict):

@@ -146,28 +146,6 @@ class World:
             )
 
 
-class FollowerCheckpoints:
-    """What ranks other than 0 hold instead of a CheckpointManager: rank 0 alone reads and
-    writes checkpoints (the model and optimizer are replicas), the others only train."""
-
-    last_committed_step = None
-
-    def before_update(self) -> float:
-        return 0.0
-
-    def prepare(self, state: dict[str, Any]) -> None:
-        pass
-
-    def poll(self) -> None:
-        pass
-
-    def measurements(self) -> list[tuple[int, float, float]]:
-        return []
-
-    def close(self) -> None:
-        pass
-
-
 class _TensorSlot:
     """Where a tensor was, in a skeleton sent ahead of the tensor bytes."""
 

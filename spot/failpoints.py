@@ -2,10 +2,11 @@
 
 SPOT_FAILPOINTS="name@step=N" (comma-separated; `name@step=N@rank=R` for one rank only) makes the
 process write SPOT_FAILPOINT_DIR/name (the step) and name.pid when it reaches that point at that
-step, then wait to be killed. `name@sleep=S` instead slows every pass by S seconds (a test's
-training that must still be running while agents come and go). A failpoint fires once: while its marker exists it is disarmed, so
-a worker restarted by the elastic agent runs past it. Unset (always, in production),
-`failpoint()` is one dict lookup.
+step, then wait to be killed; `name@step=N@raise` raises FailpointError there instead (an
+exception in the middle of training). `name@sleep=S` slows every pass by S seconds (a test's
+training that must still be running while agents come and go). A failpoint fires once: while its
+marker exists it is disarmed, so a worker restarted by the elastic agent runs past it. Unset
+(always, in production), `failpoint()` is one dict lookup.
 """
 
 from __future__ import annotations
@@ -16,14 +17,32 @@ from pathlib import Path
 
 _ARMED: dict[str, tuple[int | None, int | None]] = {}
 _SLOW: dict[str, float] = {}
-for _spec in filter(None, os.environ.get("SPOT_FAILPOINTS", "").split(",")):
-    _name, *_conds = _spec.strip().split("@")
-    _where = dict(c.split("=", 1) for c in _conds)
-    if "sleep" in _where:
-        _SLOW[_name] = float(_where["sleep"])
-        continue
-    _step, _rank = _where.get("step"), _where.get("rank")
-    _ARMED[_name] = (int(_step) if _step else None, int(_rank) if _rank else None)
+_RAISE: set[str] = set()
+
+
+class FailpointError(RuntimeError):
+    """Raised at a failpoint armed with `@raise`: an exception in the middle of training."""
+
+
+def arm(specs: str) -> None:
+    """Arm failpoints as SPOT_FAILPOINTS does (which is read when this module is imported); for
+    in-process tests. `arm("")` disarms them all."""
+    _ARMED.clear()
+    _SLOW.clear()
+    _RAISE.clear()
+    for spec in filter(None, specs.split(",")):
+        name, *conds = spec.strip().split("@")
+        where = dict(c.split("=", 1) if "=" in c else (c, "") for c in conds)
+        if "sleep" in where:
+            _SLOW[name] = float(where["sleep"])
+            continue
+        if "raise" in where:
+            _RAISE.add(name)
+        step, rank = where.get("step"), where.get("rank")
+        _ARMED[name] = (int(step) if step else None, int(rank) if rank else None)
+
+
+arm(os.environ.get("SPOT_FAILPOINTS", ""))
 
 
 def failpoint(name: str, step: int | None = None, rank: int = 0) -> None:
@@ -36,6 +55,8 @@ def failpoint(name: str, step: int | None = None, rank: int = 0) -> None:
         wanted_rank is not None and wanted_rank != rank
     ):
         return
+    if name in _RAISE:
+        raise FailpointError(f"failpoint {name} at step {step}")
     marker = Path(os.environ.get("SPOT_FAILPOINT_DIR", ".")) / name
     if marker.exists():
         return

@@ -1,0 +1,156 @@
+"""The one checkpoint component the training loop talks to.
+
+It owns what a step boundary needs from checkpointing: the manager that writes and commits (rank 0
+only: the model and optimizer are replicas, so the other ranks only hand over their RNG states),
+the interval schedule, the uploader, the notice-window warning, and the rule that every rank
+waits for rank 0's save on the long-timeout group. The loop calls it around each optimizer step:
+
+    checkpointer.before_update()          # a snapshot still being copied finishes first
+    optimizer.step(); ...
+    wanted = checkpointer.after_update()  # rank 0's vote: a checkpoint is due
+    due, ... = world.agree(wanted, ...)
+    if due: checkpointer.save("interval")
+
+and `finish()` / `emergency(notices)` at the end. Its collaborators come through the constructor.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from spot import rng, storage
+from spot.checkpoint import CheckpointManager, CheckpointWriteError
+from spot.distributed import World
+from spot.events import EventLog, read_events
+from spot.interruption import previous_commit_seconds, record_emergency, warn_if_window_at_risk
+from spot.interval import CheckpointSchedule
+from spot.state import TrainingState
+
+log = logging.getLogger(__name__)
+
+
+class Checkpointer:
+    def __init__(
+        self,
+        world: World,
+        state: TrainingState,
+        schedule: CheckpointSchedule,
+        events: EventLog,
+        cloud,
+        *,
+        manager: CheckpointManager | None,
+        uploader=None,
+        remote: storage.S3Store | None = None,
+        final_upload_timeout_seconds: float = 600.0,
+        overlap: bool = True,
+    ):
+        """`manager`: rank 0's CheckpointManager (None on the other ranks). `uploader` and
+        `remote`: the bucket's (spot.upload.Uploader, spot.storage.S3Store), or None."""
+        self.world = world
+        self.state = state
+        self.schedule = schedule
+        self.events = events
+        self.cloud = cloud
+        self.manager = manager
+        self.uploader = uploader
+        self.remote = remote
+        self.final_upload_timeout_seconds = final_upload_timeout_seconds
+        # State that nothing changes before the next optimizer step is copied in the background.
+        self._defer = state.unchanged_until_update() if overlap else ()
+        self._first_step = state.step
+        self._closed = False
+        schedule.start(state.step)
+        self._window_warned = manager is not None and warn_if_window_at_risk(
+            previous_commit_seconds(read_events(Path(events.path)), remote is not None)
+            if events.path
+            else None,
+            cloud,
+            events,
+        )
+
+    def before_update(self) -> None:
+        """Call before the optimizer changes the state: a background copy of it finishes first."""
+        if self.manager is not None:
+            self.manager.before_update()
+
+    def after_update(self) -> bool:
+        """Call once the step is done: handles a finished background save, allocates the
+        snapshot after the first step, re-estimates the interval. Returns this rank's vote for a
+        checkpoint now (rank 0 decides; the loop agrees on it with the other ranks)."""
+        manager = self.manager
+        if manager is None:
+            return False
+        manager.poll()
+        if self.state.step == self._first_step + 1:  # the state's layout is known now
+            manager.prepare(self.state.state_dict([rng.capture()] * self.world.world_size))
+        for step, stall, persist in manager.measurements():
+            self.schedule.measured(stall, persist, step)
+            if not self._window_warned:
+                self._window_warned = warn_if_window_at_risk(persist, self.cloud, self.events)
+        return self.schedule.due(self.state.step)
+
+    def save(self, reason: str) -> None:
+        """Checkpoint the state at this step, on every rank together (each hands over its RNG)."""
+        state = self.state
+        rng_states = self.world.gather(rng.capture())  # every rank's RNG goes into the checkpoint
+        if self.manager is not None:
+            info = {
+                "reason": reason,
+                "epoch": state.epoch,
+                "samples_in_epoch": state.sampler.consumed,
+            }
+            final = reason in ("final", "emergency")  # waits for a running save, then commits
+            snapshot = state.state_dict(rng_states)
+            saved = self.manager.save(state.step, snapshot, info, final=final, defer=self._defer)
+            if saved is not None:  # None: skipped, the previous is still being written
+                self.schedule.saved(state.step)
+        # A save can block rank 0 (synchronous, or waiting for the one in flight) for longer
+        # than the collective timeout: the others wait for it here, on the group whose timeout
+        # is for rank 0's checkpoint I/O, rather than in the next all-reduce.
+        self.world.wait_for_leader()
+
+    def finish(self) -> None:
+        """The end of training: the final checkpoint commits (and is uploaded) before the run may
+        be marked complete. CheckpointWriteError if it cannot be."""
+        manager = self.manager
+        needed = manager is not None and manager.last_committed_step != self.state.step
+        if self.world.agree(needed)[0]:
+            self.save("final")
+        self._closed = True
+        if manager is not None:
+            manager.close()
+        if self.uploader is not None:
+            if not self.uploader.drain(self.final_upload_timeout_seconds):
+                raise CheckpointWriteError(
+                    f"the final checkpoint (step {self.state.step}) is committed locally but not "
+                    f"uploaded to {self.remote.url} in {self.final_upload_timeout_seconds:g} s"
+                )
+            self.uploader.close()
+            storage.mark_remote_complete(self.remote, self.state.step)
+
+    def emergency(self, notices: list[dict | None] | None) -> None:
+        """An interruption notice: every rank stopped at this step. Commit the emergency
+        checkpoint, upload it in the time the notice leaves, and say how long it all took."""
+        self.save("emergency")
+        self._closed = True
+        if self.manager is not None:
+            self.manager.close()
+            record_emergency(
+                notices, self.state.step, self.cloud.notice_seconds, self.uploader, self.events
+            )
+
+    def close(self) -> None:
+        """On any other way out (an exception): let a save in flight commit, stop the uploader.
+        The previous checkpoint is intact whatever happens here."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self.manager is not None:
+                self.manager.close()
+        except CheckpointWriteError as exc:
+            log.warning("%s", exc)
+        finally:
+            if self.uploader is not None:
+                self.uploader.close()
