@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from spot import distributed, elastic, identity, launch, slurm, storage
 from spot.checkpoint import CheckpointManager, CheckpointUnusable, CheckpointWriteError
 from spot.checkpointer import Checkpointer
-from spot.config import ConfigError, training_view, validate
+from spot.config import ConfigError, one_line, training_view, validate
 from spot.events import EventLog
 from spot.exitcodes import (
     EXIT_BAD_CONFIG,
@@ -79,7 +79,7 @@ def build(node: DictConfig, key: str):
         return instantiate(node)
     except InstantiationException as exc:
         cause = exc.__cause__ or exc
-        message = " ".join(str(cause).split())
+        message = one_line(cause)
         raise ConfigError(key, f"{type(cause).__name__}: {message}") from None
 
 
@@ -308,7 +308,6 @@ def train(cfg: DictConfig, overrides: list[str]) -> int:
             s.cloud,
             manager=checkpoints,
             uploader=uploader,
-            remote=remote,
             final_upload_timeout_seconds=s.storage.final_upload_timeout_seconds,
             overlap=s.checkpoint.overlap,
         )

@@ -25,6 +25,7 @@ from torch import nn
 
 from spot.checkpoint import CheckpointManager
 from spot.events import EventLog
+from spot.fsutil import fsync_file
 from spot.tensorfile import SnapshotBuffer
 
 WIDTH = 1024
@@ -104,14 +105,6 @@ def drop_cache(path: Path) -> None:
             os.close(fd)
 
 
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def timed(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
@@ -132,7 +125,7 @@ def _raw_write(path: Path, data: torch.Tensor, direct: bool = False) -> None:
 
 def _torch_save(state: dict, path: Path) -> None:
     torch.save(state, path)
-    fsync_path(path)
+    fsync_file(path)
 
 
 def _cold(fn: Callable[[Path], object], path: Path) -> float:

@@ -17,7 +17,6 @@ and `finish()` / `emergency(notices)` at the end. Its collaborators come through
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from spot import rng, storage
 from spot.checkpoint import CheckpointManager, CheckpointWriteError
@@ -41,12 +40,11 @@ class Checkpointer:
         *,
         manager: CheckpointManager | None,
         uploader=None,
-        remote: storage.S3Store | None = None,
         final_upload_timeout_seconds: float = 600.0,
         overlap: bool = True,
     ):
-        """`manager`: rank 0's CheckpointManager (None on the other ranks). `uploader` and
-        `remote`: the bucket's (spot.upload.Uploader, spot.storage.S3Store), or None."""
+        """`manager`: rank 0's CheckpointManager (None on the other ranks). `uploader`: rank 0's
+        spot.upload.Uploader when checkpoints also go to a bucket, else None."""
         self.world = world
         self.state = state
         self.schedule = schedule
@@ -54,7 +52,6 @@ class Checkpointer:
         self.cloud = cloud
         self.manager = manager
         self.uploader = uploader
-        self.remote = remote
         self.final_upload_timeout_seconds = final_upload_timeout_seconds
         # State that nothing changes before the next optimizer step is copied in the background.
         self._defer = state.unchanged_until_update() if overlap else ()
@@ -62,9 +59,7 @@ class Checkpointer:
         self._closed = False
         schedule.start(state.step)
         self._window_warned = manager is not None and warn_if_window_at_risk(
-            previous_commit_seconds(read_events(Path(events.path)), remote is not None)
-            if events.path
-            else None,
+            previous_commit_seconds(read_events(events.path), uploader is not None),
             cloud,
             events,
         )
@@ -124,10 +119,10 @@ class Checkpointer:
             if not self.uploader.drain(self.final_upload_timeout_seconds):
                 raise CheckpointWriteError(
                     f"the final checkpoint (step {self.state.step}) is committed locally but not "
-                    f"uploaded to {self.remote.url} in {self.final_upload_timeout_seconds:g} s"
+                    f"uploaded to {self.uploader.store.url} in {self.final_upload_timeout_seconds:g} s"
                 )
             self.uploader.close()
-            storage.mark_remote_complete(self.remote, self.state.step)
+            storage.mark_remote_complete(self.uploader.store, self.state.step)
 
     def emergency(self, notices: list[dict | None] | None) -> None:
         """An interruption notice: every rank stopped at this step. Commit the emergency

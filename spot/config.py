@@ -18,6 +18,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (botocore's and Hydra's span several)."""
+    return " ".join(str(exc).split())
+
+
 class ConfigError(ValueError):
     """A configuration value that is not allowed; str() is the one line shown to the user."""
 
@@ -364,7 +369,7 @@ def _try_optimizer_and_scheduler(cfg: DictConfig) -> None:
                 build_scheduler(instantiate(cfg.scheduler), optimizer, total_steps=10)
         except Exception as exc:  # whatever the user's target raises, reported as one line
             cause = exc.__cause__ or exc
-            message = " ".join(str(cause).split()) or type(cause).__name__
+            message = one_line(cause) or type(cause).__name__
             raise ConfigError(key, message) from None
 
 

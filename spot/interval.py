@@ -43,13 +43,9 @@ class CheckpointSchedule:
         self.start(step)
         self._saved = True
 
-    def failed(self, step: int) -> None:
-        """A save requested at `step` failed: nothing was measured, it must be tried again."""
-        self._failed = True
-
     def _on_event(self, record: dict) -> None:
-        if record["event"] == "checkpoint_failed":
-            self.failed(record["step"])
+        if record["event"] == "checkpoint_failed":  # nothing measured: it must be tried again
+            self._failed = True
 
     def due(self, step: int) -> bool:
         if self.cfg.policy == "young_daly":

@@ -19,7 +19,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf.errors import OmegaConfBaseException
 
-from spot.config import ConfigError, validate
+from spot.config import ConfigError, one_line, validate
 from spot.exitcodes import EXIT_BAD_CONFIG
 
 # Flags after which Hydra prints something and runs no job: nothing to validate.
@@ -34,7 +34,7 @@ def _explain(exc: Exception, overrides: list[str], config_dir: Path) -> str:
     """Turn a Hydra/OmegaConf exception into one line naming the key."""
     if isinstance(exc, ConfigError):
         return str(exc)
-    text = " ".join(str(exc).split())
+    text = one_line(exc)
     if isinstance(exc, MissingConfigException) or "Could not find" in text:
         for ov in overrides:
             key, _, value = ov.lstrip("+~").partition("=")

@@ -38,6 +38,7 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from spot import manifest
 from spot.checkpoint import committed_checkpoints
+from spot.config import one_line
 from spot.events import EventLog
 from spot.failpoints import failpoint
 from spot.fsutil import fsync_dir, fsync_file, remove_tree
@@ -226,7 +227,7 @@ class S3Store:
             if self.owns():
                 self.delete(step)
         except (ClientError, BotoCoreError) as exc:  # the refusal is what the caller must see
-            log.warning("could not remove the refused %s: %s", name, _one_line(exc))
+            log.warning("could not remove the refused %s: %s", name, one_line(exc))
 
     def _commit(self, name: str, body: bytes, etags_digest: str) -> None:
         """Write a step's manifest, the commit, after its files. With conditional writes it is
@@ -311,7 +312,7 @@ class S3Store:
                 self.bucket, self.key(name, file), str(target), Config=self.transfer
             )
         except (ClientError, BotoCoreError, Boto3Error) as exc:  # after every retry
-            raise CorruptCheckpoint(f"remote {file} unreadable ({_one_line(exc)})") from None
+            raise CorruptCheckpoint(f"remote {file} unreadable ({one_line(exc)})") from None
         fsync_file(target)  # durable before the rename makes the directory a checkpoint
 
     def delete(self, step: int) -> None:
@@ -324,10 +325,6 @@ class S3Store:
             keys += [{"Key": o["Key"]} for o in page.get("Contents", [])]
         for i in range(0, len(keys), 1000):
             self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys[i : i + 1000]})
-
-
-def _one_line(exc: Exception) -> str:
-    return " ".join(str(exc).split())
 
 
 COMPLETE = "COMPLETE"
@@ -383,7 +380,7 @@ def attach(checkpoints, store: S3Store, events: EventLog, alert_after: int) -> U
     try:
         uploader.look()
     except (ClientError, BotoCoreError) as exc:  # then count none: local copies are all kept
-        log.warning("could not check the checkpoints in %s: %s", store.url, _one_line(exc))
+        log.warning("could not check the checkpoints in %s: %s", store.url, one_line(exc))
     newest = uploader.newest_uploaded
     for step, _path in committed_checkpoints(checkpoints.root):
         if newest is None or step > newest:

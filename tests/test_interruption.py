@@ -84,18 +84,23 @@ def assert_zero_lost_and_bitwise(root: Path, reference: Path, args: list[str]) -
     return emergency
 
 
+def notice_args(cloud: str, server: EmulatorServer, root: Path) -> list[str]:
+    """train.py polling `server`, the emulated metadata service of `cloud`, every 0.1 s."""
+    return [
+        *ARGS,
+        f"cloud={cloud}",
+        f"cloud.metadata_url={server.url}",
+        "cloud.poll_seconds=0.1",
+        f"run.root={root}",
+    ]
+
+
 @pytest.mark.parametrize("cloud", ["aws", "gcp", "azure"])
 def test_cloud_notice_stops_commits_and_resumes_bitwise(cloud, reference, tmp_path):
     server = EmulatorServer(cloud).start()
     if cloud == "aws":
         server.emulator.token_ttl_cap = 1  # IMDSv2 tokens expire during the run: refreshed
-    args = [
-        *ARGS,
-        f"cloud={cloud}",
-        f"cloud.metadata_url={server.url}",
-        "cloud.poll_seconds=0.1",
-        f"run.root={tmp_path}",
-    ]
+    args = notice_args(cloud, server, tmp_path)
     try:
         proc = start(args)
         wait_for_step(tmp_path, 20, proc)

@@ -21,7 +21,7 @@ from spot.interruption import InterruptionMonitor
 from spot.interruption.emulate import EmulatorServer
 
 from .helpers import run_dir_of, wait_for_step
-from .test_interruption import ARGS, control, finish, start
+from .test_interruption import control, finish, notice_args, start
 from .test_watchers import wait_until
 
 PROXY_VARS = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
@@ -80,13 +80,7 @@ def test_a_notice_behind_a_proxy_stops_with_the_emergency_checkpoint(cloud, tmp_
     """End to end: train.py with the dead proxy in its environment hears the emulated notice,
     commits the emergency checkpoint at the step it stopped at, and exits 75."""
     server = EmulatorServer(cloud).start()
-    args = [
-        *ARGS,
-        f"cloud={cloud}",
-        f"cloud.metadata_url={server.url}",
-        "cloud.poll_seconds=0.1",
-        f"run.root={tmp_path}",
-    ]
+    args = notice_args(cloud, server, tmp_path)
     try:
         proc = start(args, env=proxy_environment())
         wait_for_step(tmp_path, 20, proc)
