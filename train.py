@@ -27,33 +27,36 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from spot import distributed, elastic, identity, launch, slurm, storage
-from spot.checkpoint import CheckpointManager, CheckpointUnusable, CheckpointWriteError
-from spot.checkpointer import Checkpointer
-from spot.config import ConfigError, one_line, training_view, validate
-from spot.events import EventLog
-from spot.exitcodes import (
-    EXIT_BAD_CONFIG,
-    EXIT_CHECKPOINT_UNUSABLE,
-    EXIT_CHECKPOINT_WRITE_FAILED,
-    EXIT_COMPLETE,
-    EXIT_PREEMPTED,
-)
+from spot.checkpoint import storage
+from spot.checkpoint.checkpointer import Checkpointer
+from spot.checkpoint.interval import CheckpointSchedule
+from spot.checkpoint.manager import CheckpointManager, CheckpointUnusable, CheckpointWriteError
+from spot.checkpoint.rng import seed_everything, seed_rank
+from spot.checkpoint.state import TrainingState
+from spot.distributed import elastic, launch, slurm
+from spot.distributed import world as distributed
+from spot.distributed.ledger import Ledger, truncate_ledgers
+from spot.distributed.sampler import ResumableBatchSampler
 from spot.failpoints import failpoint
 from spot.fsutil import atomic_write_bytes
 from spot.interruption import (
     InterruptionMonitor,
     ignore_in_data_workers,
 )
-from spot.interval import CheckpointSchedule
-from spot.ledger import Ledger, truncate_ledgers
-from spot.metrics import make_tracker, subscribe_metrics
-from spot.preflight import validate_command_line
-from spot.progress import Progress
-from spot.rng import seed_everything, seed_rank
-from spot.sampler import ResumableBatchSampler
-from spot.schedule import TrainingLength, build_scheduler, set_position
-from spot.state import TrainingState
+from spot.run import identity
+from spot.run.config import ConfigError, one_line, training_view, validate
+from spot.run.events import EventLog
+from spot.run.exitcodes import (
+    EXIT_BAD_CONFIG,
+    EXIT_CHECKPOINT_UNUSABLE,
+    EXIT_CHECKPOINT_WRITE_FAILED,
+    EXIT_COMPLETE,
+    EXIT_PREEMPTED,
+)
+from spot.run.metrics import make_tracker, subscribe_metrics
+from spot.run.preflight import validate_command_line
+from spot.run.progress import Progress
+from spot.run.schedule import TrainingLength, build_scheduler, set_position
 
 log = logging.getLogger("train")
 CONFIG_DIR = Path(__file__).resolve().parent / "conf"

@@ -76,7 +76,7 @@ def start_train(args: list[str], env: dict | None = None) -> subprocess.Popen:
 
 def wait_for_step(root: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
     """Until the run under `root` has logged a `train` event at `step` or later."""
-    from spot.events import read_events
+    from spot.run.events import read_events
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -137,7 +137,7 @@ def run_dir_of(root: Path) -> Path:
 
 def final_state(run_dir: Path) -> dict:
     """The newest checkpoint's components, verified, as loaded tensors."""
-    from spot.checkpoint import CheckpointManager, list_step_dirs
+    from spot.checkpoint.manager import CheckpointManager, list_step_dirs
 
     step, path = list_step_dirs(run_dir / "checkpoints")[0]
     return CheckpointManager.load(path).state
@@ -173,7 +173,7 @@ def assert_bitwise_equal(a, b, where: str = "") -> None:
 def rewrite_manifest(ckpt: Path, change_files) -> None:
     """Rewrite a checkpoint's manifest, self-consistent (its own checksum updated), after
     `change_files(files)` edits the file table: how a buggy or hostile writer would do it."""
-    from spot import manifest
+    from spot.checkpoint import manifest
 
     body = manifest.read(ckpt).body
     files = dict(body["files"])

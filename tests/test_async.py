@@ -16,11 +16,11 @@ import pytest
 import torch
 from torch import nn
 
-from spot import tensorfile
-from spot.checkpoint import CheckpointManager, CheckpointWriteError, list_step_dirs
-from spot.events import EventLog, read_events
-from spot.exitcodes import EXIT_CHECKPOINT_WRITE_FAILED
-from spot.manifest import verify
+from spot.checkpoint import tensorfile
+from spot.checkpoint.manager import CheckpointManager, CheckpointWriteError, list_step_dirs
+from spot.checkpoint.manifest import verify
+from spot.run.events import EventLog, read_events
+from spot.run.exitcodes import EXIT_CHECKPOINT_WRITE_FAILED
 from tests.helpers import FAST, REPO, assert_bitwise_equal, run_dir_of, run_train, train_env
 
 DIGEST = "a" * 16

@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from spot import manifest
-from spot.checkpoint import (
+from spot.checkpoint import manifest
+from spot.checkpoint.manager import (
     CheckpointManager,
     CheckpointUnusable,
     CheckpointWriteError,
     list_step_dirs,
 )
-from spot.events import EventLog, read_events
 from spot.fsutil import digest_bytes
+from spot.run.events import EventLog, read_events
 from tests.helpers import assert_bitwise_equal, rewrite_manifest
 
 DIGEST = "d" * 16

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from spot.events import read_events
+from spot.run.events import read_events
 from tests.helpers import FAST, REPO, run_train, train_env
 
 pytestmark = pytest.mark.slow
@@ -102,7 +102,7 @@ def test_make_train_on_a_clean_clone(tmp_path: Path):
 def test_every_tool_is_an_argparse_subcommand_with_its_own_arguments(capsys):
     """`python -m spot` dispatches through subparsers only: each command's --help shows its own
     arguments (no `path` forced on tools that take none), and a bad value is one line, exit 2."""
-    from spot.__main__ import COMMANDS, main
+    from spot.tools.cli import COMMANDS, main
 
     own = {"bench": "--size-gib", "chaos": "--interruptions", "emulate": "{aws,gcp,azure}"}
     own |= {"rendezvous": "--host", "cost": "--work-hours", "report": "--out", "list": "path"}

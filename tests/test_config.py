@@ -10,9 +10,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from spot.config import ConfigError, Settings, validate
-from spot.exitcodes import EXIT_BAD_CONFIG
-from spot.identity import run_id_from_overrides
+from spot.run.config import ConfigError, Settings, validate
+from spot.run.exitcodes import EXIT_BAD_CONFIG
+from spot.run.identity import run_id_from_overrides
 from tests.helpers import REPO, run_train
 
 CONF = REPO / "conf"
@@ -231,7 +231,7 @@ def _leaves(node, prefix: str = "") -> dict:
 
 
 def test_the_schema_and_the_yaml_defaults_cannot_drift():
-    """Every default is one value: the schema's (spot/config.py) and the default options' YAML
+    """Every default is one value: the schema's (spot/run/config.py) and the default options' YAML
     compose to the same thing; every key of every option file exists in the schema; and every
     option validates as composed (so its values have the schema's types)."""
     from dataclasses import fields

@@ -27,8 +27,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from spot.events import read_events
-from spot.exitcodes import EXIT_BAD_CONFIG, EXIT_CHECKPOINT_UNUSABLE, EXIT_PREEMPTED
+from spot.run.events import read_events
+from spot.run.exitcodes import EXIT_BAD_CONFIG, EXIT_CHECKPOINT_UNUSABLE, EXIT_PREEMPTED
 
 from .helpers import FAST, REPO, run_dir_of, train_env
 
@@ -60,7 +60,7 @@ def overrides(argv: list[str]) -> dict[str, str]:
 
 def assert_valid_config(argv: list[str], capsys) -> None:
     """The overrides compose and validate as train.py would check them before training."""
-    from spot.preflight import validate_command_line
+    from spot.run.preflight import validate_command_line
 
     try:
         validate_command_line(argv, REPO / "conf")

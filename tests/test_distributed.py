@@ -1,5 +1,5 @@
 """The elastic helpers: LR scaling, batch splits, gradient accumulation, and the collectives of
-`spot.distributed.World` in real gloo process groups on loopback."""
+`spot.distributed.world.World` in real gloo process groups on loopback."""
 
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from spot import distributed, elastic
-from spot.config import ConfigError, ElasticConfig
-from spot.distributed import World
-from spot.sampler import ResumableBatchSampler
-from spot.schedule import warmup_cosine
+from spot.distributed import elastic
+from spot.distributed import world as distributed
+from spot.distributed.sampler import ResumableBatchSampler
+from spot.distributed.world import World
+from spot.run.config import ConfigError, ElasticConfig
+from spot.run.schedule import warmup_cosine
 
 
 def scheduler_at(step: int, lr: float = 0.1):

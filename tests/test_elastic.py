@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from spot.events import read_events
-from spot.ledger import read_ledger
+from spot.distributed.ledger import read_ledger
+from spot.run.events import read_events
 
 from .helpers import (
     FAST,

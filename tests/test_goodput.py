@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from spot.goodput import Economics, account
+from spot.run.goodput import Economics, account
 
 
 def synthetic_run() -> list[dict]:
@@ -67,7 +67,7 @@ def test_the_articles_example_done_right():
 
 @pytest.mark.slow
 def test_accounting_of_a_real_interrupted_run(tmp_path, markers):
-    from spot.events import read_events
+    from spot.run.events import read_events
 
     from .helpers import FAST, run_dir_of, run_train, run_until_failpoint
 

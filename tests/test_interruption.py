@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from spot.events import read_events
-from spot.exitcodes import EXIT_PREEMPTED
-from spot.interruption.emulate import EmulatorServer
-from spot.ledger import read_ledger
+from spot.distributed.ledger import read_ledger
+from spot.run.events import read_events
+from spot.run.exitcodes import EXIT_PREEMPTED
+from spot.tools.emulate import EmulatorServer
 
 from .helpers import (
     FAST,

@@ -13,12 +13,12 @@ import urllib.request
 
 import pytest
 
-from spot import manifest
-from spot.config import CloudConfig
-from spot.events import read_events
-from spot.exitcodes import EXIT_PREEMPTED
+from spot.checkpoint import manifest
 from spot.interruption import InterruptionMonitor
-from spot.interruption.emulate import EmulatorServer
+from spot.run.config import CloudConfig
+from spot.run.events import read_events
+from spot.run.exitcodes import EXIT_PREEMPTED
+from spot.tools.emulate import EmulatorServer
 
 from .helpers import run_dir_of, wait_for_step
 from .test_interruption import control, finish, notice_args, start

@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 import time
 
-from spot.config import CheckpointConfig
-from spot.events import EventLog, read_events
-from spot.interval import CheckpointSchedule
+from spot.checkpoint.interval import CheckpointSchedule
+from spot.run.config import CheckpointConfig
+from spot.run.events import EventLog, read_events
 
 
 def test_every_steps():

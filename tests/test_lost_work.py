@@ -13,15 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from spot import rng
-from spot.checkpoint import CheckpointManager, list_step_dirs
-from spot.config import CheckpointConfig
-from spot.events import EventLog, read_events
-from spot.exitcodes import EXIT_CHECKPOINT_UNUSABLE
-from spot.interval import CheckpointSchedule
-from spot.manifest import verify
-from spot.sampler import ResumableBatchSampler
-from spot.schedule import TrainingLength, set_position, warmup_cosine
+from spot.checkpoint import rng
+from spot.checkpoint.interval import CheckpointSchedule
+from spot.checkpoint.manager import CheckpointManager, list_step_dirs
+from spot.checkpoint.manifest import verify
+from spot.distributed.sampler import ResumableBatchSampler
+from spot.run.config import CheckpointConfig
+from spot.run.events import EventLog, read_events
+from spot.run.exitcodes import EXIT_CHECKPOINT_UNUSABLE
+from spot.run.schedule import TrainingLength, set_position, warmup_cosine
 from tests.helpers import (
     FAST,
     rewrite_manifest,
@@ -333,7 +333,11 @@ def test_a_worker_whose_agent_died_during_its_start_dies_too(agent_alive):
 
     agent = os.getpid() if agent_alive else 2**22 + 1  # this test process is the real parent
     result = subprocess.run(
-        [sys.executable, "-c", "from spot.distributed import die_with_agent as d; d(); print(1)"],
+        [
+            sys.executable,
+            "-c",
+            "from spot.distributed.world import die_with_agent as d; d(); print(1)",
+        ],
         env={**os.environ, "SPOT_AGENT_PID": str(agent)},
         capture_output=True,
         text=True,

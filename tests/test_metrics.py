@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from spot.events import read_events
-from spot.goodput import account
-from spot.metrics import RunMetrics, accounting_figures, without_credentials
+from spot.run.events import read_events
+from spot.run.goodput import account
+from spot.run.metrics import RunMetrics, accounting_figures, without_credentials
 
 from .helpers import (
     FAST,
@@ -131,7 +131,7 @@ def interrupted_twice(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_an_interrupted_run_is_one_wandb_run_with_the_contract_metrics(interrupted_twice):
-    from spot.wandb_tracker import offline_history, offline_segments, read_records
+    from spot.run.wandb_tracker import offline_history, offline_segments, read_records
 
     run_dir = interrupted_twice
     run_id = f"{run_dir.parent.name}-{run_dir.name}"
@@ -199,7 +199,7 @@ def test_an_interrupted_run_is_one_wandb_run_with_the_contract_metrics(interrupt
 def test_the_report_marks_interruptions_and_prints_the_runs_figures(interrupted_twice, tmp_path):
     import matplotlib.image
 
-    from spot.report import INTERRUPTION, RESTART
+    from spot.tools.report import INTERRUPTION, RESTART
 
     out = tmp_path / "report.png"
     result = subprocess.run(
@@ -234,7 +234,7 @@ def test_the_report_marks_interruptions_and_prints_the_runs_figures(interrupted_
 def test_progress_shows_rate_eta_and_the_work_since_the_last_checkpoint():
     import io
 
-    from spot.progress import Progress
+    from spot.run.progress import Progress
 
     now = [100.0]
     progress = Progress(1000, 200, stream=io.StringIO(), clock=lambda: now[0])

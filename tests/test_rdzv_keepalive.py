@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from spot.config import CloudConfig, ConfigError, ElasticConfig, validate
-from spot.launch import launch_config
+from spot.distributed.launch import launch_config
+from spot.run.config import CloudConfig, ConfigError, ElasticConfig, validate
 
 from .helpers import REPO
 from .test_config import composed
@@ -95,7 +95,7 @@ def regroup_seconds(cluster: Cluster, name: str, interval: int, attempts: int) -
     }
 
     def events() -> list[dict]:
-        from spot.events import read_events
+        from spot.run.events import read_events
 
         files = list(root.glob("*/*/events.jsonl"))
         return read_events(files[0]) if files else []
@@ -118,7 +118,7 @@ def regroup_seconds(cluster: Cluster, name: str, interval: int, attempts: int) -
     regrouped = time.monotonic() - killed_at
     print(f"keep-alive {interval} s x {attempts}: regrouped {regrouped:.1f} s after SIGKILL")
     # The new worker too: it is in its own session and has not yet armed its death with the
-    # agent (spot.distributed.die_with_agent runs after its imports).
+    # agent (spot.distributed.world.die_with_agent runs after its imports).
     for pid in [agents[survivor].pid, *new_workers]:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)

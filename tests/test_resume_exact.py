@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from spot import manifest
-from spot.checkpoint import list_step_dirs
-from spot.events import read_events
-from spot.exitcodes import EXIT_CHECKPOINT_UNUSABLE
-from spot.ledger import read_ledger
+from spot.checkpoint import manifest
+from spot.checkpoint.manager import list_step_dirs
+from spot.distributed.ledger import read_ledger
+from spot.run.events import read_events
+from spot.run.exitcodes import EXIT_CHECKPOINT_UNUSABLE
 from tests.helpers import (
     FAST,
     assert_bitwise_equal,

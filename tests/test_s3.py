@@ -12,8 +12,8 @@ from pathlib import Path
 import boto3
 import pytest
 
-from spot.events import read_events
-from spot.exitcodes import EXIT_BAD_CONFIG
+from spot.run.events import read_events
+from spot.run.exitcodes import EXIT_BAD_CONFIG
 from tests.helpers import (
     FAST,
     REPO,
@@ -278,7 +278,7 @@ def test_outage_is_reported_loudly_and_uploads_finish_after(s3_endpoint, bucket,
     import threading
     import time
 
-    from spot.checkpoint import list_step_dirs
+    from spot.checkpoint.manager import list_step_dirs
     from tests.faultproxy import FaultProxy
 
     client, name = bucket
@@ -341,9 +341,9 @@ def test_a_zombie_writer_is_fenced(s3_endpoint, bucket, tmp_path):
 
     import torch
 
-    from spot.checkpoint import CheckpointManager
-    from spot.events import EventLog
-    from spot.storage import RemoteError, S3Store
+    from spot.checkpoint.manager import CheckpointManager
+    from spot.checkpoint.storage import RemoteError, S3Store
+    from spot.run.events import EventLog
 
     client, name = bucket
     for key, value in CREDENTIALS.items():
@@ -373,7 +373,7 @@ def test_a_zombie_writer_is_fenced(s3_endpoint, bucket, tmp_path):
 def test_hostile_keys_never_escape_the_checkpoint_directory(s3_endpoint, bucket, tmp_path, markers):
     """A bucket writer plants a newer 'checkpoint' whose manifest names ../../ paths and a key
     with .. in it: resume refuses it and writes nothing outside the checkpoint directory."""
-    from spot import manifest
+    from spot.checkpoint import manifest
 
     client, name = bucket
     args = s3_args(s3_endpoint, name, tmp_path / "root")

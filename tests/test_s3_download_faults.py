@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from spot.checkpoint import CheckpointManager
-from spot.events import EventLog, read_events
-from spot.manifest import step_dir_name
-from spot.storage import S3Store
-from spot.upload import remote_problem
+from spot.checkpoint.manager import CheckpointManager
+from spot.checkpoint.manifest import step_dir_name
+from spot.checkpoint.storage import S3Store
+from spot.checkpoint.upload import remote_problem
+from spot.run.events import EventLog, read_events
 from tests import test_s3
 from tests.faultproxy import FaultProxy
 from tests.test_s3_integrity import credentials, state  # noqa: F401 - credentials: a fixture

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from spot import manifest, storage
-from spot.checkpoint import CheckpointManager, list_step_dirs
-from spot.events import EventLog, read_events
-from spot.manifest import step_dir_name
-from spot.storage import RemoteError, S3Store
-from spot.upload import remote_problem
+from spot.checkpoint import manifest, storage
+from spot.checkpoint.manager import CheckpointManager, list_step_dirs
+from spot.checkpoint.manifest import step_dir_name
+from spot.checkpoint.storage import RemoteError, S3Store
+from spot.checkpoint.upload import remote_problem
+from spot.run.events import EventLog, read_events
 from tests import test_s3
 from tests.faultproxy import FaultProxy
 from tests.helpers import FAST, run_dir_of, run_train, run_until_failpoint

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from spot.sampler import ResumableBatchSampler
+from spot.distributed.sampler import ResumableBatchSampler
 
 
 def samplers(n, batch, world, seed=0):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from spot.events import read_events
+from spot.run.events import read_events
 
 from .helpers import (
     FAST,

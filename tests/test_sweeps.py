@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from spot.events import read_events
-from spot.exitcodes import EXIT_BAD_CONFIG, EXIT_PREEMPTED
+from spot.run.events import read_events
+from spot.run.exitcodes import EXIT_BAD_CONFIG, EXIT_PREEMPTED
 
 from .helpers import FAST, REPO, assert_bitwise_equal, final_state, run_train, train_env
 

@@ -8,9 +8,9 @@ import urllib.request
 
 import pytest
 
-from spot.config import CloudConfig
 from spot.interruption import InterruptionMonitor
-from spot.interruption.emulate import EmulatorServer
+from spot.run.config import CloudConfig
+from spot.tools.emulate import EmulatorServer
 
 
 @pytest.fixture
@@ -115,8 +115,8 @@ def test_a_broken_endpoint_raises_no_alarm_and_kills_no_watcher(emulator, mode):
 
 
 def test_a_checkpoint_slower_than_half_the_window_is_announced(tmp_path):
-    from spot.events import EventLog, read_events
     from spot.interruption import previous_commit_seconds, warn_if_window_at_risk
+    from spot.run.events import EventLog, read_events
 
     earlier = [
         {"event": "checkpoint", "persist_seconds": 9.0},

@@ -358,7 +358,7 @@ def _try_optimizer_and_scheduler(cfg: DictConfig) -> None:
     import torch
     from hydra.utils import instantiate
 
-    from spot.schedule import build_scheduler
+    from spot.run.schedule import build_scheduler
 
     param = torch.nn.Parameter(torch.zeros(1))
     for key in ("optimizer", "scheduler"):

@@ -7,7 +7,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from spot.config import NON_TRAINING_KEYS, NON_TRAINING_LEAVES
+from spot.run.config import NON_TRAINING_KEYS, NON_TRAINING_LEAVES
 
 
 def _override_key(override: str) -> str:

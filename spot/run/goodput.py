@@ -179,7 +179,7 @@ def run_accounting(run_dir: Path):
     """(the run's cloud config, its Accounting) from `events.jsonl` and `config.yaml`."""
     from omegaconf import OmegaConf
 
-    from spot.events import read_events
+    from spot.run.events import read_events
 
     for name in ("events.jsonl", "config.yaml"):
         if not (run_dir / name).exists():

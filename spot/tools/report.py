@@ -13,8 +13,8 @@ import argparse
 import math
 from pathlib import Path
 
-from spot.events import read_events
-from spot.goodput import run_accounting, split_attempts, step_times, summary_lines
+from spot.run.events import read_events
+from spot.run.goodput import run_accounting, split_attempts, step_times, summary_lines
 
 # Fixed colours, so a reader (or a test) can find each kind of mark.
 KEPT, LOST, STALL, RESTART_GAP = "#1f77b4", "#9e9e9e", "#ff7f0e", "#d62728"

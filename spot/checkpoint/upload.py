@@ -20,11 +20,11 @@ from pathlib import Path
 
 from botocore.exceptions import ClientError
 
-from spot import manifest
-from spot.events import EventLog
+from spot.checkpoint import manifest
+from spot.checkpoint.manifest import MANIFEST, CorruptCheckpoint, step_dir_name
 from spot.failpoints import failpoint
 from spot.fsutil import HASH_ALGORITHM, digest_bytes, new_hasher
-from spot.manifest import MANIFEST, CorruptCheckpoint, step_dir_name
+from spot.run.events import EventLog
 
 log = logging.getLogger(__name__)
 RECEIPT = "receipt"  # user metadata of a remote manifest (x-amz-meta-receipt): see receipt()
@@ -46,7 +46,7 @@ def receipt(etags: dict[str, str]) -> str:
 
 
 def remote_problem(store, c) -> str | None:
-    """Why the committed remote checkpoint `c` (a spot.storage.RemoteCheckpoint, listed from
+    """Why the committed remote checkpoint `c` (a spot.checkpoint.storage.RemoteCheckpoint, listed from
     `store`) cannot be counted on by retention, or None. Reading every byte (what download
     does) is too slow to repeat after each upload, so this is the cheap check: one GET of the
     manifest (its own checksum, its step) and the listing: every file it names is there with
@@ -204,7 +204,7 @@ class Uploader:
         alert_after: int = 3,
         on_uploaded: Callable[[int], None] | None = None,
     ):
-        self.store = store  # a spot.storage.S3Store
+        self.store = store  # a spot.checkpoint.storage.S3Store
         self.local_root = local_root
         self.events = events
         self.keep_last = keep_last
@@ -332,7 +332,7 @@ class Uploader:
     def look(self) -> list:
         """Check the bucket's checkpoints, newest first, until `keep_last` verified ones are
         found; update `verified` and report each unverifiable one once (an event). Returns the
-        listing (spot.storage.RemoteCheckpoint, newest first)."""
+        listing (spot.checkpoint.storage.RemoteCheckpoint, newest first)."""
         found = self.store.list_checkpoints()
         verified: list[int] = []
         for c in found:

@@ -1,7 +1,7 @@
 """`manifest.json`: the commit marker of a checkpoint. A checkpoint without a valid one does not exist.
 
 The manifest names every file of every component with its size and checksum (see
-`spot/tensorfile.py` for the two files of a component), the step, epoch, world size, config digest
+`spot/checkpoint/tensorfile.py` for the two files of a component), the step, epoch, world size, config digest
 and library version, and carries a checksum of itself, so a flipped byte in the manifest is caught
 like one in a component.
 """
@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from spot import __version__, tensorfile
+from spot import __version__
+from spot.checkpoint import tensorfile
 from spot.fsutil import HASH_ALGORITHM, digest_bytes
 
 MANIFEST = "manifest.json"

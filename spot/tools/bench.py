@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from spot.checkpoint import CheckpointManager
-from spot.events import EventLog
+from spot.checkpoint.manager import CheckpointManager
+from spot.checkpoint.tensorfile import SnapshotBuffer
 from spot.fsutil import fsync_file
-from spot.tensorfile import SnapshotBuffer
+from spot.run.events import EventLog
 
 WIDTH = 1024
 
@@ -227,7 +227,7 @@ def measure_upload(ckpt_dir: Path, target: str, endpoint: str | None, repeats: i
     import subprocess
     import sys
 
-    from spot.storage import S3Store, parse_s3_url
+    from spot.checkpoint.storage import S3Store, parse_s3_url
 
     server = None
     env = dict(os.environ)

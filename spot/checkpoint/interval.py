@@ -14,8 +14,8 @@ from __future__ import annotations
 import math
 import time
 
-from spot.config import CheckpointConfig
-from spot.events import EventLog
+from spot.run.config import CheckpointConfig
+from spot.run.events import EventLog
 
 
 class CheckpointSchedule:

@@ -19,8 +19,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf.errors import OmegaConfBaseException
 
-from spot.config import ConfigError, one_line, validate
-from spot.exitcodes import EXIT_BAD_CONFIG
+from spot.run.config import ConfigError, one_line, validate
+from spot.run.exitcodes import EXIT_BAD_CONFIG
 
 # Flags after which Hydra prints something and runs no job: nothing to validate.
 _INFO_FLAGS = ("help", "hydra_help", "info", "cfg", "shell_completion", "experimental_rerun")

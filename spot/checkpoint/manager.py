@@ -25,12 +25,12 @@ from typing import Any
 
 import torch
 
-from spot import manifest, tensorfile
-from spot.events import EventLog
+from spot.checkpoint import manifest, tensorfile
+from spot.checkpoint.manifest import MANIFEST, STEP_DIR, CorruptCheckpoint, Manifest, step_dir_name
+from spot.checkpoint.tensorfile import SnapshotBuffer
 from spot.failpoints import failpoint
 from spot.fsutil import fsync_dir, lower_priority, remove_tree, write_file_durably
-from spot.manifest import MANIFEST, STEP_DIR, CorruptCheckpoint, Manifest, step_dir_name
-from spot.tensorfile import SnapshotBuffer
+from spot.run.events import EventLog
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ class CheckpointManager:
         self.last_persist_seconds: float | None = None
         self.failures = 0
         self.skipped = 0
-        # Remote storage (spot.storage.S3Store) and its uploader's hooks; None: local only.
+        # Remote storage (spot.checkpoint.storage.S3Store) and its uploader's hooks; None: local only.
         self.remote = None
         self.on_commit: Callable[[int], None] | None = None
         self.newest_uploaded: Callable[[], int | None] | None = None

@@ -28,10 +28,10 @@ from contextlib import nullcontext
 
 import torch
 
-from spot.config import ConfigError, ElasticConfig
-from spot.distributed import World
-from spot.sampler import ResumableBatchSampler
-from spot.schedule import set_position
+from spot.distributed.sampler import ResumableBatchSampler
+from spot.distributed.world import World
+from spot.run.config import ConfigError, ElasticConfig
+from spot.run.schedule import set_position
 
 
 def global_batch(policy: str, batch_size: int, world_size: int, reference: int) -> int:

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from spot.checkpoint import CheckpointManager, list_step_dirs
-from spot.events import read_events
-from spot.exitcodes import EXIT_COMPLETE, EXIT_PREEMPTED
-from spot.interruption.emulate import EmulatorServer, make_emulator
+from spot.checkpoint.manager import CheckpointManager, list_step_dirs
+from spot.run.events import read_events
+from spot.run.exitcodes import EXIT_COMPLETE, EXIT_PREEMPTED
+from spot.tools.emulate import EmulatorServer, make_emulator
 
 KINDS = ("notice", "sigterm", "sigkill")
 

@@ -18,9 +18,9 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from spot.config import ElasticConfig
-from spot.distributed import AGENT_PID_ENV, launched_by_torch_elastic
-from spot.exitcodes import EXIT_COMPLETE, EXIT_PREEMPTED
+from spot.distributed.world import AGENT_PID_ENV, launched_by_torch_elastic
+from spot.run.config import ElasticConfig
+from spot.run.exitcodes import EXIT_COMPLETE, EXIT_PREEMPTED
 
 log = logging.getLogger(__name__)
 

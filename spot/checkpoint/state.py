@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
-from spot import rng
-from spot.checkpoint import CheckpointUnusable, check_state_dict_compatible
-from spot.sampler import ResumableBatchSampler
+from spot.checkpoint import rng
+from spot.checkpoint.manager import CheckpointUnusable, check_state_dict_compatible
+from spot.distributed.sampler import ResumableBatchSampler
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

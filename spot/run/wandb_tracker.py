@@ -17,8 +17,8 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from spot.config import LoggerConfig
-from spot.metrics import EVENT_KEY, STEP_KEY, without_credentials
+from spot.run.config import LoggerConfig
+from spot.run.metrics import EVENT_KEY, STEP_KEY, without_credentials
 
 # W&B's transaction log (`run-<id>.wandb`): LevelDB's log format, 32 KiB blocks of records
 # framed as crc32 (of type byte + payload), length, type; a 7-byte ":W&B" header first.

@@ -25,12 +25,12 @@ from typing import Any, NoReturn
 import torch
 import torch.distributed as dist
 
-from spot.config import ConfigError
+from spot.run.config import ConfigError
 
 log = logging.getLogger(__name__)
 
 
-AGENT_PID_ENV = "SPOT_AGENT_PID"  # set by spot.launch for the workers of our own agent
+AGENT_PID_ENV = "SPOT_AGENT_PID"  # set by spot.distributed.launch for the workers of our own agent
 
 
 def launched_by_torch_elastic() -> bool:

@@ -5,7 +5,7 @@ disk. Upload order makes the remote copy atomic too: the components first, `mani
 so a reader never sees a manifest whose files are missing; deletion removes the manifest first.
 Credentials come from boto3's chain (environment, profile, instance role) and are never logged.
 Retries are botocore's ("adaptive" mode: exponential backoff plus client-side rate limiting on
-throttling). Uploads check every byte they send against the manifest (spot.upload); downloads
+throttling). Uploads check every byte they send against the manifest (spot.checkpoint.upload); downloads
 are boto3's transfer manager, verified before the checkpoint is renamed into place.
 
 A process that is the same run as another (a zombie from before a restart) is fenced: each
@@ -36,14 +36,14 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
-from spot import manifest
-from spot.checkpoint import committed_checkpoints
-from spot.config import one_line
-from spot.events import EventLog
+from spot.checkpoint import manifest
+from spot.checkpoint.manager import committed_checkpoints
+from spot.checkpoint.manifest import MANIFEST, STEP_DIR, CorruptCheckpoint, step_dir_name
+from spot.checkpoint.upload import NOT_FOUND, RECEIPT, Uploader, error_code, receipt, send_files
 from spot.failpoints import failpoint
 from spot.fsutil import fsync_dir, fsync_file, remove_tree
-from spot.manifest import MANIFEST, STEP_DIR, CorruptCheckpoint, step_dir_name
-from spot.upload import NOT_FOUND, RECEIPT, Uploader, error_code, receipt, send_files
+from spot.run.config import one_line
+from spot.run.events import EventLog
 
 log = logging.getLogger(__name__)
 for _noisy in ("boto3", "botocore", "s3transfer", "urllib3"):  # their INFO lines are not ours
@@ -184,7 +184,7 @@ class S3Store:
     def upload(self, local_dir: Path, step: int) -> int:
         """Upload a committed local checkpoint: files, then the manifest. Returns bytes sent.
         CorruptCheckpoint, committing nothing, if the local copy vanished or its files do not
-        match its manifest (spot.upload.send_files checks what it sends); RemoteError if another
+        match its manifest (spot.checkpoint.upload.send_files checks what it sends); RemoteError if another
         process now owns the run."""
         name = step_dir_name(step)
         try:  # these bytes are what is checked and what is committed, whatever the disk does
@@ -274,7 +274,7 @@ class S3Store:
         and rename it to `into/step-N`. Only names the manifest lists (checked: no separators)
         become paths. CorruptCheckpoint (one line) if it cannot be read whole, after botocore's
         and the transfer manager's retries, or fails verification; the step is then not counted
-        by retention either (spot.upload.remote_problem)."""
+        by retention either (spot.checkpoint.upload.remote_problem)."""
         name = step_dir_name(step)
         staging = into / f".download-{name}-{uuid.uuid4().hex[:8]}"
         staging.mkdir(parents=True)

@@ -1,7 +1,7 @@
 """The run's metrics, driven by its events: what `events.jsonl` records becomes the contract's
 `spot/*`, `ckpt/*`, `elastic/*` and `cost/*` figures, handed to a tracker.
 
-A tracker is anything with `log(figures, step)` and `close()`: W&B (`spot.wandb_tracker`) or
+A tracker is anything with `log(figures, step)` and `close()`: W&B (`spot.run.wandb_tracker`) or
 nothing. Another one (TensorBoard, MLflow) is one new module and one line in `TRACKERS`.
 """
 
@@ -12,16 +12,16 @@ import logging
 import re
 from typing import Any, Protocol
 
-from spot.config import LoggerConfig
-from spot.events import EventLog, read_events
-from spot.goodput import account
+from spot.run.config import LoggerConfig
+from spot.run.events import EventLog, read_events
+from spot.run.goodput import account
 
 log = logging.getLogger(__name__)
 STEP_KEY = "trainer/step"  # every figure's x-axis: the training step it describes
 EVENT_KEY = "spot/event_index"  # the row's event in events.jsonl: what a tracker already holds
 
 # logger.backend -> "module:class". The class takes (cfg, run_dir, run_id, config).
-TRACKERS = {"wandb": "spot.wandb_tracker:WandbTracker"}
+TRACKERS = {"wandb": "spot.run.wandb_tracker:WandbTracker"}
 
 
 class Tracker(Protocol):

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import logging
 
-from spot import rng, storage
-from spot.checkpoint import CheckpointManager, CheckpointWriteError
-from spot.distributed import World
-from spot.events import EventLog, read_events
+from spot.checkpoint import rng, storage
+from spot.checkpoint.interval import CheckpointSchedule
+from spot.checkpoint.manager import CheckpointManager, CheckpointWriteError
+from spot.checkpoint.state import TrainingState
+from spot.distributed.world import World
 from spot.interruption import previous_commit_seconds, record_emergency, warn_if_window_at_risk
-from spot.interval import CheckpointSchedule
-from spot.state import TrainingState
+from spot.run.events import EventLog, read_events
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class Checkpointer:
         overlap: bool = True,
     ):
         """`manager`: rank 0's CheckpointManager (None on the other ranks). `uploader`: rank 0's
-        spot.upload.Uploader when checkpoints also go to a bucket, else None."""
+        spot.checkpoint.upload.Uploader when checkpoints also go to a bucket, else None."""
         self.world = world
         self.state = state
         self.schedule = schedule
