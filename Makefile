@@ -38,8 +38,8 @@ test: install-test lint ## lint, then the whole test suite on CPU (what .ci/run 
 	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not serial"
 	$(BIN)/python -m pytest -m serial
 
-test-fast: install-test ## the quick tests while you work (not the end-to-end runs of train.py, not multi-process)
-	$(BIN)/python -m pytest -n 2 -m "not slow and not serial"
+test-fast: install-test ## the unit tests while you work (tests/unit: no train.py runs, not multi-process)
+	$(BIN)/python -m pytest -n 2 tests/unit
 
 bench: install ## checkpoint performance on this machine and disk (BENCH_ARGS="--size-gib 2")
 	$(BIN)/python -m spot bench $(BENCH_ARGS)

@@ -1,18 +1,18 @@
 """Train on spot instances: `python train.py [hydra overrides]`.
 
-The story of a run: validate the config, find the run directory from the run's identity, build
+The story of a run: validate the config and find the run's directory from its identity, build
 model, data and optimizer, resume from the newest verified checkpoint (or start), train with
-checkpoints on the configured interval, save a final checkpoint and mark the run complete.
-The machinery lives in `spot/`; edit `compute_loss` and the configs for your own task.
+checkpoints on the configured interval, save a final checkpoint and mark the run complete; or,
+on an interruption notice, take the emergency checkpoint and exit 75 to be resumed.
+The machinery lives in `spot/` (spot/session.py sets up each step of this story); edit
+`compute_loss`, `make_loader` and the configs for your own task.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sys
-import time
 import traceback
 from functools import partial
 from pathlib import Path
@@ -28,24 +28,14 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from spot.checkpoint import storage
-from spot.checkpoint.checkpointer import Checkpointer
-from spot.checkpoint.interval import CheckpointSchedule
-from spot.checkpoint.manager import CheckpointManager, CheckpointUnusable, CheckpointWriteError
+from spot.checkpoint.manager import CheckpointUnusable, CheckpointWriteError
 from spot.checkpoint.rng import seed_everything, seed_rank
-from spot.checkpoint.state import TrainingState
 from spot.distributed import elastic, launch, slurm
 from spot.distributed import world as distributed
-from spot.distributed.ledger import Ledger, truncate_ledgers
-from spot.distributed.sampler import ResumableBatchSampler
 from spot.failpoints import failpoint
-from spot.fsutil import atomic_write_bytes
-from spot.interruption import (
-    InterruptionMonitor,
-    ignore_in_data_workers,
-)
-from spot.run import identity
-from spot.run.config import ConfigError, one_line, training_view, validate
-from spot.run.events import EventLog
+from spot.interruption import ignore_in_data_workers
+from spot.job import Job, join
+from spot.run.config import ConfigError, one_line
 from spot.run.exitcodes import (
     EXIT_BAD_CONFIG,
     EXIT_CHECKPOINT_UNUSABLE,
@@ -53,14 +43,12 @@ from spot.run.exitcodes import (
     EXIT_COMPLETE,
     EXIT_PREEMPTED,
 )
-from spot.run.metrics import make_tracker, subscribe_metrics
 from spot.run.preflight import validate_command_line
-from spot.run.progress import Progress
-from spot.run.schedule import TrainingLength, build_scheduler, set_position
+from spot.run.schedule import build_scheduler, set_position
+from spot.session import Session
 
 log = logging.getLogger("train")
 CONFIG_DIR = Path(__file__).resolve().parent / "conf"
-COMPLETE_MARKER = "COMPLETE"
 
 
 def compute_loss(model: torch.nn.Module, batch, device: torch.device) -> torch.Tensor:
@@ -68,12 +56,16 @@ def compute_loss(model: torch.nn.Module, batch, device: torch.device) -> torch.T
     return F.cross_entropy(model(inputs), targets)
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("trainer.device", f"{name!r} requested but CUDA is not available here")
-    return torch.device(name)
+def make_loader(dataset, sampler, cfg, device: torch.device) -> DataLoader:
+    """One epoch's batches in the sampler's order (it resumes mid-epoch at the saved position)."""
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=cfg.data.num_workers,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(cfg.seed),  # keeps the global RNG untouched
+        worker_init_fn=ignore_in_data_workers,  # a SIGTERM to the process group: save first
+    )
 
 
 def build(node: DictConfig, key: str):
@@ -82,53 +74,21 @@ def build(node: DictConfig, key: str):
         return instantiate(node)
     except InstantiationException as exc:
         cause = exc.__cause__ or exc
-        message = one_line(cause)
-        raise ConfigError(key, f"{type(cause).__name__}: {message}") from None
+        raise ConfigError(key, f"{type(cause).__name__}: {one_line(cause)}") from None
 
 
-def train(cfg: DictConfig, overrides: list[str]) -> int:
-    s = validate(cfg)
-    run_id = s.run.id or identity.run_id_from_overrides(overrides)
-    run_dir = identity.run_dir(s.run.root, s.run.name, run_id)
-    remote = storage.connect(s.storage, s.run.name, run_id)  # checks the bucket now
-    device = pick_device(s.trainer.device)
-    world = distributed.join(
-        s.elastic.collective_timeout_seconds,
-        s.elastic.restore_timeout_seconds,
-        cuda=device.type == "cuda",
-    )
-    device = world.device(device)
-    if not world.is_leader:  # rank 0 alone logs; the others say only what goes wrong
-        logging.getLogger().setLevel(logging.WARNING)
-    complete = (run_dir / COMPLETE_MARKER).exists() or (remote and storage.remote_complete(remote))
-    if world.agree(complete)[0]:
-        where = remote.url if remote else run_dir
-        log.info("run %s/%s is already complete (%s): nothing to do", s.run.name, run_id, where)
-        return EXIT_COMPLETE
-
-    # More than one process: torch's elastic agent runs this script in every worker.
-    if launch.needs_agent(s.elastic):
-        resolved = OmegaConf.merge(cfg, {"run": {"id": run_id}})
-        script = Path(__file__).resolve()
-        return launch.run_agent(
-            s.elastic,
-            s.cloud,
-            f"{s.run.name}-{run_id}",
-            script,
-            OmegaConf.to_yaml(resolved, resolve=True),
-            complete=lambda: (
-                (run_dir / COMPLETE_MARKER).exists()
-                or bool(remote and storage.remote_complete(remote))
-            ),
-        )
+def train(job: Job) -> int:
+    """One worker of the run: set up, restore, train, finish. Returns the exit code."""
+    cfg, s = job.cfg, job.settings
+    world = join(job)
+    if world.agree(job.is_complete())[0]:
+        return job.nothing_to_do()
     if s.trainer.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
-    training_config = training_view(cfg)
-    digest = identity.config_digest(training_config)
-    world.check_same_job(f"{s.run.name}/{run_id}/{digest}")
 
     # Model, data and optimizer, all from the config; the same weights on every rank.
+    device = world.device(job.device)
     seed_everything(s.seed)
     dataset = build(cfg.data.dataset, "data.dataset")
     model = build(cfg.model, "model").to(device)
@@ -136,213 +96,19 @@ def train(cfg: DictConfig, overrides: list[str]) -> int:
     model = world.wrap(model, device)
     optimizer = instantiate(cfg.optimizer)(model.parameters())
 
-    # Everything opened from here on is closed on every way out (an exception too), in reverse.
-    reclaimed = False
-    with contextlib.ExitStack() as teardown:
-        # The run directory, its config and its event log: the same for every rank and restart.
-        run_dir.mkdir(parents=True, exist_ok=True)
-        events = EventLog(run_dir / "events.jsonl" if world.is_leader else None)
-        teardown.callback(events.close)
-        checkpoints = uploader = None  # rank 0's alone: the other ranks hold replicas
-        if world.is_leader:
-            atomic_write_bytes(
-                run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode()
-            )
-            ckpt_root = (
-                Path(s.storage.dir) / s.run.name / run_id
-                if s.storage.dir
-                else run_dir / "checkpoints"
-            )
-            checkpoints = CheckpointManager(
-                ckpt_root,
-                keep_last=s.checkpoint.keep_last,
-                async_save=s.checkpoint.async_save,
-                on_corrupt=s.checkpoint.on_corrupt,
-                on_error=s.checkpoint.on_error,
-                when_busy=s.checkpoint.when_busy,
-                events=events,
-                meta={
-                    "run": {"name": s.run.name, "id": run_id},
-                    "world_size": world.world_size,
-                    "config_digest": digest,
-                    "training_config": training_config,
-                },
-            )
-            checkpoints.remove_stale()
-            checkpoints.remote = remote  # the restore looks in the bucket too
-
-        # Find the newest checkpoint that verifies, local or remote: rank 0 loads it, every other
-        # rank receives it from rank 0.
-        began = time.perf_counter()
-        restored = None
-        if world.is_leader:
-            restored = restore_latest(checkpoints, digest, training_config)
-            # Uploads start after the restore: what it moved aside or could not download is
-            # neither queued nor counted as uploaded.
-            uploader = remote and storage.attach(
-                checkpoints, remote, events, s.storage.alert_after_failures
-            )
-            if s.data.ledger and not (restored and restored.get("error")):
-                truncate_ledgers(run_dir, restored["step"] if restored else 0)
-        restored = world.share(restored)
-        if restored and restored.get("error"):
-            events.emit("checkpoint_unusable", reason=restored["error"])
-            raise CheckpointUnusable(restored["error"])
-        saved = restored["state"]["trainer"] if restored else {}
-
-        # Metrics follow the events; the tracker's run is the one the checkpoint names.
-        tracker_run_id = saved.get("tracker_run_id") or f"{s.run.name}-{run_id}"
-        tracker = make_tracker(
-            s.logger,
-            run_dir,
-            tracker_run_id,
-            {**OmegaConf.to_container(cfg, resolve=True), "world_size": world.world_size},
-            rank=world.rank,
-        )
-        metrics = subscribe_metrics(events, tracker, s.cloud)
-        teardown.callback(metrics.close)
-
-        # The batch and LR for this world size. The reference world size (for which the config's LR
-        # and batch are meant) is the config's, else the one the run started with.
-        reference = (
-            s.elastic.reference_world_size or saved.get("reference_world_size") or world.world_size
-        )
-        sampler = ResumableBatchSampler(
-            len(dataset),
-            s.trainer.batch_size,
-            seed=s.seed,
-            shuffle=s.data.shuffle,
-            rank=world.rank,
-            world_size=world.world_size,
-            global_batch=elastic.global_batch(
-                s.elastic.batch_policy, s.trainer.batch_size, world.world_size, reference
-            ),
-        )
-        # The run's length in steps at this world size; an epoch's steps depend on the world size
-        # (scale_lr), so a run bounded by epochs stops on the epoch count, and the LR schedule
-        # follows the share of training done (TrainingLength), not this estimate.
-        max_steps = s.trainer.max_steps or s.trainer.max_epochs * sampler.steps_per_epoch()
-        if s.trainer.max_epochs:
-            max_steps = min(max_steps, s.trainer.max_epochs * sampler.steps_per_epoch())
-        length = TrainingLength(
-            s.trainer.max_steps,
-            s.trainer.max_epochs,
-            len(dataset),
-            schedule_steps=saved.get("schedule_steps") or max_steps,
-        )
+    # The run directory, event log, checkpoints and metrics: closed on every way out.
+    with Session(job, world, device) as run:
+        restored = run.restore()  # the newest verified checkpoint, on every rank; or None
+        sampler, length = run.plan(len(dataset), restored)  # batch and length at this world size
         scheduler = build_scheduler(instantiate(cfg.scheduler), optimizer, length.schedule_steps)
-        config_lrs = list(scheduler.base_lrs)
-        state = TrainingState(
-            model,
-            optimizer,
-            scheduler,
-            sampler,
-            seed=s.seed,
-            rank=world.rank,
-            world_size=world.world_size,
-            reference_world_size=reference,
-            tracker_run_id=tracker_run_id,
-            schedule_steps=length.schedule_steps,
-        )
-        if restored:
-            try:
-                state.load_state_dict(restored["state"])  # refuses one that does not fit
-            except CheckpointUnusable as exc:
-                events.emit("checkpoint_unusable", reason=str(exc))
-                raise
-            if checkpoints is not None:
-                checkpoints.last_committed_step = state.step
-            events.emit(
-                "resume",
-                step=state.step,
-                epoch=state.epoch,
-                samples_in_epoch=sampler.consumed,
-                checkpoint=restored["path"],
-                restore_seconds=round(time.perf_counter() - began, 6),
-            )
-            log.info(
-                "resumed from %s (step %d, epoch %d)", restored["path"], state.step, state.epoch
-            )
-        # From the config's base LRs after every load: never compounded across changes.
-        lr_scale = elastic.lr_scale(s.elastic, world.world_size, reference)
-        elastic.apply_lr_scale(scheduler, config_lrs, lr_scale)
-        split = elastic.describe_split(sampler)
-        if restored and state.saved_world_size != world.world_size:
-            events.emit(
-                "world_size_change",
-                step=state.step,
-                previous=state.saved_world_size,
-                world_size=world.world_size,
-                batch_policy=s.elastic.batch_policy,
-                reference_world_size=reference,
-                lr_scale=lr_scale,
-                **split,
-            )
-            log.info(
-                "world size %d -> %d: %s; LR scale %g",
-                state.saved_world_size,
-                world.world_size,
-                split["text"],
-                lr_scale,
-            )
-        events.emit(
-            "start",
-            step=state.step,
-            run_dir=str(run_dir),
-            device=str(device),
-            world_size=world.world_size,
-            lr_scale=lr_scale,
-            restart=world.restart_count,
-            node_rank=int(os.environ.get("GROUP_RANK", 0)),
-            nodes=int(os.environ.get("GROUP_WORLD_SIZE", 1)),
-            agent_pid=os.getppid() if distributed.launched_by_torch_elastic() else None,
-            **split,
-        )
-        log.info("run directory: %s (%s)", run_dir, split["text"])
-
-        ledger = Ledger(run_dir, rank=world.rank) if s.data.ledger else None
-        if ledger is not None:
-            teardown.callback(ledger.close)
-        checkpointer = Checkpointer(
-            world,
-            state,
-            CheckpointSchedule(s.checkpoint, s.cloud.interruption_rate_per_hour, events),
-            events,
-            s.cloud,
-            manager=checkpoints,
-            uploader=uploader,
-            final_upload_timeout_seconds=s.storage.final_upload_timeout_seconds,
-            overlap=s.checkpoint.overlap,
-        )
-        teardown.callback(checkpointer.close)
-        progress = Progress(max_steps, state.step) if world.is_leader else None
-        if progress is not None:
-            events.subscribe(progress.on_event)
+        state = run.resume(model, optimizer, scheduler, sampler, length, restored)
+        checkpointer, monitor = run.checkpointer, run.monitor
         loss_fn = partial(compute_loss, device=device)
-        # Interruption notices: signals on every rank, the cloud's metadata on one rank per node.
-        monitor = InterruptionMonitor(s.cloud, poll_metadata=world.local_rank == 0)
-        teardown.callback(monitor.close)
-
-        def finished() -> bool:
-            return state.step >= (s.trainer.max_steps or 1e18) or (
-                state.epoch >= (s.trainer.max_epochs or 1e18)
-            )
 
         stop = False
         model.train()
-        while not finished() and not stop:
-            batches = iter(
-                DataLoader(
-                    dataset,
-                    batch_sampler=sampler,
-                    num_workers=s.data.num_workers,
-                    pin_memory=device.type == "cuda",
-                    generator=torch.Generator().manual_seed(
-                        s.seed
-                    ),  # keeps the global RNG untouched
-                    worker_init_fn=ignore_in_data_workers,  # a SIGTERM to the group: save first
-                )
-            )
+        while not run.finished() and not stop:
+            batches = iter(make_loader(dataset, sampler, cfg, device))
             while not sampler.epoch_finished:
                 step_samples, share = sampler.step_size(), sampler.current_indices()
                 optimizer.zero_grad(set_to_none=True)
@@ -353,20 +119,14 @@ def train(cfg: DictConfig, overrides: list[str]) -> int:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), s.trainer.grad_clip)
                 checkpointer.before_update()  # a checkpoint still copying this state finishes first
                 optimizer.step()
-                if ledger is not None:
-                    ledger.record(state.step + 1, state.epoch, share)
                 state.step += 1
+                run.record(share)  # the ledger: which samples this rank trained on
                 sampler.advance()
                 set_position(scheduler, length.position(state.step, state.epoch, sampler.consumed))
                 wanted = checkpointer.after_update()  # rank 0's vote: a checkpoint is due
-                if state.step % s.trainer.log_every == 0 or finished():  # .item() syncs a GPU
-                    loss = world.sum(float(loss_sum)) / step_samples  # the mean over all ranks
-                    lr = scheduler.get_last_lr()[0]
-                    if progress is not None:
-                        progress.update(state.step, loss=loss, lr=lr)
-                    events.emit("train", step=state.step, loss=loss, lr=lr)
+                run.log(loss_sum, step_samples, scheduler.get_last_lr()[0])
                 failpoint("train.step", state.step, rank=world.rank)
-                if finished():
+                if run.finished():
                     break
                 # Every rank agrees on how this step ends: a checkpoint, a stop, or neither.
                 due, rebalance, stop = world.agree(
@@ -378,44 +138,27 @@ def train(cfg: DictConfig, overrides: list[str]) -> int:
                     checkpointer.save("interval" if due else "rebalance")
             if sampler.epoch_finished:
                 sampler.next_epoch()
-        if progress is not None:
-            progress.close()
 
-        if stop:  # an interruption notice: every rank stopped at this step
-            checkpointer.emergency(
-                world.gather(monitor.notice.as_dict() if monitor.notice else None)
-            )
-            monitor.acknowledge()  # Azure: the event may start now
-            reclaimed = monitor.notice is not None and monitor.notice.source != "signal"
+        if stop:
+            run.stop()  # the emergency checkpoint, uploaded within the notice
         else:
-            checkpointer.finish()  # the final checkpoint commits (and uploads) before "complete"
-            if world.is_leader:
-                atomic_write_bytes(run_dir / COMPLETE_MARKER, f"{state.step}\n".encode())
-                events.emit("complete", step=state.step, epoch=state.epoch)
-                log.info("run complete at step %d: %s", state.step, run_dir)
+            run.finish()  # the final checkpoint commits (and uploads) before "complete"
 
-    if reclaimed:
+    if run.reclaimed:
         # The cloud says this node is going away: its agent stops rather than restarting the
         # workers. (A signal came from the agent itself, regrouping or stopping, or reached it.)
         distributed.stop_agent()
     return EXIT_PREEMPTED if stop else EXIT_COMPLETE
 
 
-def restore_latest(checkpoints: CheckpointManager, digest: str, training_config: dict):
-    """The newest verified checkpoint as {step, path, state}, None, or {error} if unusable."""
-    try:
-        loaded = checkpoints.load_latest(digest, training_config)
-    except CheckpointUnusable as exc:
-        return {"error": str(exc)}
-    if loaded is None:
-        return None
-    return {"step": loaded.step, "path": str(loaded.path), "state": loaded.state}
-
-
 def run(cfg: DictConfig, overrides: list[str]) -> int:
-    """train(), with each known failure turned into its documented exit code and one line."""
+    """The process decides what it is (one worker, or an agent for several), then each known
+    failure becomes its documented exit code and one line."""
     try:
-        return train(cfg, overrides)
+        job = Job.from_config(cfg, overrides)
+        if launch.needs_agent(job.settings.elastic):
+            return job.run_agent(Path(__file__).resolve())  # runs this script in each worker
+        return train(job)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return EXIT_BAD_CONFIG

@@ -6,9 +6,19 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import CREDENTIALS
+
 
 @pytest.fixture
 def markers(tmp_path: Path) -> Path:
     d = tmp_path / "failpoints"
     d.mkdir()
     return d
+
+
+@pytest.fixture
+def credentials(monkeypatch):
+    """The moto S3 server's credentials in the environment (the S3 test files use it for every
+    test: `pytestmark = pytest.mark.usefixtures("credentials")`)."""
+    for key, value in CREDENTIALS.items():
+        monkeypatch.setenv(key, value)

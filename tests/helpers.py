@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+from spot.tree import first_difference
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -143,31 +143,10 @@ def final_state(run_dir: Path) -> dict:
     return CheckpointManager.load(path).state
 
 
-_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """The tensor's raw bits as integers (so -0.0 != 0.0 and NaN payloads count)."""
-    flat = t.detach().cpu().contiguous().flatten()
-    return flat.view(_SAME_SIZE_INT[flat.element_size()]) if flat.is_floating_point() else flat
-
-
 def assert_bitwise_equal(a, b, where: str = "") -> None:
-    """Recursively compare state trees; tensors must be identical bit for bit."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor), where
-        assert a.dtype == b.dtype and a.shape == b.shape, where
-        assert torch.equal(_bits(a), _bits(b)), f"differs at {where}"
-    elif isinstance(a, dict):
-        assert set(a) == set(b), f"keys differ at {where}: {set(a) ^ set(b)}"
-        for k in a:
-            assert_bitwise_equal(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, list | tuple):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_bitwise_equal(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
+    """Recursively compare state trees; tensors must be identical bit for bit (spot.tree)."""
+    difference = first_difference(a, b, where)
+    assert difference is None, difference
 
 
 def rewrite_manifest(ckpt: Path, change_files) -> None:
@@ -181,3 +160,85 @@ def rewrite_manifest(ckpt: Path, change_files) -> None:
     generated = ("format", "library_version", "hash", "components", "files")
     meta = {k: v for k, v in body.items() if k not in generated}
     (ckpt / "manifest.json").write_bytes(manifest.build(files, meta))
+
+
+# ---- shared by a test file's unit half (tests/unit/) and its end-to-end half (tests/e2e/) ----
+
+# The moto S3 server's credentials (test_s3, test_s3_integrity; the `credentials` fixture).
+CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+# test_metrics: spot and on-demand prices per hour.
+PRICES = (3.0, 10.0)
+
+# test_interruption_proxy: a dead HTTP proxy in the environment.
+PROXY_VARS = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
+NO_PROXY_VARS = ("no_proxy", "NO_PROXY")
+
+
+def dead_proxy() -> str:
+    """An http:// URL on loopback where nothing listens."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def proxy_environment() -> dict[str, str]:
+    """Every proxy variable names the dead proxy; `no_proxy` is empty, which urllib reads as
+    unset (the values overlay an environment that may have one)."""
+    return {**dict.fromkeys(PROXY_VARS, dead_proxy()), **dict.fromkeys(NO_PROXY_VARS, "")}
+
+
+def committed_steps(events_path: Path) -> list[int]:
+    """test_lost_work: the steps of the `checkpoint` events, in order."""
+    from spot.run.events import read_events
+
+    return [e["step"] for e in read_events(events_path) if e["event"] == "checkpoint"]
+
+
+def seeded_state(seed: int) -> dict:
+    """test_s3_integrity, test_s3_download_faults: a small training state, the same per seed."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "model": {"w": torch.randn(256, generator=g)},
+        "optimizer": {"m": torch.randn(256, generator=g)},
+        "scheduler": {"n": seed},
+        "trainer": {"step": seed},
+    }
+
+
+def checkpoint_manager(root: Path, events, keep_last: int = 3, store=None, alert_after: int = 3):
+    """test_s3_integrity: a synchronous CheckpointManager that falls back to the previous
+    checkpoint (config digest "x"); with `store` (an S3Store), checkpoints also go there once
+    its `start_uploads()` is called."""
+    from spot.checkpoint.manager import CheckpointManager
+    from spot.checkpoint.storage import RemoteCheckpoints
+
+    return CheckpointManager(
+        root,
+        keep_last=keep_last,
+        async_save=False,
+        on_corrupt="previous",
+        events=events,
+        meta={"config_digest": "x", "training_config": {}},
+        remote=store and RemoteCheckpoints(store, events, alert_after),
+    )
+
+
+def verifies(store, step: int, into: Path) -> bool:
+    """test_s3_integrity: whether the remote checkpoint at `step` downloads verified."""
+    from spot.checkpoint import manifest
+
+    try:
+        store.download(step, into)
+        return True
+    except manifest.CorruptCheckpoint:
+        return False

@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,8 +123,11 @@ class CheckpointManager:
         meta: dict[str, Any],
         on_error: str = "stop",
         when_busy: str = "wait",
+        remote=None,
     ):
         """meta (config_digest, training_config, world_size, run) goes into every manifest.
+        remote: a spot.checkpoint.storage.RemoteCheckpoints (a restore looks there too, commits
+        are copied there once `start_uploads()` is called), or None for local storage only.
 
         on_error: "stop" raises a failed save's error in the training loop; "continue" logs it,
         counts it and goes on (the previous checkpoint stays the newest). when_busy: "wait" makes a
@@ -151,10 +154,7 @@ class CheckpointManager:
         self.last_persist_seconds: float | None = None
         self.failures = 0
         self.skipped = 0
-        # Remote storage (spot.checkpoint.storage.S3Store) and its uploader's hooks; None: local only.
-        self.remote = None
-        self.on_commit: Callable[[int], None] | None = None
-        self.newest_uploaded: Callable[[], int | None] | None = None
+        self.remote = remote
         self._retain_lock = threading.Lock()
 
     @property
@@ -330,8 +330,8 @@ class CheckpointManager:
             **{k: info[k] for k in ("reason", "epoch", "requested_at") if k in info},
         )
         failpoint("checkpoint.committed", step)
-        if self.on_commit is not None:
-            self.on_commit(step)
+        if self.remote is not None:
+            self.remote.committed(step)
         self.retain()
 
     def _kept_existing(self, path: Path, step: int) -> bool:
@@ -354,11 +354,18 @@ class CheckpointManager:
             if not committed:
                 return
             limit = committed[0][0]  # only ever delete ones older than the newest committed
-            if self.newest_uploaded is not None:
-                limit = min(limit, self.newest_uploaded() or -1)
+            if self.remote is not None:
+                limit = min(limit, self.remote.newest_uploaded() or -1)
             for step, path in committed[self.keep_last :]:
                 if step < limit:
                     remove_tree(path)
+
+    def start_uploads(self):
+        """Start copying every commit to the remote, if there is one; call it after the restore
+        (see RemoteCheckpoints.start). Returns the Uploader, or None for local storage."""
+        if self.remote is None:
+            return None
+        return self.remote.start(self.root, self.keep_last, lambda _step: self.retain())
 
     def remove_stale(self) -> None:
         """Delete temporary directories left by a process killed mid-save, mid-delete or

@@ -27,6 +27,7 @@ import os
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +45,7 @@ from spot.failpoints import failpoint
 from spot.fsutil import fsync_dir, fsync_file, remove_tree
 from spot.run.config import one_line
 from spot.run.events import EventLog
+from spot.run.identity import COMPLETE
 
 log = logging.getLogger(__name__)
 for _noisy in ("boto3", "botocore", "s3transfer", "urllib3"):  # their INFO lines are not ours
@@ -327,8 +329,6 @@ class S3Store:
             self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys[i : i + 1000]})
 
 
-COMPLETE = "COMPLETE"
-
 
 def connect(storage, run_name: str, run_id: str) -> S3Store | None:
     """The run's remote store, checked usable (RemoteError otherwise); None for local storage.
@@ -359,30 +359,49 @@ def mark_remote_complete(store: S3Store, step: int) -> None:
     store.client.put_object(Bucket=store.bucket, Key=store.key(COMPLETE), Body=f"{step}\n".encode())
 
 
-def attach(checkpoints, store: S3Store, events: EventLog, alert_after: int) -> Uploader:
-    """Wire a CheckpointManager to upload every commit, and to keep local checkpoints until a
-    verified copy of a newer one is in the bucket. Call it after the restore: a corrupt local
-    checkpoint the restore moved aside is then never queued, and a remote one whose download
-    failed is not counted. Local checkpoints newer than the newest verified remote one are
-    queued now (one at the step of an unverifiable remote copy too: it replaces that copy)."""
-    store.claim()
-    uploader = Uploader(
-        store,
-        checkpoints.root,
-        events,
-        checkpoints.keep_last,
-        alert_after,
-        lambda _: checkpoints.retain(),
-    )
-    checkpoints.remote = store
-    checkpoints.on_commit = uploader.submit
-    checkpoints.newest_uploaded = lambda: uploader.newest_uploaded
-    try:
-        uploader.look()
-    except (ClientError, BotoCoreError) as exc:  # then count none: local copies are all kept
-        log.warning("could not check the checkpoints in %s: %s", store.url, one_line(exc))
-    newest = uploader.newest_uploaded
-    for step, _path in committed_checkpoints(checkpoints.root):
-        if newest is None or step > newest:
-            uploader.submit(step)
-    return uploader
+class RemoteCheckpoints:
+    """A bucket beside the local checkpoint directory, as the CheckpointManager uses it (given to
+    its constructor): where a restore also looks, where each commit is copied once uploads have
+    started, and the newest verified copy that local retention waits for."""
+
+    def __init__(self, store: S3Store, events: EventLog, alert_after: int):
+        self.store = store
+        self.events = events
+        self.alert_after = alert_after
+        self.uploader: Uploader | None = None
+
+    @property
+    def url(self) -> str:
+        return self.store.url
+
+    def committed_steps(self) -> list[int]:
+        return self.store.committed_steps()
+
+    def download(self, step: int, into: Path) -> Path:
+        return self.store.download(step, into)
+
+    def start(self, root: Path, keep_last: int, on_uploaded: Callable[[int], None]) -> Uploader:
+        """Claim the run and start uploading. Call it after the restore: a corrupt local
+        checkpoint the restore moved aside is then never queued, and a remote one whose download
+        failed is not counted. Local checkpoints newer than the newest verified remote one are
+        queued now (one at the step of an unverifiable remote copy too: it replaces that copy)."""
+        self.store.claim()
+        uploader = Uploader(self.store, root, self.events, keep_last, self.alert_after, on_uploaded)
+        self.uploader = uploader
+        try:
+            uploader.look()
+        except (ClientError, BotoCoreError) as exc:  # then count none: local copies are all kept
+            log.warning("could not check the checkpoints in %s: %s", self.url, one_line(exc))
+        newest = uploader.newest_uploaded
+        for step, _path in committed_checkpoints(root):
+            if newest is None or step > newest:
+                uploader.submit(step)
+        return uploader
+
+    def committed(self, step: int) -> None:
+        if self.uploader is not None:
+            self.uploader.submit(step)
+
+    def newest_uploaded(self) -> int | None:
+        """The newest verified remote checkpoint (None before uploads start: keep everything)."""
+        return self.uploader.newest_uploaded if self.uploader is not None else None

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from spot.fsutil import lower_priority, new_hasher, write_file_durably
+from spot.tree import map_tensors
 
 ALIGN = 64  # each tensor's offset in a component file
 BLOCK = (
@@ -47,16 +48,14 @@ def _is_plain(t: torch.Tensor) -> bool:
 
 def _flatten(tree: Any, tensors: list[torch.Tensor]) -> Any:
     """The tree with dense tensors replaced by meta tensors; the tensors appended in order."""
-    if isinstance(tree, torch.Tensor) and _is_plain(tree):
-        tensors.append(tree.detach())
-        return torch.empty(tree.shape, dtype=tree.dtype, device="meta")
-    if isinstance(tree, dict):
-        return {k: _flatten(v, tensors) for k, v in tree.items()}
-    if isinstance(tree, list | tuple):
-        return type(tree)(_flatten(v, tensors) for v in tree)
-    if isinstance(tree, torch.Tensor):  # sparse, quantized: kept whole in the structure file
-        return tree.detach().clone()
-    return tree
+
+    def placeholder(t: torch.Tensor) -> torch.Tensor:
+        if not _is_plain(t):  # sparse, quantized: kept whole in the structure file
+            return t.detach().clone()
+        tensors.append(t.detach())
+        return torch.empty(t.shape, dtype=t.dtype, device="meta")
+
+    return map_tensors(tree, placeholder)
 
 
 def _bytes_of(t: torch.Tensor) -> torch.Tensor:
@@ -271,23 +270,19 @@ def rebuild(skeleton: Any, blob: torch.Tensor) -> Any:
     """Put the tensors back: slices of `blob` at the offsets the structure implies."""
     offset = 0
 
-    def fill(tree: Any) -> Any:
+    def fill(meta: torch.Tensor) -> torch.Tensor:
         nonlocal offset
-        if isinstance(tree, torch.Tensor) and tree.device.type == "meta":
-            offset = _align(offset)
-            n = tree.numel() * tree.element_size()
-            if offset + n > blob.numel():
-                raise TensorFileError("tensor data is shorter than its structure")
-            t = blob[offset : offset + n].view(tree.dtype).reshape(tree.shape)
-            offset += n
-            return t
-        if isinstance(tree, dict):
-            return {k: fill(v) for k, v in tree.items()}
-        if isinstance(tree, list | tuple):
-            return type(tree)(fill(v) for v in tree)
-        return tree
+        if meta.device.type != "meta":  # a tensor kept whole in the structure file
+            return meta
+        offset = _align(offset)
+        n = meta.numel() * meta.element_size()
+        if offset + n > blob.numel():
+            raise TensorFileError("tensor data is shorter than its structure")
+        t = blob[offset : offset + n].view(meta.dtype).reshape(meta.shape)
+        offset += n
+        return t
 
-    result = fill(skeleton)
+    result = map_tensors(skeleton, fill)
     if _align(offset, BLOCK) != blob.numel():
         raise TensorFileError("tensor data is longer than its structure")
     return result

@@ -1,6 +1,6 @@
 """The data ledger (`data.ledger=true`): which dataset indices each rank consumed at each step.
 
-`<run dir>/ledger/rank-<r>.jsonl`, one line per step. On resume, lines past the restored step
+`<run dir>/ledger/rank-<r>.jsonl` (RunPaths.ledger_file), one line per step. On resume, lines past the restored step
 are dropped, so the ledger always describes the surviving run and can prove exactly-once.
 """
 
@@ -10,10 +10,7 @@ import json
 from pathlib import Path
 
 from spot.fsutil import atomic_write_bytes
-
-
-def ledger_path(run_dir: Path, rank: int) -> Path:
-    return run_dir / "ledger" / f"rank-{rank}.jsonl"
+from spot.run.identity import RunPaths
 
 
 def read_ledger(path: Path) -> list[dict]:
@@ -27,17 +24,17 @@ def read_ledger(path: Path) -> list[dict]:
     return entries
 
 
-def truncate_ledgers(run_dir: Path, resumed_step: int) -> None:
+def truncate_ledgers(paths: RunPaths, resumed_step: int) -> None:
     """Drop every rank's lines past the restored step, ranks that no longer exist included.
     The leader calls it before any rank appends."""
-    for path in sorted((run_dir / "ledger").glob("rank-*.jsonl")):
+    for path in sorted(paths.ledger.glob("rank-*.jsonl")):
         kept = [e for e in read_ledger(path) if e.get("step", 0) <= resumed_step]
         atomic_write_bytes(path, "".join(json.dumps(e) + "\n" for e in kept).encode())
 
 
 class Ledger:
-    def __init__(self, run_dir: Path, rank: int):
-        self.path = ledger_path(run_dir, rank)
+    def __init__(self, paths: RunPaths, rank: int):
+        self.path = paths.ledger_file(rank)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a", buffering=1)  # noqa: SIM115 - closed in close()
 

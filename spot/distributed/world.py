@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from spot.run.config import ConfigError
+from spot.tree import map_leaves, map_tensors
 
 log = logging.getLogger(__name__)
 
@@ -154,25 +155,22 @@ class _TensorSlot:
 
 
 def _strip_tensors(obj: Any, out: list[torch.Tensor]) -> Any:
-    if isinstance(obj, torch.Tensor):
-        out.append(obj.detach().cpu())
-        return _TensorSlot(obj.shape, obj.dtype)
-    if isinstance(obj, dict):
-        return {k: _strip_tensors(v, out) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(_strip_tensors(v, out) for v in obj)
-    return obj
+    def slot(t: torch.Tensor) -> _TensorSlot:
+        out.append(t.detach().cpu())
+        return _TensorSlot(t.shape, t.dtype)
+
+    return map_tensors(obj, slot)
 
 
 def _fill_tensors(obj: Any, out: list[torch.Tensor]) -> Any:
-    if isinstance(obj, _TensorSlot):
-        out.append(torch.empty(obj.shape, dtype=obj.dtype))
+    # The same walk as _strip_tensors, so the receivers' tensors come in the leader's order.
+    def empty(leaf: Any) -> Any:
+        if not isinstance(leaf, _TensorSlot):
+            return leaf
+        out.append(torch.empty(leaf.shape, dtype=leaf.dtype))
         return out[-1]
-    if isinstance(obj, dict):
-        return {k: _fill_tensors(v, out) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(_fill_tensors(v, out) for v in obj)
-    return obj
+
+    return map_leaves(obj, empty)
 
 
 def exit_process(code: int) -> NoReturn:

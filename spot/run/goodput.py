@@ -180,12 +180,14 @@ def run_accounting(run_dir: Path):
     from omegaconf import OmegaConf
 
     from spot.run.events import read_events
+    from spot.run.identity import RunPaths
 
-    for name in ("events.jsonl", "config.yaml"):
-        if not (run_dir / name).exists():
-            raise FileNotFoundError(f"{run_dir / name} does not exist (a run directory has it)")
-    cloud = OmegaConf.load(run_dir / "config.yaml").cloud
-    events = read_events(run_dir / "events.jsonl")
+    paths = RunPaths.at(run_dir)
+    for path in (paths.events, paths.config):
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist (a run directory has it)")
+    cloud = OmegaConf.load(paths.config).cloud
+    events = read_events(paths.events)
     return cloud, account(events, cloud.price.spot_per_hour, cloud.price.on_demand_per_hour)
 
 

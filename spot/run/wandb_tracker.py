@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from spot.run.config import LoggerConfig
+from spot.run.identity import RunPaths
 from spot.run.metrics import EVENT_KEY, STEP_KEY, without_credentials
 
 # W&B's transaction log (`run-<id>.wandb`): LevelDB's log format, 32 KiB blocks of records
@@ -81,7 +82,7 @@ class WandbTracker:
         os.environ.setdefault("WANDB_SILENT", "true")
         import wandb
 
-        wandb_dir = Path(run_dir) / "wandb"
+        wandb_dir = RunPaths.at(run_dir).tracker
         wandb_dir.mkdir(parents=True, exist_ok=True)
         earlier = offline_history(wandb_dir, run_id) if cfg.mode == "offline" else []
         self.run = wandb.init(

@@ -23,12 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from spot.checkpoint.manager import CheckpointManager, list_step_dirs
 from spot.run.events import read_events
 from spot.run.exitcodes import EXIT_COMPLETE, EXIT_PREEMPTED
 from spot.tools.emulate import EmulatorServer, make_emulator
+from spot.tree import first_difference
 
 KINDS = ("notice", "sigterm", "sigkill")
 
@@ -58,26 +57,11 @@ def _final_state(root: Path) -> dict:
     return CheckpointManager.load(path).state
 
 
-def differences(a, b, where: str = "") -> list[str]:
-    """Where two state trees differ, comparing tensors bit for bit."""
-    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        same = a.dtype == b.dtype and a.shape == b.shape
-        if same and a.is_floating_point():
-            width = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
-            same = torch.equal(a.contiguous().view(width), b.contiguous().view(width))
-        elif same:
-            same = torch.equal(a, b)
-        return [] if same else [where]
-    if isinstance(a, dict) and isinstance(b, dict):
-        if set(a) != set(b):
-            return [f"{where} (keys)"]
-        return [d for k in a for d in differences(a[k], b[k], f"{where}.{k}")]
-    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
-        if len(a) != len(b):
-            return [f"{where} (length)"]
-        pairs = enumerate(zip(a, b, strict=True))
-        return [d for i, (x, y) in pairs for d in differences(x, y, f"{where}[{i}]")]
-    return [] if a == b else [where]
+def differences(a, b) -> list[str]:
+    """Where two state trees differ, comparing tensors bit for bit: the first difference, or
+    none. The first is enough to say the run was not reproduced, and where to start looking."""
+    found = first_difference(a, b)
+    return [] if found is None else [found]
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:

@@ -15,13 +15,14 @@ import torch
 from spot.checkpoint import manifest
 from spot.checkpoint.manager import CheckpointManager, list_step_dirs
 from spot.checkpoint.manifest import STEP_DIR, CorruptCheckpoint
+from spot.run.identity import RunPaths
 
 
 def _checkpoint_dirs(path: Path) -> list[Path]:
     if STEP_DIR.match(path.name):
         return [path]
-    if (path / "checkpoints").is_dir():
-        path = path / "checkpoints"
+    if RunPaths.at(path).checkpoints.is_dir():
+        path = RunPaths.at(path).checkpoints
     if not path.is_dir():
         raise SystemExit(
             f"error: {path} is not a run directory, a checkpoints directory or a step-* directory"

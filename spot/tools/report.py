@@ -15,6 +15,7 @@ from pathlib import Path
 
 from spot.run.events import read_events
 from spot.run.goodput import run_accounting, split_attempts, step_times, summary_lines
+from spot.run.identity import RunPaths
 
 # Fixed colours, so a reader (or a test) can find each kind of mark.
 KEPT, LOST, STALL, RESTART_GAP = "#1f77b4", "#9e9e9e", "#ff7f0e", "#d62728"
@@ -41,7 +42,7 @@ def plot(run_dir: Path, out: Path) -> dict:
     matplotlib.use("Agg")  # files only: no display on a training machine
     import matplotlib.pyplot as plt
 
-    events = read_events(run_dir / "events.jsonl")
+    events = read_events(RunPaths.at(run_dir).events)
     cloud, a = run_accounting(run_dir)
     attempts = [x for x in split_attempts(events) if x]
     resumed_at = [

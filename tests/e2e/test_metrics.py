@@ -1,5 +1,5 @@
-"""Metrics from events, one W&B run across restarts (read back from W&B's own offline files), and
-the run report."""
+"""One W&B run across restarts (read back from W&B's own offline files), and the run report.
+Metrics from events: tests/unit/test_metrics.py."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ import pytest
 
 from spot.run.events import read_events
 from spot.run.goodput import account
-from spot.run.metrics import RunMetrics, accounting_figures, without_credentials
+from spot.run.metrics import accounting_figures
 
-from .helpers import (
+from ..helpers import (
     FAST,
+    PRICES,
     REPO,
     run_dir_of,
     run_train,
@@ -25,80 +26,9 @@ from .helpers import (
     train_env,
     wait_for_step,
 )
-from .test_goodput import synthetic_run
 
 SECRET = "do-not-log-me-9f3a1c"  # an AWS secret in the environment: must appear nowhere
-PRICES = (3.0, 10.0)
 STEPS = 80
-
-
-class Recorder:
-    def __init__(self, holds: int = 0):
-        self.rows: list[tuple[int, dict]] = []
-        self.holds = holds
-
-    def logged_events(self):
-        return self.holds
-
-    def log(self, figures, step):
-        self.rows.append((step, figures))
-
-    def close(self):
-        pass
-
-
-def test_events_become_contract_metrics_at_their_steps():
-    events = synthetic_run()
-    recorder = Recorder()
-    metrics = RunMetrics(recorder, [], *PRICES)
-    for event in events:
-        metrics(event)
-    stalls = [(e["step"], e["stall_seconds"]) for e in events if e["event"] == "checkpoint"]
-    logged = [(s, f["ckpt/stall_seconds"]) for s, f in recorder.rows if "ckpt/stall_seconds" in f]
-    assert logged == stalls and stalls  # each checkpoint's figures at the checkpoint's step
-    last_step, last = recorder.rows[-1]
-    a = account(events, *PRICES)
-    assert last_step == events[-1]["step"]
-    assert last["spot/goodput"] == a.goodput and last["cost/saved_usd"] == a.saved_usd
-    assert last["spot/interruptions"] == a.interruptions == 1
-    assert last["spot/lost_steps"] == a.lost_steps
-
-
-def test_a_history_counts_towards_goodput_and_what_the_tracker_lost_is_sent_again():
-    events = synthetic_run()
-    split = next(i for i, e in enumerate(events) if e["event"] == "start" and e["step"] > 0)
-    holds = next(i for i, e in enumerate(events) if e["event"] == "checkpoint")
-    recorder = Recorder(holds=holds)  # the tracker lost the history's events from `holds` on
-    metrics = RunMetrics(recorder, events[:split], *PRICES)
-    for event in events[split:]:
-        metrics(event)
-    sent = [f["spot/event_index"] for _, f in recorder.rows]
-    assert sent[0] == holds and sent == sorted(sent)
-    assert recorder.rows[0][0] == events[holds]["step"]  # at the lost event's own step
-    assert recorder.rows[-1][1]["spot/interruptions"] == 1
-    assert RunMetrics(Recorder(holds=len(events)), events, *PRICES).tracker.rows == []
-
-
-def test_a_failing_tracker_never_stops_training():
-    class Broken(Recorder):
-        def log(self, figures, step):
-            raise ConnectionError("tracker down")
-
-    metrics = RunMetrics(Broken(), [], *PRICES)
-    for event in synthetic_run():
-        metrics(event)  # no exception
-
-
-def test_no_credentials_reach_a_tracker():
-    config = {
-        "storage": {"endpoint_url": "https://user:pa55@minio.local:9000", "bucket": "b"},
-        "aws_secret_access_key": "x",
-        "nested": [{"api_key": "y", "keep": 1}],
-    }
-    assert without_credentials(config) == {
-        "storage": {"endpoint_url": "https://minio.local:9000", "bucket": "b"},
-        "nested": [{"keep": 1}],
-    }
 
 
 @pytest.fixture(scope="module")
@@ -229,17 +159,3 @@ def test_the_report_marks_interruptions_and_prints_the_runs_figures(interrupted_
 
     assert vertical_lines(INTERRUPTION) == 2
     assert vertical_lines(RESTART) == 2
-
-
-def test_progress_shows_rate_eta_and_the_work_since_the_last_checkpoint():
-    import io
-
-    from spot.run.progress import Progress
-
-    now = [100.0]
-    progress = Progress(1000, 200, stream=io.StringIO(), clock=lambda: now[0])
-    now[0] = 110.0  # 100 steps in 10 s
-    assert progress.line(300, loss=1.5) == "step 300/1000 loss 1.5 10.0 it/s ETA 1m10s unsaved 10s"
-    progress.on_event({"event": "checkpoint", "step": 300})
-    now[0] = 3710.0  # 200 steps in 3610 s: 600 more take 10830 s
-    assert progress.line(400) == "step 400/1000 0.1 it/s ETA 3h00m unsaved 1h00m"

@@ -16,7 +16,7 @@ import pytest
 from spot.distributed.ledger import read_ledger
 from spot.run.events import read_events
 
-from .helpers import (
+from ..helpers import (
     FAST,
     REPO,
     assert_bitwise_equal,

@@ -30,7 +30,7 @@ import yaml
 from spot.run.events import read_events
 from spot.run.exitcodes import EXIT_BAD_CONFIG, EXIT_CHECKPOINT_UNUSABLE, EXIT_PREEMPTED
 
-from .helpers import FAST, REPO, run_dir_of, train_env
+from ..helpers import FAST, REPO, run_dir_of, train_env
 
 pytestmark = pytest.mark.slow
 

@@ -13,15 +13,16 @@ import pytest
 
 from spot.checkpoint.manager import CheckpointManager
 from spot.checkpoint.manifest import step_dir_name
-from spot.checkpoint.storage import S3Store
+from spot.checkpoint.storage import RemoteCheckpoints, S3Store
 from spot.checkpoint.upload import remote_problem
 from spot.run.events import EventLog, read_events
-from tests import test_s3
+from tests.e2e import test_s3
 from tests.faultproxy import FaultProxy
-from tests.test_s3_integrity import credentials, state  # noqa: F401 - credentials: a fixture
+from tests.helpers import seeded_state as state
 
 s3_endpoint = test_s3.s3_endpoint  # its fixtures: a moto server for this module, a bucket a test
 bucket = test_s3.bucket
+pytestmark = pytest.mark.usefixtures("credentials")  # tests/conftest.py
 PREFIX = "runs/r/1"
 
 
@@ -38,7 +39,7 @@ def remote(s3_endpoint, bucket, tmp_path) -> str:
     return name
 
 
-def manager(root: Path, events: EventLog) -> CheckpointManager:
+def manager(root: Path, events: EventLog, remote=None) -> CheckpointManager:
     return CheckpointManager(
         root,
         keep_last=3,
@@ -46,6 +47,7 @@ def manager(root: Path, events: EventLog) -> CheckpointManager:
         on_corrupt="previous",
         events=events,
         meta={"config_digest": "x", "training_config": {}},
+        remote=remote,
     )
 
 
@@ -53,10 +55,10 @@ def restore_through(proxy: FaultProxy, name: str, tmp_path: Path):
     """A fresh machine's restore (an empty disk) through the proxy: the loaded checkpoint and
     the events."""
     events = EventLog(tmp_path / "events.jsonl")
-    fresh = manager(tmp_path / "fresh", events)
-    fresh.remote = S3Store(name, PREFIX, endpoint_url=proxy.url, max_attempts=3)
+    store = S3Store(name, PREFIX, endpoint_url=proxy.url, max_attempts=3)
+    fresh = manager(tmp_path / "fresh", events, RemoteCheckpoints(store, events, alert_after=3))
     loaded = fresh.load_latest("x", {})
-    return loaded, read_events(tmp_path / "events.jsonl"), fresh.remote
+    return loaded, read_events(tmp_path / "events.jsonl"), store
 
 
 def test_resets_and_5xx_mid_download_are_retried_to_a_verified_checkpoint(

@@ -10,11 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from spot.run.events import read_events
 
-from .helpers import (
+from ..helpers import (
     FAST,
     REPO,
     assert_bitwise_equal,
@@ -27,22 +26,6 @@ from .helpers import (
 
 FAKE_SLURM = REPO / "tests" / "fakeslurm"
 ARGS = [*FAST, "cloud=slurm", "trainer.max_steps=60", "trainer.log_every=1"]
-
-
-def test_the_launcher_composes_with_the_notice_window_of_cloud_slurm():
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(
-            "config",
-            overrides=["hydra/launcher=spot_slurm", "cloud=slurm"],
-            return_hydra_config=True,
-        )
-    launcher = cfg.hydra.launcher
-    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
-    assert launcher.signal_delay_s == cfg.cloud.notice_seconds
-    from submitit import JobEnvironment
-
-    # The signal submitit asks SLURM for is one cloud=slurm saves on.
-    assert f"SIG{JobEnvironment.USR_SIG}" in cfg.cloud.signals
 
 
 @pytest.mark.slow

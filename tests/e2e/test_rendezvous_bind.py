@@ -15,7 +15,7 @@ from datetime import timedelta
 import pytest
 from torch.distributed import TCPStore
 
-from .helpers import REPO, train_env
+from ..helpers import REPO, train_env
 from .test_elastic_agents import free_port
 
 pytestmark = pytest.mark.slow

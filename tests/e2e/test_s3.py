@@ -15,6 +15,7 @@ import pytest
 from spot.run.events import read_events
 from spot.run.exitcodes import EXIT_BAD_CONFIG
 from tests.helpers import (
+    CREDENTIALS,
     FAST,
     REPO,
     assert_bitwise_equal,
@@ -28,11 +29,6 @@ from tests.helpers import (
 
 pytestmark = pytest.mark.slow
 
-CREDENTIALS = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
 STEPS = 100
 BASE = [*FAST, f"trainer.max_steps={STEPS}", "checkpoint.every_steps=20"]
 

@@ -21,7 +21,7 @@ import pytest
 from spot.distributed.ledger import read_ledger
 from spot.run.events import read_events
 
-from .helpers import FAST, REPO, run_dir_of, train_env
+from ..helpers import FAST, REPO, run_dir_of, train_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.serial]
 

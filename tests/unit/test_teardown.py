@@ -12,6 +12,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from spot import failpoints
+from spot.job import Job
 from tests.helpers import FAST, REPO
 
 
@@ -46,7 +47,7 @@ def test_an_exception_mid_training_closes_what_train_opened(tmp_path, monkeypatc
         with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
             cfg = compose(config_name="config", overrides=overrides)
         with pytest.raises(failpoints.FailpointError, match="train.step at step 7"):
-            train.train(cfg, overrides)
+            train.train(Job.from_config(cfg, overrides))
     finally:
         failpoints.arm("")
     assert {sig: signal.getsignal(sig) for sig in handlers} == handlers  # the monitor's are gone

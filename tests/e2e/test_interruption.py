@@ -21,7 +21,7 @@ from spot.run.events import read_events
 from spot.run.exitcodes import EXIT_PREEMPTED
 from spot.tools.emulate import EmulatorServer
 
-from .helpers import (
+from ..helpers import (
     FAST,
     REPO,
     assert_bitwise_equal,

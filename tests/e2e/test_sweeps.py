@@ -15,7 +15,7 @@ import pytest
 from spot.run.events import read_events
 from spot.run.exitcodes import EXIT_BAD_CONFIG, EXIT_PREEMPTED
 
-from .helpers import FAST, REPO, assert_bitwise_equal, final_state, run_train, train_env
+from ..helpers import FAST, REPO, assert_bitwise_equal, final_state, run_train, train_env
 
 pytestmark = pytest.mark.slow
 

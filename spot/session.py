@@ -1,0 +1,317 @@
+"""One attempt at a run, as a worker sees it: what it opens, restores and closes.
+
+train.py tells the story (set up, restore, loop, finish); this module holds the machinery behind
+each chapter, so that the story stays short and a forker edits only the story:
+
+    job = Job.from_config(cfg, overrides)    # spot/job.py: settings, identity, directory, bucket
+    world = join(job)                        # this worker's process group (or a world of one)
+    with Session(job, world, device) as run: # directory, config, events, checkpoints, metrics
+        restored = run.restore()             # the newest verified checkpoint, on every rank
+        sampler, length = run.plan(len(dataset), restored)
+        state = run.resume(model, optimizer, scheduler, sampler, length, restored)
+        ... the loop: run.checkpointer, run.monitor, run.record(...), run.log(...)
+        run.finish() or run.stop()
+
+Everything the session opens is closed on every way out, in reverse order (an ExitStack).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+
+import torch
+from omegaconf import OmegaConf
+
+from spot.checkpoint import storage
+from spot.checkpoint.checkpointer import Checkpointer
+from spot.checkpoint.interval import CheckpointSchedule
+from spot.checkpoint.manager import CheckpointManager, CheckpointUnusable
+from spot.checkpoint.state import TrainingState
+from spot.distributed import elastic
+from spot.distributed import world as distributed
+from spot.distributed.ledger import Ledger, truncate_ledgers
+from spot.distributed.sampler import ResumableBatchSampler
+from spot.fsutil import atomic_write_bytes
+from spot.interruption import InterruptionMonitor
+from spot.job import Job
+from spot.run.events import EventLog
+from spot.run.metrics import make_tracker, subscribe_metrics
+from spot.run.progress import Progress
+from spot.run.schedule import TrainingLength
+
+log = logging.getLogger("train")
+
+
+class Session(contextlib.ExitStack):
+    """One attempt at a run on one rank: opened by `with`, closed on every way out."""
+
+    def __init__(self, job: Job, world: distributed.World, device: torch.device):
+        super().__init__()
+        self.job, self.world, self.s, self.device = job, world, job.settings, device
+        self.paths = job.paths
+        self.checkpoints: CheckpointManager | None = None  # rank 0's: the others hold replicas
+        self.uploader = None  # rank 0's, with storage=s3: started after the restore
+        self.reclaimed = False  # the cloud takes this node: its agent must not restart workers
+
+    def __enter__(self) -> Session:
+        super().__enter__()
+        try:
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _open(self) -> None:
+        s, job, leader = self.s, self.job, self.world.is_leader
+        self.paths.dir.mkdir(parents=True, exist_ok=True)
+        self.events = EventLog(self.paths.events if leader else None)
+        self.callback(self.events.close)
+        if not leader:
+            return
+        atomic_write_bytes(self.paths.config, OmegaConf.to_yaml(job.cfg, resolve=True).encode())
+        remote = job.remote and storage.RemoteCheckpoints(
+            job.remote, self.events, s.storage.alert_after_failures
+        )
+        self.checkpoints = CheckpointManager(
+            self.paths.checkpoints,
+            keep_last=s.checkpoint.keep_last,
+            async_save=s.checkpoint.async_save,
+            on_corrupt=s.checkpoint.on_corrupt,
+            on_error=s.checkpoint.on_error,
+            when_busy=s.checkpoint.when_busy,
+            events=self.events,
+            meta={
+                "run": {"name": s.run.name, "id": job.run_id},
+                "world_size": self.world.world_size,
+                "config_digest": job.digest,
+                "training_config": job.training_config,
+            },
+            remote=remote,
+        )
+        self.checkpoints.remove_stale()
+
+    def restore(self) -> dict | None:
+        """The newest checkpoint that verifies, local or in the bucket, as {step, path, state}
+        on every rank (rank 0 loads it, the others receive it); None to start from scratch.
+        CheckpointUnusable if the newest cannot be used."""
+        self._began = time.perf_counter()
+        restored = None
+        if self.checkpoints is not None:
+            try:
+                loaded = self.checkpoints.load_latest(self.job.digest, self.job.training_config)
+                if loaded is not None:
+                    restored = {
+                        "step": loaded.step,
+                        "path": str(loaded.path),
+                        "state": loaded.state,
+                    }
+            except CheckpointUnusable as exc:
+                restored = {"error": str(exc)}
+            # Uploads start after the restore: what it moved aside or could not download is
+            # neither queued nor counted as uploaded.
+            self.uploader = self.checkpoints.start_uploads()
+            if self.s.data.ledger and not (restored and restored.get("error")):
+                truncate_ledgers(self.paths, restored["step"] if restored else 0)
+        restored = self.world.share(restored)
+        if restored and restored.get("error"):
+            self.events.emit("checkpoint_unusable", reason=restored["error"])
+            raise CheckpointUnusable(restored["error"])
+        return restored
+
+    def plan(self, dataset_size: int, restored: dict | None):
+        """The data order, batch and run length at this world size: (sampler, TrainingLength).
+        The reference world size (for which the config's LR and batch are meant) is the config's,
+        else the one the run started with."""
+        s, world = self.s, self.world
+        saved = restored["state"]["trainer"] if restored else {}
+        self.reference = (
+            s.elastic.reference_world_size or saved.get("reference_world_size") or world.world_size
+        )
+        sampler = ResumableBatchSampler(
+            dataset_size,
+            s.trainer.batch_size,
+            seed=s.seed,
+            shuffle=s.data.shuffle,
+            rank=world.rank,
+            world_size=world.world_size,
+            global_batch=elastic.global_batch(
+                s.elastic.batch_policy, s.trainer.batch_size, world.world_size, self.reference
+            ),
+        )
+        # The length in steps at this world size (an epoch's steps depend on it under scale_lr):
+        # the progress bar's total. Training stops on the configured bounds, and the LR schedule
+        # follows the share of training done (TrainingLength), not this estimate.
+        epoch_steps = s.trainer.max_epochs and s.trainer.max_epochs * sampler.steps_per_epoch()
+        self.max_steps = min(x for x in (s.trainer.max_steps, epoch_steps) if x)
+        length = TrainingLength(
+            s.trainer.max_steps,
+            s.trainer.max_epochs,
+            dataset_size,
+            schedule_steps=saved.get("schedule_steps") or self.max_steps,
+        )
+        return sampler, length
+
+    def resume(self, model, optimizer, scheduler, sampler, length, restored) -> TrainingState:
+        """The training state, loaded from `restored` if any, with the LR scaled to this world
+        size; the tracker started; `resume`, `world_size_change` and `start` events emitted."""
+        s, world, events = self.s, self.world, self.events
+        saved = restored["state"]["trainer"] if restored else {}
+        # Metrics follow the events; the tracker's run is the one the checkpoint names.
+        tracker_run_id = saved.get("tracker_run_id") or f"{s.run.name}-{self.job.run_id}"
+        config = {**OmegaConf.to_container(self.job.cfg, resolve=True)}
+        tracker = make_tracker(
+            s.logger,
+            self.paths.dir,
+            tracker_run_id,
+            {**config, "world_size": world.world_size},
+            rank=world.rank,
+        )
+        self.callback(subscribe_metrics(events, tracker, s.cloud).close)
+        config_lrs = list(scheduler.base_lrs)
+        state = TrainingState(
+            model,
+            optimizer,
+            scheduler,
+            sampler,
+            seed=s.seed,
+            rank=world.rank,
+            world_size=world.world_size,
+            reference_world_size=self.reference,
+            tracker_run_id=tracker_run_id,
+            schedule_steps=length.schedule_steps,
+        )
+        if restored:
+            try:
+                state.load_state_dict(restored["state"])  # refuses one that does not fit
+            except CheckpointUnusable as exc:
+                events.emit("checkpoint_unusable", reason=str(exc))
+                raise
+            events.emit(
+                "resume",
+                step=state.step,
+                epoch=state.epoch,
+                samples_in_epoch=sampler.consumed,
+                checkpoint=restored["path"],
+                restore_seconds=round(time.perf_counter() - self._began, 6),
+            )
+            log.info(
+                "resumed from %s (step %d, epoch %d)", restored["path"], state.step, state.epoch
+            )
+        # From the config's base LRs after every load: never compounded across changes.
+        lr_scale = elastic.lr_scale(s.elastic, world.world_size, self.reference)
+        elastic.apply_lr_scale(scheduler, config_lrs, lr_scale)
+        split = elastic.describe_split(sampler)
+        if restored and state.saved_world_size != world.world_size:
+            events.emit(
+                "world_size_change",
+                step=state.step,
+                previous=state.saved_world_size,
+                world_size=world.world_size,
+                batch_policy=s.elastic.batch_policy,
+                reference_world_size=self.reference,
+                lr_scale=lr_scale,
+                **split,
+            )
+            log.info(
+                "world size %d -> %d: %s; LR scale %g",
+                state.saved_world_size,
+                world.world_size,
+                split["text"],
+                lr_scale,
+            )
+        events.emit(
+            "start",
+            step=state.step,
+            run_dir=str(self.paths.dir),
+            device=str(self.device),
+            world_size=world.world_size,
+            lr_scale=lr_scale,
+            restart=world.restart_count,
+            node_rank=int(os.environ.get("GROUP_RANK", 0)),
+            nodes=int(os.environ.get("GROUP_WORLD_SIZE", 1)),
+            agent_pid=os.getppid() if distributed.launched_by_torch_elastic() else None,
+            **split,
+        )
+        log.info("run directory: %s (%s)", self.paths.dir, split["text"])
+        self._start(state)
+        return state
+
+    def _start(self, state: TrainingState) -> None:
+        """What the loop talks to: the checkpointer, the interruption monitor, the ledger and
+        the progress line."""
+        s, world = self.s, self.world
+        self.state = state
+        self.ledger = Ledger(self.paths, rank=world.rank) if s.data.ledger else None
+        if self.ledger is not None:
+            self.callback(self.ledger.close)
+        self.checkpointer = Checkpointer(
+            world,
+            state,
+            CheckpointSchedule(s.checkpoint, s.cloud.interruption_rate_per_hour, self.events),
+            self.events,
+            s.cloud,
+            manager=self.checkpoints,
+            uploader=self.uploader,
+            final_upload_timeout_seconds=s.storage.final_upload_timeout_seconds,
+            overlap=s.checkpoint.overlap,
+        )
+        self.callback(self.checkpointer.close)
+        self.progress = Progress(self.max_steps, state.step) if world.is_leader else None
+        if self.progress is not None:
+            self.events.subscribe(self.progress.on_event)
+        self.callback(self._end_progress)
+        # Interruption notices: signals on every rank, the cloud's metadata on one rank per node.
+        self.monitor = InterruptionMonitor(s.cloud, poll_metadata=world.local_rank == 0)
+        self.callback(self.monitor.close)
+
+    def finished(self) -> bool:
+        """Training is done: the configured steps or epochs are reached."""
+        t, state = self.s.trainer, self.state
+        return bool(t.max_steps and state.step >= t.max_steps) or bool(
+            t.max_epochs and state.epoch >= t.max_epochs
+        )
+
+    def record(self, indices: list[int]) -> None:
+        """The samples this rank trained on in the step just taken (data.ledger=true)."""
+        if self.ledger is not None:
+            self.ledger.record(self.state.step, self.state.epoch, indices)
+
+    def log(self, loss_sum: torch.Tensor, samples: int, lr: float) -> None:
+        """Every `trainer.log_every` steps and at the end: the mean loss over all ranks."""
+        step = self.state.step
+        if step % self.s.trainer.log_every and not self.finished():
+            return  # .item() would sync a GPU every step
+        loss = self.world.sum(float(loss_sum)) / samples
+        if self.progress is not None:
+            self.progress.update(step, loss=loss, lr=lr)
+        self.events.emit("train", step=step, loss=loss, lr=lr)
+
+    def _end_progress(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+            self.progress = None
+
+    def stop(self) -> None:
+        """An interruption notice: every rank stopped at this step. The emergency checkpoint."""
+        self._end_progress()
+        monitor = self.monitor
+        self.checkpointer.emergency(
+            self.world.gather(monitor.notice.as_dict() if monitor.notice else None)
+        )
+        monitor.acknowledge()  # Azure: the event may start now
+        # A signal came from the agent itself (regrouping or stopping) or reached it too.
+        self.reclaimed = monitor.notice is not None and monitor.notice.source != "signal"
+
+    def finish(self) -> None:
+        """The end of training: the final checkpoint commits (and uploads), then COMPLETE."""
+        self._end_progress()
+        self.checkpointer.finish()
+        if self.world.is_leader:
+            state = self.state
+            atomic_write_bytes(self.paths.complete, f"{state.step}\n".encode())
+            self.events.emit("complete", step=state.step, epoch=state.epoch)
+            log.info("run complete at step %d: %s", state.step, self.paths.dir)

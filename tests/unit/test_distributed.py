@@ -1,0 +1,99 @@
+"""The elastic helpers: LR scaling, batch splits, gradient accumulation. The collectives of
+`spot.distributed.world.World` in real gloo process groups: tests/e2e/test_distributed.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spot.distributed import elastic
+from spot.distributed.sampler import ResumableBatchSampler
+from spot.distributed.world import World
+from spot.run.config import ConfigError, ElasticConfig
+from spot.run.schedule import warmup_cosine
+
+
+def scheduler_at(step: int, lr: float = 0.1):
+    param = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.SGD([param], lr=lr)
+    scheduler = warmup_cosine(optimizer, total_steps=50, warmup_steps=5, min_ratio=0.1)
+    for _ in range(step):
+        optimizer.step()
+        scheduler.step()
+    return optimizer, scheduler
+
+
+@pytest.mark.parametrize(
+    "policy,rule,world,expected",
+    [
+        ("scale_lr", "linear", 4, 2.0),
+        ("scale_lr", "sqrt", 8, 2.0),
+        ("scale_lr", "none", 8, 1.0),
+        ("keep_global_batch", "linear", 8, 1.0),
+    ],
+)
+def test_lr_scale_rules(policy, rule, world, expected):
+    cfg = ElasticConfig(batch_policy=policy, lr_scaling=rule)
+    assert elastic.lr_scale(cfg, world, reference=2) == expected
+
+
+def test_lr_scale_is_recomputed_not_compounded_and_survives_optimizer_load():
+    optimizer, scheduler = scheduler_at(7)
+    config_lrs = list(scheduler.base_lrs)
+    schedule_value = scheduler.lr_lambdas[0](scheduler.last_epoch)
+    elastic.apply_lr_scale(scheduler, config_lrs, 0.5)  # 2 ranks -> 1 (linear, reference 2)
+    saved = optimizer.state_dict()  # a checkpoint taken at world size 1 holds the halved LR
+    restored, scheduler2 = scheduler_at(0)
+    restored.load_state_dict(saved)
+    scheduler2.load_state_dict(scheduler.state_dict())
+    elastic.apply_lr_scale(scheduler2, config_lrs, 1.5)  # then 3 ranks
+    assert restored.param_groups[0]["lr"] == pytest.approx(0.1 * schedule_value * 1.5, rel=1e-15)
+    restored.step()
+    scheduler2.step()  # the schedule goes on from the scaled base, not from the loaded LR
+    next_value = scheduler2.lr_lambdas[0](scheduler2.last_epoch)
+    assert restored.param_groups[0]["lr"] == pytest.approx(0.1 * next_value * 1.5, rel=1e-15)
+
+
+def test_scale_one_leaves_the_lr_bit_for_bit():
+    optimizer, scheduler = scheduler_at(9)
+    before = optimizer.param_groups[0]["lr"]
+    elastic.apply_lr_scale(scheduler, list(scheduler.base_lrs), 1.0)
+    assert optimizer.param_groups[0]["lr"] == before
+
+
+def test_a_chainable_scheduler_cannot_be_scaled():
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3)
+    elastic.apply_lr_scale(scheduler, [0.1], 1.0)  # nothing to do: fine
+    with pytest.raises(ConfigError, match="closed-form"):
+        elastic.apply_lr_scale(scheduler, [0.1], 2.0)
+
+
+def test_split_says_what_it_chose_when_not_divisible():
+    sampler = ResumableBatchSampler(1000, 16, seed=0, rank=0, world_size=3, global_batch=64)
+    split = elastic.describe_split(sampler)
+    assert split["per_rank_samples"] == [22, 21, 21]
+    assert split["micro_batches"] == [2, 2, 2]
+    assert "not divisible by 3" in split["text"] and "1/64" in split["text"]
+    assert [len(b) for b in sampler.current_plan()] == [11, 11]
+
+
+def test_accumulated_micro_batches_give_the_full_batch_gradient():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    inputs, targets = torch.randn(5, 4), torch.tensor([0, 1, 2, 1, 0])
+
+    def loss_fn(m, batch):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(m(x), y)
+
+    torch.nn.functional.cross_entropy(model(inputs), targets).backward()
+    full = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    plan = [[0, 1, 2], [3, 4]]
+    batches = iter([(inputs[i], targets[i]) for i in plan])
+    total = elastic.accumulate_gradients(model, batches, plan, 5, 5, World(), loss_fn)
+    for p, g in zip(model.parameters(), full, strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=1e-6, atol=1e-7)
+    assert float(total) / 5 == pytest.approx(loss_fn(model, (inputs, targets)).item(), rel=1e-6)

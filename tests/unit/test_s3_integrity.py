@@ -1,0 +1,196 @@
+"""What reaches the bucket, and what retention counts there (issue 13: 1, 2, 12, 13), against
+moto's S3 server over HTTP, in-process: vanished local checkpoints are dropped, never uploaded
+nor retried; only verified remote checkpoints count; a zombie past its ownership check cannot
+replace a commit. With train.py, and newest first after an outage: tests/e2e/test_s3_integrity.py."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from spot.checkpoint.manager import list_step_dirs
+from spot.checkpoint.manifest import step_dir_name
+from spot.checkpoint.storage import RemoteError, S3Store
+from spot.checkpoint.upload import remote_problem
+from spot.run.events import EventLog, read_events
+from tests.e2e import test_s3
+from tests.faultproxy import FaultProxy
+from tests.helpers import checkpoint_manager as manager
+from tests.helpers import seeded_state as state
+from tests.helpers import verifies
+
+s3_endpoint = test_s3.s3_endpoint  # its fixtures: a moto server for this module, a bucket a test
+bucket = test_s3.bucket
+pytestmark = pytest.mark.usefixtures("credentials")  # tests/conftest.py
+
+
+# ---- 1: corrupt local checkpoints ---------------------------------------------------------
+
+
+def test_a_checkpoint_that_vanished_from_the_queue_is_dropped(s3_endpoint, bucket, tmp_path):
+    """Three local checkpoints are queued; while the first upload is held (the proxy holds every
+    step PUT), 20 is moved aside, as the restore moves a corrupt one. It is dropped with an
+    event, never retried; 10 and 30 are uploaded and the queue drains."""
+    client, name = bucket
+    started, gate = threading.Event(), threading.Event()
+
+    def rule(method: str, path: str):
+        if method == "PUT" and "/step-" in path:
+            started.set()
+            gate.wait(30)
+        return "pass"
+
+    events_path = tmp_path / "events.jsonl"
+    events = EventLog(events_path)
+    local = manager(tmp_path / "ck", events)
+    for step in (10, 20, 30):
+        local.save(step, state(step), {})
+    with FaultProxy(s3_endpoint, rule) as proxy:
+        store = S3Store(name, "runs/r/1", endpoint_url=proxy.url)
+        # A new process on this disk: its uploads start after its restore.
+        uploader = manager(tmp_path / "ck", events, store=store).start_uploads()
+        try:
+            assert started.wait(30), "no upload started"
+            path = tmp_path / "ck" / step_dir_name(20)
+            os.replace(path, path.with_name(f".corrupt-{path.name}-test"))
+            gate.set()
+            assert uploader.drain(30)
+        finally:
+            gate.set()
+            uploader.close()
+    got = read_events(events_path)
+    assert [e["step"] for e in got if e["event"] == "upload_skipped"] == [20]
+    assert sorted(e["step"] for e in got if e["event"] == "upload") == [10, 30]
+    assert not [e for e in got if e["event"] == "upload_failed"]
+    assert store.committed_steps() == [30, 10]
+
+
+# ---- 2: only verified remote checkpoints count ---------------------------------------------
+
+
+def test_local_retention_keeps_what_only_this_disk_has(s3_endpoint, bucket, tmp_path):
+    """The bucket's newest checkpoint (60) is unverifiable (a file written again after its
+    commit); verified is 40. Nothing can be uploaded now (every step PUT fails). With
+    keep_last=1, committing 50 and 60 locally must not delete 50: the bucket has nothing newer
+    than 40 that counts (before: 60 did, and 50 was deleted, its upload retried forever)."""
+    client, name = bucket
+    events = EventLog(tmp_path / "events.jsonl")
+    source = manager(tmp_path / "source", EventLog(None), keep_last=10)
+    seed = S3Store(name, "runs/r/1", endpoint_url=s3_endpoint)
+    seed.claim()
+    for step in (40, 60):
+        source.save(step, state(step), {})
+        seed.upload(tmp_path / "source" / step_dir_name(step), step)
+    key = seed.key(step_dir_name(60), "optimizer.bin")
+    data = bytearray(client.get_object(Bucket=name, Key=key)["Body"].read())
+    data[len(data) // 2] ^= 0x10
+    client.put_object(Bucket=name, Key=key, Body=bytes(data))
+
+    rule = lambda method, path: "500" if method == "PUT" and "/step-" in path else "pass"  # noqa: E731
+    with FaultProxy(s3_endpoint, rule) as proxy:
+        store = S3Store(name, "runs/r/1", endpoint_url=proxy.url, max_attempts=1)
+        local = manager(tmp_path / "ck", events, keep_last=1, store=store, alert_after=100)
+        uploader = local.start_uploads()
+        try:
+            local.save(50, state(50), {})
+            local.save(60, state(60), {})
+            assert sorted(s for s, _ in list_step_dirs(tmp_path / "ck")) == [50, 60]
+            assert uploader.newest_uploaded == 40
+        finally:
+            uploader.close()
+    got = read_events(tmp_path / "events.jsonl")
+    reported = [(e["step"], e["reason"]) for e in got if e["event"] == "remote_unverified"]
+    assert reported == [(60, "files written again after the commit, or no upload receipt")]
+
+
+def test_a_step_committed_again_replaces_an_unverifiable_remote_copy(s3_endpoint, bucket, tmp_path):
+    """The bucket's 60 had a file overwritten after its commit; this disk has a good 60. The
+    uploader queues it (before: skipped as a duplicate of the remote one) and replaces the
+    remote copy, which then verifies."""
+    client, name = bucket
+    events = EventLog(tmp_path / "events.jsonl")
+    local = manager(tmp_path / "ck", events)
+    local.save(60, state(60), {})
+    store = S3Store(name, "runs/r/1", endpoint_url=s3_endpoint)
+    store.claim()
+    store.upload(tmp_path / "ck" / step_dir_name(60), 60)
+    key = store.key(step_dir_name(60), "model.bin")
+    data = bytearray(client.get_object(Bucket=name, Key=key)["Body"].read())
+    data[len(data) // 2] ^= 0x10
+    client.put_object(Bucket=name, Key=key, Body=bytes(data))
+    assert not verifies(S3Store(name, "runs/r/1", endpoint_url=s3_endpoint), 60, tmp_path / "a")
+
+    store = S3Store(name, "runs/r/1", endpoint_url=s3_endpoint)
+    uploader = manager(tmp_path / "ck", events, store=store).start_uploads()  # a new process
+    try:
+        assert uploader.drain(30)
+    finally:
+        uploader.close()
+    assert verifies(S3Store(name, "runs/r/1", endpoint_url=s3_endpoint), 60, tmp_path / "b")
+    got = read_events(tmp_path / "events.jsonl")
+    assert [e["step"] for e in got if e["event"] == "remote_unverified"] == [60]
+    assert [e["step"] for e in got if e["event"] == "upload"] == [60]
+
+
+# ---- 13: conditional writes ---------------------------------------------------------------
+
+
+def test_a_zombie_past_its_ownership_check_cannot_replace_a_commit(
+    s3_endpoint, bucket, tmp_path, monkeypatch
+):
+    """A zombie checked that it owns the run just before its successor claimed it (the race
+    window, made deterministic by answering its first check with the stale result). The
+    successor commits step 7; the zombie's commit of its own step 7 is refused (the manifest
+    exists: If-None-Match), it checks again and stops. The successor's manifest stands, and
+    the files the zombie wrote over it show in the cheap check: never counted."""
+    client, name = bucket
+    zombie = S3Store(name, "runs/r/1", endpoint_url=s3_endpoint)
+    successor = S3Store(name, "runs/r/1", endpoint_url=s3_endpoint)
+    mine = manager(tmp_path / "zombie", EventLog(None))
+    theirs = manager(tmp_path / "successor", EventLog(None))
+    mine.save(7, state(1), {})
+    theirs.save(7, state(2), {})
+    zombie.claim()
+    successor.claim()
+    successor.upload(tmp_path / "successor" / step_dir_name(7), 7)
+    stale = iter([True])
+    monkeypatch.setattr(zombie, "owns", lambda: next(stale, None) or S3Store.owns(zombie))
+    with pytest.raises(RemoteError, match="another process now owns this run"):
+        zombie.upload(tmp_path / "zombie" / step_dir_name(7), 7)
+    key = successor.key(step_dir_name(7), "manifest.json")
+    committed = client.get_object(Bucket=name, Key=key)["Body"].read()
+    assert committed == (tmp_path / "successor" / step_dir_name(7) / "manifest.json").read_bytes()
+    listed = successor.list_checkpoints()[0]
+    assert (
+        remote_problem(successor, listed)
+        == "files written again after the commit, or no upload receipt"
+    )
+
+
+def test_a_commit_whose_response_was_lost_is_not_refused_by_its_own_retry(
+    s3_endpoint, bucket, tmp_path
+):
+    """The manifest PUT reaches the bucket but its response does not: botocore sends it
+    again, and the conditional write (If-None-Match) finds the manifest there. It is this
+    writer's own, so the upload succeeds and the checkpoint verifies."""
+    client, name = bucket
+    sent = []
+
+    def rule(method: str, path: str):
+        if method == "PUT" and path.split("?")[0].endswith("/manifest.json"):
+            sent.append(path)
+            return "lost" if len(sent) == 1 else "pass"
+        return "pass"
+
+    local = manager(tmp_path / "ck", EventLog(None))
+    local.save(7, state(7), {})
+    with FaultProxy(s3_endpoint, rule) as proxy:
+        store = S3Store(name, "runs/r/1", endpoint_url=proxy.url)
+        store.claim()
+        store.upload(tmp_path / "ck" / step_dir_name(7), 7)
+    assert len(sent) == 2  # the first one got through, then it was retried
+    plain = S3Store(name, "runs/r/1", endpoint_url=s3_endpoint)
+    assert remote_problem(plain, plain.list_checkpoints()[0]) is None
+    assert verifies(plain, 7, tmp_path / "check")
