@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+import spot.run.config  # noqa: F401 - registers the config schema that conf/config.yaml composes first
 from tests.helpers import CREDENTIALS
 
 

@@ -329,7 +329,6 @@ class S3Store:
             self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys[i : i + 1000]})
 
 
-
 def connect(storage, run_name: str, run_id: str) -> S3Store | None:
     """The run's remote store, checked usable (RemoteError otherwise); None for local storage.
     `storage` is the validated StorageConfig."""

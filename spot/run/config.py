@@ -1,19 +1,27 @@
-"""Typed view of the Hydra config, and validation of every value before anything is written.
+"""The config's schema, the one place of every default, and validation before anything is written.
 
-The YAML groups under conf/ stay plain YAML (easy to fork); the dataclasses below are their
-schema. `validate()` merges a composed config into them, so a type error, an unknown key or an
-out-of-range value is caught in one place and reported as one line naming the key.
+The dataclasses are registered in Hydra's ConfigStore as `schema` (defaults as plain values, written
+as `--cfg job` prints them); conf/config.yaml composes it first, and a group's options hold only
+what differs. Composing stays untyped: `validate()` merges the result into the dataclasses, so a
+wrong type, an unknown key, a value outside an enumeration or breaking a rule is one line naming
+the key. Import this module before composing (train.py and the preflight do): it registers `schema`.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import re
-from dataclasses import dataclass, field
-from typing import Any
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, is_dataclass
+from enum import Enum, StrEnum
+from typing import Annotated, Any, NamedTuple
 from urllib.parse import urlparse
 
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -31,158 +39,222 @@ class ConfigError(ValueError):
         super().__init__(f"config error: {key}: {message}")
 
 
+def _choices(name: str, *values: str) -> type[StrEnum]:
+    """Members named as their values (OmegaConf looks up names); each is a str (`== "aws"`)."""
+    return StrEnum(name, [(v, v) for v in values], module=__name__, qualname=name)
+
+
+CloudName = _choices("CloudName", "local", "aws", "gcp", "azure", "slurm")
+Signal = _choices("Signal", "SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP")
+StorageBackend = _choices("StorageBackend", "local", "s3")
+CheckpointPolicy = _choices("CheckpointPolicy", "fixed", "young_daly")
+OnCorrupt = _choices("OnCorrupt", "previous", "fail")
+OnError = _choices("OnError", "stop", "continue")
+WhenBusy = _choices("WhenBusy", "wait", "skip")
+RdzvBackend = _choices("RdzvBackend", "c10d", "etcd", "etcd-v2", "static")
+StoreHost = _choices("StoreHost", "agent", "external")
+LrScaling = _choices("LrScaling", "linear", "sqrt", "none")
+BatchPolicy = _choices("BatchPolicy", "scale_lr", "keep_global_batch")
+LoggerBackend = _choices("LoggerBackend", "wandb", "none")
+LoggerMode = _choices("LoggerMode", "offline", "online", "disabled")
+
+
+class Rule(NamedTuple):
+    """A field's constraint in its `Annotated` type; the error is `<value!r> <text>`."""
+
+    breaks: Callable[[Any], bool]
+    text: str
+
+
+def _matches(pattern: str, text: str) -> Rule:
+    return Rule(lambda v: not re.match(pattern, v), text)
+
+
+GT0 = Rule(lambda v: v <= 0, "is not allowed; must be > 0")
+GE0 = Rule(lambda v: v < 0, "is not allowed; must be >= 0")
+# torch's rendezvous reads its timeouts as ints: a keep-alive of 0.5 would become 0 (a heartbeat
+# timer that never waits), 1.5 silently 1, a last call of 0.5 none at all.
+WHOLE = Rule(
+    lambda v: v < 1 or v != int(v), "is not allowed; must be a whole number of seconds >= 1"
+)
+Positive = Annotated[float, GT0]
+PositiveInt = Annotated[int, GT0]
+NonNegative = Annotated[float, GE0]
+NonNegativeInt = Annotated[int, GE0]
+AtLeastOne = Annotated[int, Rule(lambda v: v < 1, "is not allowed; must be >= 1")]
+WholeSeconds = Annotated[float, GT0, WHOLE]
+Url = Annotated[str, _matches(r"(?i)^https?://[^/?#]", "is not an http(s) URL")]
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9._=,+-]{0,127}$"
+RunName = Annotated[str, _matches(_NAME, "is not allowed; use letters, digits and . _ - = , +")]
+Device = Annotated[
+    str, _matches(r"^(auto|cpu|cuda(:\d+)?)$", "is not allowed; allowed: auto, cpu, cuda, cuda:N")
+]
+S3Bucket = Annotated[
+    str, _matches(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", "is not a valid S3 bucket name")
+]
+S3Prefix = Annotated[str, Rule(lambda v: ".." in v.split("/"), "may not contain '..'")]
+HostPort = Annotated[str, _matches(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$", "is not HOST:PORT")]
+
+
 @dataclass
 class Price:
-    spot_per_hour: float = 0.0
-    on_demand_per_hour: float = 0.0
+    spot_per_hour: NonNegative = 0.0
+    on_demand_per_hour: NonNegative = 0.0
 
 
 @dataclass
 class CloudConfig:
-    name: str = "local"
-    notice_seconds: float = 60.0
-    poll_seconds: float = 5.0
-    metadata_url: str | None = None
+    name: CloudName = CloudName.local
+    notice_seconds: Positive = 60  # the warning before reclaim: the emergency checkpoint's time
+    poll_seconds: Positive = 5
+    metadata_url: Url | None = None  # where the cloud announces a reclaim (null: signals only)
     instance_type: str = "local"
     price: Price = field(default_factory=Price)
-    interruption_rate_per_hour: float = 0.0
-    signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    interruption_rate_per_hour: NonNegative = 0.0  # checkpoint.policy=young_daly needs it > 0
+    signals: list[Signal] = field(default_factory=lambda: [Signal.SIGTERM, Signal.SIGUSR1])
 
 
 @dataclass
 class StorageConfig:
-    backend: str = "local"
+    backend: StorageBackend = StorageBackend.local
     dir: str | None = None
-    bucket: str | None = None
-    prefix: str = ""
-    endpoint_url: str | None = None
+    bucket: S3Bucket | None = None  # backend=s3 needs one
+    prefix: S3Prefix = ""
+    endpoint_url: Url | None = None  # S3-compatible services (MinIO, R2, GCS interoperability)
     region: str | None = None
-    max_attempts: int = 5
-    alert_after_failures: int = 3
-    final_upload_timeout_seconds: float = 600.0
+    max_attempts: PositiveInt = 5  # per request, botocore's adaptive retry mode
+    alert_after_failures: PositiveInt = 3  # consecutive failed uploads before the run says so
+    final_upload_timeout_seconds: Positive = 600  # the last checkpoint's upload, then exit 4
 
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int | None = None
-    every_minutes: float | None = 15.0
-    policy: str = "fixed"
-    keep_last: int = 3
-    async_save: bool = True
-    overlap: bool = True
-    on_corrupt: str = "previous"
-    on_error: str = "stop"
-    when_busy: str = "wait"
+    every_steps: PositiveInt | None = None  # checkpoint every N steps (null: by time only)
+    every_minutes: Positive | None = 15  # and/or every M minutes: the most work a reclaim loses
+    policy: CheckpointPolicy = CheckpointPolicy.fixed  # young_daly: from save cost and cloud rate
+    keep_last: AtLeastOne = 3
+    async_save: bool = True  # the loop only copies state to host memory; writing is in background
+    overlap: bool = True  # copy the optimizer state (and buffer-free models) during the next step
+    on_corrupt: OnCorrupt = OnCorrupt.previous  # previous: resume from the one before a corrupt one
+    on_error: OnError = OnError.stop  # a save that fails (disk full...): stop (exit 4) | continue
+    when_busy: WhenBusy = WhenBusy.wait  # a checkpoint due while the last is still being written
 
 
 @dataclass
 class ElasticConfig:
-    min_nodes: int = 1
-    max_nodes: int = 1
-    nproc_per_node: int = 1
-    rdzv_backend: str = "c10d"
-    rdzv_endpoint: str = "localhost:29400"
-    max_restarts: int = 0
-    lr_scaling: str = "linear"
-    batch_policy: str = "scale_lr"
-    reference_world_size: int | None = None  # None: the world size the run started with
-    rdzv_store_host: str = "agent"  # agent: the agent on the endpoint's host serves it | external
-    rdzv_join_timeout_seconds: float = 600.0
-    rdzv_last_call_seconds: float = 30.0
-    rdzv_keep_alive_seconds: float = 5.0  # torch's keep_alive_interval: whole seconds
-    rdzv_keep_alive_max_attempt: int = 3  # a node silent this many intervals is dropped
-    monitor_interval_seconds: float = 0.5
-    shutdown_timeout_seconds: int = 30
-    local_addr: str | None = None
-    collective_timeout_seconds: float = 120.0
-    restore_timeout_seconds: float = 1800.0
+    """One process, no process group (elastic=single; see conf/elastic/*.yaml, docs/elastic.md)."""
+
+    min_nodes: PositiveInt = 1
+    max_nodes: PositiveInt = 1
+    nproc_per_node: PositiveInt = 1
+    rdzv_backend: RdzvBackend = RdzvBackend.c10d  # etcd | etcd-v2: an etcd you run
+    rdzv_endpoint: HostPort = "localhost:29400"  # must live on a node that is not reclaimed
+    rdzv_store_host: StoreHost = StoreHost.agent  # external: `python -m spot rendezvous` serves it
+    rdzv_join_timeout_seconds: WholeSeconds = 600  # wait this long for min_nodes
+    rdzv_last_call_seconds: WholeSeconds = 30  # after min_nodes joined, wait this long for more
+    rdzv_keep_alive_seconds: WholeSeconds = 5  # each node's heartbeat interval
+    rdzv_keep_alive_max_attempt: AtLeastOne = 3  # a node silent this many intervals is dropped
+    monitor_interval_seconds: Positive = 0.5  # how often the agent checks its workers
+    shutdown_timeout_seconds: PositiveInt = 30  # SIGTERM to workers it stops, then SIGKILL
+    local_addr: str | None = None  # this node's address as the others reach it (null: its FQDN)
+    max_restarts: NonNegativeInt = 0  # worker-group restarts; a regrouping after a failure uses one
+    collective_timeout_seconds: Positive = 120  # a peer silent this long fails the collective
+    restore_timeout_seconds: Positive = 1800  # ranks wait this long for rank 0's checkpoint
+    lr_scaling: LrScaling = LrScaling.linear  # applied to world_size / reference_world_size
+    batch_policy: BatchPolicy = BatchPolicy.scale_lr
+    reference_world_size: PositiveInt | None = None  # the LR's and batch's (null: the first one)
 
 
 @dataclass
 class LoggerConfig:
-    backend: str = "wandb"
+    backend: LoggerBackend = LoggerBackend.wandb
     project: str = "spot-train"
-    mode: str = "offline"
+    mode: LoggerMode = LoggerMode.offline  # `wandb sync` later; online needs WANDB_API_KEY
 
 
 @dataclass
 class DataConfig:
-    dataset: Any = None
-    num_workers: int = 0
+    dataset: Any = None  # a `_target_` node: conf/data/*.yaml
+    num_workers: NonNegativeInt = 0
     shuffle: bool = True
-    ledger: bool = False
+    ledger: bool = False  # write <run dir>/ledger/rank-<r>.jsonl: each rank's indices per step
 
 
 @dataclass
 class TrainerConfig:
-    max_steps: int | None = 200
-    max_epochs: int | None = None
-    batch_size: int = 32
-    device: str = "auto"
-    log_every: int = 20
-    deterministic: bool = True
-    grad_clip: float | None = None
+    max_steps: PositiveInt | None = 200  # stop after this many optimizer steps (null: by epochs)
+    max_epochs: PositiveInt | None = None  # and/or after this many epochs
+    batch_size: PositiveInt = 32  # per rank
+    device: Device = "auto"
+    log_every: PositiveInt = 20
+    deterministic: bool = True  # resume is bitwise identical where the hardware allows
+    grad_clip: Positive | None = None
 
 
 @dataclass
 class RunConfig:
-    name: str = "default"
-    id: str | None = None
-    root: str = "runs"
+    name: RunName = "default"  # experiment files set this
+    id: RunName | None = (
+        None  # null: a stable digest of the job's training overrides (no timestamp)
+    )
+    root: str = "runs"  # the run directory is <root>/<name>/<id>/, the same on every restart
 
 
 @dataclass
 class Settings:
-    seed: int = 0
-    run: RunConfig = field(default_factory=RunConfig)
+    """The whole job, in the order `--cfg job` prints it."""
+
     cloud: CloudConfig = field(default_factory=CloudConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     elastic: ElasticConfig = field(default_factory=ElasticConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
     # `_target_` groups: free-form, checked for an importable target below.
     model: Any = None
+    data: DataConfig = field(default_factory=DataConfig)
     optimizer: Any = None
     scheduler: Any = None
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    seed: int = 0
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def schema_defaults() -> dict:
+    """Every default as a plain value (an enumeration's as its string): the `schema` node."""
+    return json.loads(json.dumps(asdict(Settings())))
+
+
+ConfigStore.instance().store(name="schema", node=schema_defaults(), provider="spot")
+
+
+def schema_type(key: str) -> Any:
+    """The schema's type for a dotted key (`cloud.signals[0]`: an item's); None if free-form."""
+    kind: Any = Settings
+    for part in key.split("."):
+        name, _, index = part.partition("[")
+        kind = typing.get_type_hints(kind).get(name) if is_dataclass(kind) else None
+        if index and typing.get_origin(kind) is list:
+            kind = typing.get_args(kind)[0]
+    return None if kind is Any else kind
+
+
+def _check_rules(node: Any, prefix: str = "") -> None:
+    """Every field's rules (its `Annotated` metadata), in order; nested dataclasses too."""
+    for name, kind in typing.get_type_hints(type(node), include_extras=True).items():
+        key, value = f"{prefix}{name}", getattr(node, name)
+        if is_dataclass(value):
+            _check_rules(value, f"{key}.")
+        union = typing.get_origin(kind) in (typing.Union, types.UnionType)
+        kinds = typing.get_args(kind) if union else (kind,)  # `PositiveInt | None`: the int's
+        for rule in [r for k in kinds for r in getattr(k, "__metadata__", ())]:
+            if value is not None and rule.breaks(value):
+                raise ConfigError(key, f"{value!r} {rule.text}")
 
 
 # Groups that do not change what is trained: they are left out of the run id and config digest,
 # so the same job resumes on another cloud, storage, world size or logger.
 NON_TRAINING_KEYS = ("cloud", "storage", "elastic", "logger", "checkpoint", "run", "hydra")
 NON_TRAINING_LEAVES = ("data.ledger", "data.num_workers", "trainer.log_every")
-
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=,+-]{0,127}$")
-_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
-
-
-def _whole_seconds(key: str, value: float) -> None:
-    if value < 1 or value != int(value):
-        raise ConfigError(key, f"{value!r} is not allowed; must be a whole number of seconds >= 1")
-
-
-def _one_of(key: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ConfigError(key, f"{value!r} is not allowed; allowed: {', '.join(map(str, allowed))}")
-
-
-def _positive(key: str, value: float | None, allow_none: bool = False, allow_zero: bool = False):
-    if value is None:
-        if allow_none:
-            return
-        raise ConfigError(key, "must be set")
-    if value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(key, f"{value!r} is not allowed; must be {bound}")
-
-
-def _url(key: str, value: str | None) -> None:
-    if value is None:
-        return
-    parsed = urlparse(value)
-    if parsed.scheme not in ("http", "https") or not parsed.netloc:
-        raise ConfigError(key, f"{value!r} is not an http(s) URL")
 
 
 def _target(key: str, node: Any) -> None:
@@ -199,21 +271,25 @@ def _target(key: str, node: Any) -> None:
 
 
 def _typed(cfg: DictConfig) -> Settings:
-    """Merge into the schema; OmegaConf's type errors become one line naming the key."""
+    """Merge into the schema; OmegaConf's errors become one line naming the key (a list's key for
+    a bad item), a value outside an enumeration one listing what is allowed."""
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Settings), cfg)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None) or "config"
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ConfigError(key, first) from None
+        full_key = getattr(exc, "full_key", None) or ""
+        kind = schema_type(full_key)
+        if isinstance(kind, type) and issubclass(kind, Enum):
+            message = f"{exc.value!r} is not allowed; allowed: {', '.join(kind)}"
+        else:
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(re.sub(r"\[\d+\]$", "", full_key) or "config", message) from None
 
 
 def _wandb_key_present() -> bool:
     """W&B's own places for a key: the environment, or the netrc entry `wandb login` writes
     (`$NETRC`, else ~/.netrc)."""
     import netrc
-    from urllib.parse import urlparse
 
     if os.environ.get("WANDB_API_KEY"):
         return True
@@ -231,99 +307,33 @@ def validate(cfg: DictConfig) -> Settings:
     cfg.pop("hydra", None)
     s = _typed(cfg)
 
-    for key in ("name", "id"):
-        value = getattr(s.run, key)
-        if value is not None and not _NAME.match(value):
-            raise ConfigError(
-                f"run.{key}", f"{value!r} is not allowed; use letters, digits and . _ - = , +"
-            )
     if not s.run.root:
         raise ConfigError("run.root", "must be a directory path")
-
-    c = s.cloud
-    _one_of("cloud.name", c.name, ("local", "aws", "gcp", "azure", "slurm"))
-    _positive("cloud.notice_seconds", c.notice_seconds)
-    _positive("cloud.poll_seconds", c.poll_seconds)
-    _url("cloud.metadata_url", c.metadata_url)
-    _positive("cloud.price.spot_per_hour", c.price.spot_per_hour, allow_zero=True)
-    _positive("cloud.price.on_demand_per_hour", c.price.on_demand_per_hour, allow_zero=True)
-    _positive("cloud.interruption_rate_per_hour", c.interruption_rate_per_hour, allow_zero=True)
-    for sig in c.signals:
-        _one_of("cloud.signals", sig, ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP"))
-
-    st = s.storage
-    _one_of("storage.backend", st.backend, ("local", "s3"))
-    if st.backend == "s3" and not st.bucket:
+    _check_rules(s)
+    if s.storage.backend == StorageBackend.s3 and not s.storage.bucket:
         raise ConfigError("storage.bucket", "storage=s3 needs a bucket (storage.bucket=NAME)")
-    if st.bucket is not None and not re.match(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", st.bucket):
-        raise ConfigError("storage.bucket", f"{st.bucket!r} is not a valid S3 bucket name")
-    if ".." in st.prefix.split("/"):
-        raise ConfigError("storage.prefix", f"{st.prefix!r} may not contain '..'")
-    _url("storage.endpoint_url", st.endpoint_url)
-    _positive("storage.max_attempts", st.max_attempts)
-    _positive("storage.alert_after_failures", st.alert_after_failures)
-    _positive("storage.final_upload_timeout_seconds", st.final_upload_timeout_seconds)
 
     ck = s.checkpoint
-    _positive("checkpoint.every_steps", ck.every_steps, allow_none=True)
-    _positive("checkpoint.every_minutes", ck.every_minutes, allow_none=True)
-    _one_of("checkpoint.policy", ck.policy, ("fixed", "young_daly"))
-    if ck.policy == "fixed" and ck.every_steps is None and ck.every_minutes is None:
+    if ck.policy == CheckpointPolicy.fixed and ck.every_steps is None and ck.every_minutes is None:
         raise ConfigError(
             "checkpoint.every_steps", "policy=fixed needs every_steps or every_minutes set"
         )
-    if ck.policy == "young_daly" and c.interruption_rate_per_hour <= 0:
+    if ck.policy == CheckpointPolicy.young_daly and s.cloud.interruption_rate_per_hour <= 0:
         raise ConfigError(
             "cloud.interruption_rate_per_hour",
             "checkpoint.policy=young_daly needs an interruption rate > 0 (choose a cloud)",
         )
-    if ck.keep_last < 1:
-        raise ConfigError("checkpoint.keep_last", f"{ck.keep_last} is not allowed; must be >= 1")
-    _one_of("checkpoint.on_corrupt", ck.on_corrupt, ("previous", "fail"))
-    _one_of("checkpoint.on_error", ck.on_error, ("stop", "continue"))
-    _one_of("checkpoint.when_busy", ck.when_busy, ("wait", "skip"))
 
     e = s.elastic
-    _positive("elastic.min_nodes", e.min_nodes)
-    _positive("elastic.max_nodes", e.max_nodes)
     if e.min_nodes > e.max_nodes:
         raise ConfigError(
             "elastic.min_nodes",
             f"min_nodes={e.min_nodes} > max_nodes={e.max_nodes}; need min <= max",
         )
-    _positive("elastic.nproc_per_node", e.nproc_per_node)
-    _positive("elastic.max_restarts", e.max_restarts, allow_zero=True)
-    _one_of("elastic.rdzv_backend", e.rdzv_backend, ("c10d", "etcd", "etcd-v2", "static"))
-    if not re.match(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$", e.rdzv_endpoint):
-        raise ConfigError("elastic.rdzv_endpoint", f"{e.rdzv_endpoint!r} is not HOST:PORT")
-    _one_of("elastic.lr_scaling", e.lr_scaling, ("linear", "sqrt", "none"))
-    _one_of("elastic.batch_policy", e.batch_policy, ("scale_lr", "keep_global_batch"))
-    _positive("elastic.reference_world_size", e.reference_world_size, allow_none=True)
-    _one_of("elastic.rdzv_store_host", e.rdzv_store_host, ("agent", "external"))
-    for key in (
-        "rdzv_join_timeout_seconds",
-        "rdzv_last_call_seconds",
-        "rdzv_keep_alive_seconds",
-        "monitor_interval_seconds",
-        "shutdown_timeout_seconds",
-        "collective_timeout_seconds",
-        "restore_timeout_seconds",
-    ):
-        _positive(f"elastic.{key}", getattr(e, key))
-    # torch's rendezvous reads these as ints: a keep-alive of 0.5 would become 0 (a heartbeat
-    # timer that never waits), 1.5 silently 1, a last call of 0.5 none at all.
-    for key in ("rdzv_join_timeout_seconds", "rdzv_last_call_seconds", "rdzv_keep_alive_seconds"):
-        _whole_seconds(f"elastic.{key}", getattr(e, key))
-    if e.rdzv_keep_alive_max_attempt < 1:
-        raise ConfigError(
-            "elastic.rdzv_keep_alive_max_attempt",
-            f"{e.rdzv_keep_alive_max_attempt!r} is not allowed; must be >= 1",
-        )
 
     lg = s.logger
-    _one_of("logger.backend", lg.backend, ("wandb", "none"))
-    _one_of("logger.mode", lg.mode, ("offline", "online", "disabled"))
-    if lg.backend == "wandb" and lg.mode == "online" and not _wandb_key_present():
+    online = lg.backend == LoggerBackend.wandb and lg.mode == LoggerMode.online
+    if online and not _wandb_key_present():
         raise ConfigError(
             "logger.mode",
             "online needs a W&B API key: set WANDB_API_KEY or run `wandb login`; "
@@ -331,23 +341,12 @@ def validate(cfg: DictConfig) -> Settings:
         )
 
     t = s.trainer
-    _positive("trainer.max_steps", t.max_steps, allow_none=True)
-    _positive("trainer.max_epochs", t.max_epochs, allow_none=True)
     if t.max_steps is None and t.max_epochs is None:
         raise ConfigError("trainer.max_steps", "set max_steps or max_epochs (or both)")
-    _positive("trainer.batch_size", t.batch_size)
-    _positive("trainer.log_every", t.log_every)
-    _positive("trainer.grad_clip", t.grad_clip, allow_none=True)
-    if not _DEVICE.match(t.device):
-        raise ConfigError(
-            "trainer.device", f"{t.device!r} is not allowed; allowed: auto, cpu, cuda, cuda:N"
-        )
 
-    _positive("data.num_workers", s.data.num_workers, allow_zero=True)
     _target("data.dataset", s.data.dataset)
-    _target("model", s.model)
-    _target("optimizer", s.optimizer)
-    _target("scheduler", s.scheduler)
+    for key in ("model", "optimizer", "scheduler"):
+        _target(key, getattr(s, key))
     _try_optimizer_and_scheduler(cfg)
     return s
 

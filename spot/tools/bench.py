@@ -27,6 +27,7 @@ from spot.checkpoint.manager import CheckpointManager
 from spot.checkpoint.tensorfile import SnapshotBuffer
 from spot.fsutil import fsync_file
 from spot.run.events import EventLog
+from spot.tree import map_tensors
 
 WIDTH = 1024
 
@@ -86,13 +87,9 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer, step: int) ->
 
 
 def state_bytes(state) -> int:
-    if isinstance(state, torch.Tensor):
-        return state.numel() * state.element_size()
-    if isinstance(state, dict):
-        return sum(state_bytes(v) for v in state.values())
-    if isinstance(state, list | tuple):
-        return sum(state_bytes(v) for v in state)
-    return 0
+    sizes: list[int] = []
+    map_tensors(state, lambda t: sizes.append(t.numel() * t.element_size()))
+    return sum(sizes)
 
 
 def drop_cache(path: Path) -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 from spot.checkpoint.manager import CheckpointManager, list_step_dirs
 from spot.run.events import read_events
 from spot.run.exitcodes import EXIT_COMPLETE, EXIT_PREEMPTED
+from spot.run.identity import RunPaths
 from spot.tools.emulate import EmulatorServer, make_emulator
 from spot.tree import first_difference
 
@@ -43,8 +44,8 @@ def _train(script: Path, args: list[str], env: dict, log) -> subprocess.Popen:
 
 
 def _events(root: Path) -> list[dict]:
-    files = sorted(root.glob("*/*/events.jsonl"))
-    return read_events(files[0]) if files else []
+    run = next(RunPaths.under(root), None)
+    return read_events(run.events) if run else []
 
 
 def _last_step(events: list[dict]) -> int:
@@ -52,16 +53,9 @@ def _last_step(events: list[dict]) -> int:
 
 
 def _final_state(root: Path) -> dict:
-    run_dir = next(p for p in root.glob("*/*") if (p / "COMPLETE").exists())
-    _, path = list_step_dirs(run_dir / "checkpoints")[0]
+    run = next(r for r in RunPaths.under(root) if r.complete.exists())
+    _, path = list_step_dirs(run.checkpoints)[0]
     return CheckpointManager.load(path).state
-
-
-def differences(a, b) -> list[str]:
-    """Where two state trees differ, comparing tensors bit for bit: the first difference, or
-    none. The first is enough to say the run was not reproduced, and where to start looking."""
-    found = first_difference(a, b)
-    return [] if found is None else [found]
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -138,7 +132,8 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         again = [e["time"] for e in trained if e["time"] > resume["time"]]
         record["recovery_seconds"] = (again[0] if again else resume["time"]) - record["at"]
 
-    diffs = differences(_final_state(root), _final_state(workdir / "reference"))
+    # Bit for bit; the first difference says the run was not reproduced, and where to look.
+    diff = first_difference(_final_state(root), _final_state(workdir / "reference"))
     print(f"\nchaos: {len(records)} interruptions over {attempt} attempts (seed {args.seed})")
     print(f"{'kind':<9} {'count':>5} {'lost steps':>11} {'recovery s (mean)':>18}  exit codes")
     for kind in KINDS:
@@ -148,10 +143,10 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
             recovery = sum(r.get("recovery_seconds", 0.0) for r in rows) / len(rows)
             codes = sorted({r["exit"] for r in rows})
             print(f"{kind:<9} {len(rows):>5} {lost:>11} {recovery:>18.2f}  {codes}")
-    verdict = "yes" if not diffs else f"NO ({', '.join(diffs[:5])})"
+    verdict = "yes" if diff is None else f"NO ({diff})"
     print(f"final state bitwise equal to the uninterrupted run: {verdict}")
     print(f"runs and logs: {workdir}")
-    return 0 if not diffs else 1
+    return 0 if diff is None else 1
 
 
 def _kinds(text: str) -> list[str]:

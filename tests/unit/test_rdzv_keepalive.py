@@ -12,7 +12,7 @@ import pytest
 from spot.distributed.launch import launch_config
 from spot.run.config import CloudConfig, ConfigError, ElasticConfig, validate
 
-from ..test_config import composed
+from .test_config import composed
 
 
 def test_the_rendezvous_torch_builds_has_the_configured_keep_alive():

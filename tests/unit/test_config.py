@@ -3,14 +3,18 @@ with one line naming the key, a non-zero exit, and no run directory."""
 
 from __future__ import annotations
 
+import json
+import types
+import typing
 from concurrent.futures import ThreadPoolExecutor
+from enum import Enum
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from spot.run.config import ConfigError, Settings, validate
+from spot.run.config import ConfigError, Settings, schema_defaults, schema_type, validate
 from spot.run.exitcodes import EXIT_BAD_CONFIG
 from spot.run.identity import run_id_from_overrides
 from tests.helpers import REPO, run_train
@@ -152,6 +156,21 @@ BAD = [
     ("run.name=../escape", "run.name"),
     ("optimizer.lr=-1", "optimizer"),
     ("model._target_=nowhere.Model", "model._target_"),
+    # enumerations and rules the schema's types carry
+    ("cloud.name=ibm", "cloud.name"),
+    ("cloud.name=null", "cloud.name"),
+    ("cloud.signals=[SIGTERM,SIGFOO]", "cloud.signals"),
+    ("storage.backend=gcs", "storage.backend"),
+    ("storage.bucket=Not_A_Bucket", "storage.bucket"),
+    ("storage.prefix=a/../b", "storage.prefix"),
+    ("checkpoint.on_error=maybe", "checkpoint.on_error"),
+    ("checkpoint.when_busy=never", "checkpoint.when_busy"),
+    ("elastic.rdzv_backend=zookeeper", "elastic.rdzv_backend"),
+    ("elastic.rdzv_keep_alive_seconds=0.5", "elastic.rdzv_keep_alive_seconds"),
+    ("elastic.max_restarts=-1", "elastic.max_restarts"),
+    ("logger.backend=tensorboard", "logger.backend"),
+    ("run.id=a/b", "run.id"),
+    ("+storage.nonsense=1", "storage.nonsense"),
 ]
 
 # The whole program, as a user runs it: the ones only the command line check, Hydra's
@@ -165,6 +184,7 @@ BAD_COMMAND_LINES = [
     ("storage=s3", "storage.bucket"),
     ("elastic.min_nodes=3", "elastic.min_nodes"),
     ("logger.mode=online", "logger.mode"),
+    ("checkpoint.policy=sometimes", "checkpoint.policy"),
 ]
 
 
@@ -230,13 +250,30 @@ def _leaves(node, prefix: str = "") -> dict:
     return out
 
 
+def _conforms(value, kind) -> bool:
+    """A YAML value of the schema's type as written, with no conversion (an int for a float)."""
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        return any(_conforms(value, k) for k in typing.get_args(kind))
+    if typing.get_origin(kind) is list:
+        return isinstance(value, list) and all(
+            _conforms(v, typing.get_args(kind)[0]) for v in value
+        )
+    if isinstance(kind, type) and issubclass(kind, Enum):
+        return isinstance(value, str) and value in {m.value for m in kind}
+    if kind is float:
+        kind = int | float
+    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+
+
 def test_the_schema_and_the_yaml_defaults_cannot_drift():
-    """Every default is one value: the schema's (spot/run/config.py) and the default options' YAML
-    compose to the same thing; every key of every option file exists in the schema; and every
-    option validates as composed (so its values have the schema's types)."""
+    """Every default is one value, the schema's (spot/run/config.py): it composes, with the
+    default options, to exactly what `python train.py --cfg job` prints (types and order too);
+    every key an option file sets exists in the schema with the schema's type and differs from
+    the schema's default (an option holds only what differs); every option validates."""
     from dataclasses import fields
 
     schema = OmegaConf.to_container(OmegaConf.structured(Settings))
+    plain = schema_defaults()
     typed = [f.name for f in fields(Settings) if f.name not in ("model", "optimizer", "scheduler")]
     default = OmegaConf.to_container(composed(), resolve=False)
 
@@ -248,11 +285,60 @@ def test_the_schema_and_the_yaml_defaults_cannot_drift():
     assert got == want, {
         k: (got.get(k), want.get(k)) for k in got.keys() | want.keys() if got.get(k) != want.get(k)
     }
-    for group in ("cloud", "storage", "checkpoint", "elastic", "logger", "trainer"):
+    exact = defaults(plain)
+    assert [(k, type(v), v) for k, v in got.items()] == [(k, type(v), v) for k, v in exact.items()]
+    assert list(default) == list(plain)  # the groups in the schema's order
+    for key, value in exact.items():
+        assert _conforms(value, schema_type(key)), f"the schema's {key} = {value!r}"
+
+    printed = run_train(["--cfg", "job"], timeout=120)
+    assert printed.returncode == 0, printed.stderr
+    assert printed.stdout == OmegaConf.to_yaml(composed())
+
+    for group in ("cloud", "storage", "checkpoint", "elastic", "logger", "trainer", "data"):
         known = _leaves(schema[group])
         for option in options(group):
-            extra = ["storage.bucket=my-bucket"] if option == "s3" else []
+            where = f"conf/{group}/{option}.yaml"
+            own = OmegaConf.to_container(OmegaConf.load(CONF / group / f"{option}.yaml")) or {}
+            own.pop("defaults", None)
+            for key, value in _leaves(own).items():
+                if group == "data" and key.startswith("dataset"):
+                    continue
+                assert key in known, f"{where}: {key} is not in the schema"
+                kind = schema_type(f"{group}.{key}")
+                assert _conforms(value, kind), f"{where}: {key}: {value!r} is not a {kind}"
+                assert value != exact[f"{group}.{key}"], f"{where}: {key} repeats the default"
+            extra = {"s3": ["storage.bucket=my-bucket"], "images": ["model=cnn"]}.get(option, [])
             composed_option = composed(f"{group}={option}", *extra)
             for key in _leaves(OmegaConf.to_container(composed_option[group], resolve=False)):
-                assert key in known, f"conf/{group}/{option}.yaml: {key} is not in the schema"
+                assert key in known or key.startswith("dataset"), f"{where}: {key} not in schema"
             validate(composed_option)
+
+
+def test_a_value_outside_an_enumeration_names_what_is_allowed():
+    cases = {
+        "checkpoint.policy=sometimes": "checkpoint.policy: 'sometimes' is not allowed; "
+        "allowed: fixed, young_daly",
+        "cloud.signals=[SIGTERM,SIGFOO]": "cloud.signals: 'SIGFOO' is not allowed; "
+        "allowed: SIGTERM, SIGUSR1, SIGUSR2, SIGINT, SIGHUP",
+        "elastic.rdzv_backend=zk": "elastic.rdzv_backend: 'zk' is not allowed; "
+        "allowed: c10d, etcd, etcd-v2, static",
+        "elastic.rdzv_keep_alive_seconds=1.5": "elastic.rdzv_keep_alive_seconds: 1.5 is not "
+        "allowed; must be a whole number of seconds >= 1",
+    }
+    for override, message in cases.items():
+        with pytest.raises(ConfigError) as err:
+            validate(composed(override))
+        assert str(err.value) == f"config error: {message}"
+
+
+def test_enumerations_are_typed_and_read_as_their_values():
+    """What validate() returns is typed; a member still reads as its string wherever the
+    settings go (comparisons, registries keyed by name, log lines, event JSON)."""
+    s = validate(composed("cloud=slurm", "elastic=elastic", "elastic.rdzv_backend=etcd-v2"))
+    assert isinstance(s.checkpoint.on_corrupt, Enum) and s.checkpoint.on_corrupt == "previous"
+    assert f"{s.cloud.name}" == str(s.cloud.name) == "slurm"
+    assert json.dumps([s.elastic.rdzv_backend, *s.cloud.signals]) == (
+        '["etcd-v2", "SIGUSR1", "SIGUSR2", "SIGTERM"]'
+    )
+    assert {"etcd-v2": 1}[s.elastic.rdzv_backend] == 1
