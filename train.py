@@ -35,6 +35,7 @@ from spot.distributed import world as distributed
 from spot.failpoints import failpoint
 from spot.interruption import ignore_in_data_workers
 from spot.job import Job, join
+from spot.precision import Precision
 from spot.run.config import ConfigError, one_line
 from spot.run.exitcodes import (
     EXIT_BAD_CONFIG,
@@ -54,6 +55,15 @@ CONFIG_DIR = Path(__file__).resolve().parent / "conf"
 def compute_loss(model: torch.nn.Module, batch, device: torch.device) -> torch.Tensor:
     inputs, targets = (t.to(device, non_blocking=True) for t in batch)
     return F.cross_entropy(model(inputs), targets)
+
+
+def eval_batch(model: torch.nn.Module, batch, device: torch.device) -> dict[str, torch.Tensor]:
+    """What validation reports, summed over a batch (then averaged over the split, all ranks):
+    edit it with compute_loss."""
+    inputs, targets = (t.to(device, non_blocking=True) for t in batch)
+    logits = model(inputs)
+    correct = (logits.argmax(dim=-1) == targets).sum()
+    return {"loss": F.cross_entropy(logits, targets, reduction="sum"), "accuracy": correct}
 
 
 def make_loader(dataset, sampler, cfg, device: torch.device) -> DataLoader:
@@ -91,17 +101,21 @@ def train(job: Job) -> int:
     device = world.device(job.device)
     seed_everything(s.seed)
     dataset = build(cfg.data.dataset, "data.dataset")
+    val_dataset = build(cfg.data.val, "data.val") if s.eval.every_steps else None
     model = build(cfg.model, "model").to(device)
     seed_rank(s.seed, world.rank)  # after the weights: each rank its own dropout masks
     model = world.wrap(model, device)
+    if s.trainer.compile:  # checkpoints hold the same keys compiled or not (state.unwrap)
+        model = torch.compile(model)
     optimizer = instantiate(cfg.optimizer)(model.parameters())
+    amp = Precision(s.trainer.precision, device)  # autocast; fp16's scaler is checkpointed
 
     # The run directory, event log, checkpoints and metrics: closed on every way out.
     with Session(job, world, device) as run:
         restored = run.restore()  # the newest verified checkpoint, on every rank; or None
         sampler, length = run.plan(len(dataset), restored)  # batch and length at this world size
         scheduler = build_scheduler(instantiate(cfg.scheduler), optimizer, length.schedule_steps)
-        state = run.resume(model, optimizer, scheduler, sampler, length, restored)
+        state = run.resume(model, optimizer, scheduler, sampler, length, restored, amp)
         checkpointer, monitor = run.checkpointer, run.monitor
         loss_fn = partial(compute_loss, device=device)
 
@@ -113,19 +127,29 @@ def train(job: Job) -> int:
                 step_samples, share = sampler.step_size(), sampler.current_indices()
                 optimizer.zero_grad(set_to_none=True)
                 loss_sum = elastic.accumulate_gradients(
-                    model, batches, sampler.current_plan(), len(share), step_samples, world, loss_fn
+                    model,
+                    batches,
+                    sampler.current_plan(),
+                    len(share),
+                    step_samples,
+                    world,
+                    loss_fn,
+                    amp,
                 )
+                amp.unscale(optimizer)  # fp16: true gradients, for clipping
                 if s.trainer.grad_clip:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), s.trainer.grad_clip)
                 checkpointer.before_update()  # a checkpoint still copying this state finishes first
-                optimizer.step()
+                skipped = amp.step(optimizer)  # fp16: inf/nan gradients skip the update
                 state.step += 1
                 run.record(share)  # the ledger: which samples this rank trained on
                 sampler.advance()
                 set_position(scheduler, length.position(state.step, state.epoch, sampler.consumed))
                 wanted = checkpointer.after_update()  # rank 0's vote: a checkpoint is due
-                run.log(loss_sum, step_samples, scheduler.get_last_lr()[0])
+                run.log(loss_sum, step_samples, scheduler.get_last_lr()[0], skipped)
                 failpoint("train.step", state.step, rank=world.rank)
+                if run.eval_due():  # leaves the training RNG, sampler and model untouched
+                    run.evaluate(model, val_dataset, partial(eval_batch, device=device), amp)
                 if run.finished():
                     break
                 # Every rank agrees on how this step ends: a checkpoint, a stop, or neither.

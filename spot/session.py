@@ -34,6 +34,7 @@ from spot.distributed import elastic
 from spot.distributed import world as distributed
 from spot.distributed.ledger import Ledger, truncate_ledgers
 from spot.distributed.sampler import ResumableBatchSampler
+from spot.evaluation import evaluate
 from spot.fsutil import atomic_write_bytes
 from spot.interruption import InterruptionMonitor
 from spot.job import Job
@@ -139,7 +140,11 @@ class Session(contextlib.ExitStack):
             rank=world.rank,
             world_size=world.world_size,
             global_batch=elastic.global_batch(
-                s.elastic.batch_policy, s.trainer.batch_size, world.world_size, self.reference
+                s.elastic.batch_policy,
+                s.trainer.batch_size,
+                world.world_size,
+                self.reference,
+                s.trainer.global_batch_size,
             ),
         )
         # The length in steps at this world size (an epoch's steps depend on it under scale_lr):
@@ -155,7 +160,7 @@ class Session(contextlib.ExitStack):
         )
         return sampler, length
 
-    def resume(self, model, optimizer, scheduler, sampler, length, restored) -> TrainingState:
+    def resume(self, model, optimizer, scheduler, sampler, length, restored, amp=None):
         """The training state, loaded from `restored` if any, with the LR scaled to this world
         size; the tracker started; `resume`, `world_size_change` and `start` events emitted."""
         s, world, events = self.s, self.world, self.events
@@ -183,6 +188,7 @@ class Session(contextlib.ExitStack):
             reference_world_size=self.reference,
             tracker_run_id=tracker_run_id,
             schedule_steps=length.schedule_steps,
+            precision=amp,
         )
         if restored:
             try:
@@ -202,7 +208,8 @@ class Session(contextlib.ExitStack):
                 "resumed from %s (step %d, epoch %d)", restored["path"], state.step, state.epoch
             )
         # From the config's base LRs after every load: never compounded across changes.
-        lr_scale = elastic.lr_scale(s.elastic, world.world_size, self.reference)
+        fixed = s.trainer.global_batch_size
+        lr_scale = elastic.lr_scale(s.elastic, world.world_size, self.reference, fixed)
         elastic.apply_lr_scale(scheduler, config_lrs, lr_scale)
         split = elastic.describe_split(sampler)
         if restored and state.saved_world_size != world.world_size:
@@ -234,10 +241,16 @@ class Session(contextlib.ExitStack):
             node_rank=int(os.environ.get("GROUP_RANK", 0)),
             nodes=int(os.environ.get("GROUP_WORLD_SIZE", 1)),
             agent_pid=os.getppid() if distributed.launched_by_torch_elastic() else None,
+            precision=str(s.trainer.precision),
+            compile=s.trainer.compile,
             **split,
         )
         log.info("run directory: %s (%s)", self.paths.dir, split["text"])
         self._start(state)
+        # torch.compile compiles at the first forward and backward (lazily: compiling ahead would
+        # draw from the RNG and touch buffers): the first step's time is the compilation's, which
+        # counts against a notice window and the recovery time.
+        self._compiling_since = time.perf_counter() if s.trainer.compile else None
         return state
 
     def _start(self, state: TrainingState) -> None:
@@ -258,6 +271,7 @@ class Session(contextlib.ExitStack):
             uploader=self.uploader,
             final_upload_timeout_seconds=s.storage.final_upload_timeout_seconds,
             overlap=s.checkpoint.overlap,
+            keep_best=s.checkpoint.keep_best,
         )
         self.callback(self.checkpointer.close)
         self.progress = Progress(self.max_steps, state.step) if world.is_leader else None
@@ -275,14 +289,51 @@ class Session(contextlib.ExitStack):
             t.max_epochs and state.epoch >= t.max_epochs
         )
 
+    def eval_due(self) -> bool:
+        """Every `eval.every_steps`, and at the end."""
+        every = self.s.eval.every_steps
+        return bool(every) and (self.state.step % every == 0 or self.finished())
+
+    def evaluate(self, model, dataset, batch_fn, amp=None) -> None:
+        """Validation figures, reduced over all ranks, as an `eval` event (val/* metrics).
+        An interruption notice stops it at once: no figures, the loop stops at this step."""
+        e = self.s.eval
+
+        def in_precision(module, batch):
+            with amp.autocast() if amp else contextlib.nullcontext():
+                return batch_fn(module, batch)
+
+        figures = evaluate(
+            model,
+            dataset,
+            in_precision,
+            self.world,
+            batch_size=e.batch_size or self.s.trainer.batch_size,
+            max_batches=e.max_batches,
+            interrupted=lambda: self.monitor.stop_requested,
+        )
+        if figures is not None:
+            self.events.emit("eval", step=self.state.step, **figures)
+            measured = {
+                f"val/{k}": v for k, v in figures.items() if k not in ("samples", "seconds")
+            }
+            self.checkpointer.consider(measured)
+
     def record(self, indices: list[int]) -> None:
         """The samples this rank trained on in the step just taken (data.ledger=true)."""
         if self.ledger is not None:
             self.ledger.record(self.state.step, self.state.epoch, indices)
 
-    def log(self, loss_sum: torch.Tensor, samples: int, lr: float) -> None:
-        """Every `trainer.log_every` steps and at the end: the mean loss over all ranks."""
+    def log(self, loss_sum: torch.Tensor, samples: int, lr: float, skipped: bool = False) -> None:
+        """Every `trainer.log_every` steps and at the end: the mean loss over all ranks. A step
+        whose update the fp16 scaler skipped (inf or nan gradients) is an event of its own."""
         step = self.state.step
+        if self._compiling_since is not None:  # the first step since the start: it compiled
+            seconds = round(time.perf_counter() - self._compiling_since, 6)
+            self.events.emit("compiled", step=step, seconds=seconds)
+            self._compiling_since = None
+        if skipped:
+            self.events.emit("step_skipped", step=step, scale=self.state.precision.scale_value())
         if step % self.s.trainer.log_every and not self.finished():
             return  # .item() would sync a GPU every step
         loss = self.world.sum(float(loss_sum)) / samples

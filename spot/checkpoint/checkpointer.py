@@ -24,6 +24,7 @@ from spot.checkpoint.manager import CheckpointManager, CheckpointWriteError
 from spot.checkpoint.state import TrainingState
 from spot.distributed.world import World
 from spot.interruption import previous_commit_seconds, record_emergency, warn_if_window_at_risk
+from spot.run.config import ConfigError
 from spot.run.events import EventLog, read_events
 
 log = logging.getLogger(__name__)
@@ -42,9 +43,11 @@ class Checkpointer:
         uploader=None,
         final_upload_timeout_seconds: float = 600.0,
         overlap: bool = True,
+        keep_best=None,
     ):
         """`manager`: rank 0's CheckpointManager (None on the other ranks). `uploader`: rank 0's
-        spot.checkpoint.upload.Uploader when checkpoints also go to a bucket, else None."""
+        spot.checkpoint.upload.Uploader when checkpoints also go to a bucket, else None.
+        `keep_best`: checkpoint.keep_best ({metric, mode}), or None."""
         self.world = world
         self.state = state
         self.schedule = schedule
@@ -53,6 +56,9 @@ class Checkpointer:
         self.manager = manager
         self.uploader = uploader
         self.final_upload_timeout_seconds = final_upload_timeout_seconds
+        self.keep_best = keep_best
+        if manager is not None and state.best:  # resumed: the best so far stays kept
+            manager.keep_best(state.best["step"])
         # State that nothing changes before the next optimizer step is copied in the background.
         self._defer = state.unchanged_until_update() if overlap else ()
         self._first_step = state.step
@@ -85,6 +91,28 @@ class Checkpointer:
                 self._window_warned = warn_if_window_at_risk(persist, self.cloud, self.events)
         return self.schedule.due(self.state.step)
 
+    def consider(self, figures: dict[str, float]) -> None:
+        """After an evaluation (the same figures on every rank): a new best by
+        checkpoint.keep_best is checkpointed now, and kept whatever keep_last says."""
+        if self.keep_best is None:
+            return
+        metric, mode = self.keep_best.metric, self.keep_best.mode
+        if metric not in figures:
+            raise ConfigError(
+                "checkpoint.keep_best.metric",
+                f"{metric} is not a validation figure; there are: {', '.join(sorted(figures))}",
+            )
+        value, best = figures[metric], self.state.best
+        if best is not None and (
+            value >= best["value"] if mode == "min" else value <= best["value"]
+        ):
+            return
+        step = self.state.step
+        self.state.best = {"metric": metric, "mode": str(mode), "step": step, "value": value}
+        if self.manager is not None:
+            self.manager.keep_best(step)
+        self.save("best")
+
     def save(self, reason: str) -> None:
         """Checkpoint the state at this step, on every rank together (each hands over its RNG)."""
         state = self.state
@@ -95,7 +123,9 @@ class Checkpointer:
                 "epoch": state.epoch,
                 "samples_in_epoch": state.sampler.consumed,
             }
-            final = reason in ("final", "emergency")  # waits for a running save, then commits
+            if state.best:  # `python -m spot list` marks it
+                info["best"] = state.best
+            final = reason in ("final", "emergency", "best")  # waits for a running save
             snapshot = state.state_dict(rng_states)
             saved = self.manager.save(state.step, snapshot, info, final=final, defer=self._defer)
             if saved is not None:  # None: skipped, the previous is still being written

@@ -156,6 +156,9 @@ class CheckpointManager:
         self.skipped = 0
         self.remote = remote
         self._retain_lock = threading.Lock()
+        # The best checkpoint (checkpoint.keep_best), spared by retention here and in the bucket;
+        # the previous best is spared too until the new one is committed.
+        self._best: list[int] = []
 
     @property
     def snapshot_bytes(self) -> int:
@@ -356,8 +359,11 @@ class CheckpointManager:
             limit = committed[0][0]  # only ever delete ones older than the newest committed
             if self.remote is not None:
                 limit = min(limit, self.remote.newest_uploaded() or -1)
+            steps = {step for step, _ in committed}
+            if self._best and self._best[-1] in steps:  # the new best is committed
+                self._best = self._best[-1:]
             for step, path in committed[self.keep_last :]:
-                if step < limit:
+                if step < limit and step not in self._best:
                     remove_tree(path)
 
     def start_uploads(self):
@@ -365,7 +371,13 @@ class CheckpointManager:
         (see RemoteCheckpoints.start). Returns the Uploader, or None for local storage."""
         if self.remote is None:
             return None
-        return self.remote.start(self.root, self.keep_last, lambda _step: self.retain())
+        return self.remote.start(
+            self.root, self.keep_last, lambda _step: self.retain(), lambda: set(self._best)
+        )
+
+    def keep_best(self, step: int) -> None:
+        """Spare the checkpoint at `step` (the best so far) from retention, local and remote."""
+        self._best = [*self._best[-1:], step] if step not in self._best else self._best
 
     def remove_stale(self) -> None:
         """Delete temporary directories left by a process killed mid-save, mid-delete or

@@ -13,9 +13,14 @@ from spot.distributed.sampler import ResumableBatchSampler
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The module whose state dict is saved: without DDP's `module.` prefix, so a checkpoint
-    moves between single-process and distributed runs."""
-    return getattr(model, "module", model)
+    """The module whose state dict is saved: without DDP's `module.` or torch.compile's
+    `_orig_mod.` prefix, so a checkpoint moves between single-process and distributed runs, and
+    between compiled and eager ones."""
+    while isinstance(model, torch.nn.parallel.DistributedDataParallel) or hasattr(
+        model, "_orig_mod"
+    ):
+        model = model.module if hasattr(model, "module") else model._orig_mod
+    return model
 
 
 @dataclass
@@ -32,6 +37,8 @@ class TrainingState:
     saved_world_size: int | None = None  # of the checkpoint loaded, if any
     tracker_run_id: str | None = None  # the metrics tracker's run (W&B), kept across restarts
     schedule_steps: int | None = None  # the length the LR schedule was built for
+    precision: Any = None  # a spot.precision.Precision: fp16's gradient scaler is saved with it
+    best: dict | None = None  # checkpoint.keep_best: {metric, mode, step, value} so far
 
     @property
     def epoch(self) -> int:
@@ -52,6 +59,8 @@ class TrainingState:
                 "rng": rng_states or [rng.capture()],
                 "tracker_run_id": self.tracker_run_id,
                 "schedule_steps": self.schedule_steps,
+                "grad_scaler": self.precision.state_dict() if self.precision else {},
+                "best": self.best,
             },
         }
 
@@ -78,7 +87,10 @@ class TrainingState:
         unwrap(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.precision is not None:
+            self.precision.load_state_dict(state["trainer"].get("grad_scaler") or {})
         self.step = int(state["trainer"]["step"])
+        self.best = state["trainer"].get("best")
         self.saved_world_size = int(state["trainer"].get("world_size", 1))
         saved_rngs = state["trainer"]["rng"]
         saved_rngs = [saved_rngs] if isinstance(saved_rngs, dict) else saved_rngs

@@ -379,13 +379,21 @@ class RemoteCheckpoints:
     def download(self, step: int, into: Path) -> Path:
         return self.store.download(step, into)
 
-    def start(self, root: Path, keep_last: int, on_uploaded: Callable[[int], None]) -> Uploader:
+    def start(
+        self,
+        root: Path,
+        keep_last: int,
+        on_uploaded: Callable[[int], None],
+        kept: Callable[[], set[int]] = set,
+    ) -> Uploader:
         """Claim the run and start uploading. Call it after the restore: a corrupt local
         checkpoint the restore moved aside is then never queued, and a remote one whose download
         failed is not counted. Local checkpoints newer than the newest verified remote one are
         queued now (one at the step of an unverifiable remote copy too: it replaces that copy)."""
         self.store.claim()
-        uploader = Uploader(self.store, root, self.events, keep_last, self.alert_after, on_uploaded)
+        uploader = Uploader(
+            self.store, root, self.events, keep_last, self.alert_after, on_uploaded, kept
+        )
         self.uploader = uploader
         try:
             uploader.look()

@@ -13,6 +13,12 @@ Two policies (`elastic.batch_policy`):
   all ranks, each rank running as many micro-batches of at most `trainer.batch_size` as its share
   needs (gradient accumulation). The LR does not change.
 
+`trainer.global_batch_size` is the same mechanism with the global batch named directly: every
+step takes that many samples over all ranks at any world size, `trainer.batch_size` being the
+micro-batch (the most one rank runs at once), and the LR does not change; `batch_policy` then
+has nothing left to decide. (`keep_global_batch` is `global_batch_size = batch_size *
+reference`.)
+
 Each micro-batch's mean loss is weighted by `samples * world_size / step_samples` before
 backward; DDP averages over ranks, so the gradient is the mean over the step's samples even when
 shares are uneven (a global batch not divisible by the world size, an epoch's short last step).
@@ -34,13 +40,20 @@ from spot.run.config import ConfigError, ElasticConfig
 from spot.run.schedule import set_position
 
 
-def global_batch(policy: str, batch_size: int, world_size: int, reference: int) -> int:
-    """Samples per optimizer step over all ranks."""
+def global_batch(
+    policy: str, batch_size: int, world_size: int, reference: int, fixed: int | None = None
+) -> int:
+    """Samples per optimizer step over all ranks; `fixed`: trainer.global_batch_size."""
+    if fixed:
+        return fixed
     return batch_size * (reference if policy == "keep_global_batch" else world_size)
 
 
-def lr_scale(cfg: ElasticConfig, world_size: int, reference: int) -> float:
-    if cfg.batch_policy == "keep_global_batch" or cfg.lr_scaling == "none":
+def lr_scale(
+    cfg: ElasticConfig, world_size: int, reference: int, fixed: int | None = None
+) -> float:
+    """The LR's factor at this world size: 1 whenever the global batch does not follow it."""
+    if fixed or cfg.batch_policy == "keep_global_batch" or cfg.lr_scaling == "none":
         return 1.0
     ratio = world_size / reference
     return ratio if cfg.lr_scaling == "linear" else math.sqrt(ratio)
@@ -89,20 +102,23 @@ def accumulate_gradients(
     step_samples: int,
     world: World,
     loss_fn: Callable[[torch.nn.Module, object], torch.Tensor],
+    amp=None,
 ) -> torch.Tensor:
     """Forward and backward over this rank's micro-batches of one step; gradients synchronize on
     the last one only. `share_samples` is 0 when the plan is a stand-in (the rank has no samples
     in the step): it runs with weight 0, only to join the all-reduce. Returns the sum of
     per-sample losses on this rank (for logging; on the loss's device, so nothing waits for the
-    GPU here)."""
+    GPU here). `amp`: a spot.precision.Precision (autocast for the forward, a scaled backward)."""
     total = torch.zeros(())
     for i, indices in enumerate(plan):
         last = i == len(plan) - 1
         no_sync = getattr(model, "no_sync", None)
         with nullcontext() if last or no_sync is None else no_sync():
-            loss = loss_fn(model, next(batches))
+            with amp.autocast() if amp else nullcontext():
+                loss = loss_fn(model, next(batches))
             weight = len(indices) * world.world_size / step_samples if share_samples else 0.0
-            (loss if weight == 1 else loss * weight).backward()
+            weighted = loss if weight == 1 else loss * weight
+            (amp.scale(weighted) if amp else weighted).backward()
         if share_samples:
             total = total.to(loss.device) + loss.detach().float() * len(indices)
     return total

@@ -82,11 +82,15 @@ class World:
         return tuple(bool(v) for v in tensor.tolist())
 
     def sum(self, value: float) -> float:
+        return self.sums([value])[0]
+
+    def sums(self, values: list[float]) -> list[float]:
+        """Each value summed over the ranks, in one all-reduce (float64)."""
         if not self.distributed:
-            return value
-        tensor = torch.tensor([value], dtype=torch.float64)
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.float64)
         dist.all_reduce(tensor, group=self.control)
-        return tensor.item()
+        return tensor.tolist()
 
     def gather(self, obj: Any) -> list[Any] | None:
         """Every rank's `obj`, in rank order, on the leader (None elsewhere)."""

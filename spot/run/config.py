@@ -57,6 +57,8 @@ LrScaling = _choices("LrScaling", "linear", "sqrt", "none")
 BatchPolicy = _choices("BatchPolicy", "scale_lr", "keep_global_batch")
 LoggerBackend = _choices("LoggerBackend", "wandb", "none")
 LoggerMode = _choices("LoggerMode", "offline", "online", "disabled")
+Precision = _choices("Precision", "fp32", "bf16", "fp16")
+Mode = _choices("Mode", "min", "max")
 
 
 class Rule(NamedTuple):
@@ -128,6 +130,14 @@ class StorageConfig:
 
 
 @dataclass
+class BestConfig:
+    metric: Annotated[str, _matches(r"^val/\w+$", "is not a validation figure (val/<name>)")] = (
+        "val/loss"
+    )
+    mode: Mode = Mode.min  # min: lower is better (a loss); max: higher (an accuracy)
+
+
+@dataclass
 class CheckpointConfig:
     every_steps: PositiveInt | None = None  # checkpoint every N steps (null: by time only)
     every_minutes: Positive | None = 15  # and/or every M minutes: the most work a reclaim loses
@@ -138,6 +148,7 @@ class CheckpointConfig:
     on_corrupt: OnCorrupt = OnCorrupt.previous  # previous: resume from the one before a corrupt one
     on_error: OnError = OnError.stop  # a save that fails (disk full...): stop (exit 4) | continue
     when_busy: WhenBusy = WhenBusy.wait  # a checkpoint due while the last is still being written
+    keep_best: BestConfig | None = None  # also keep the best by a validation figure (null: off)
 
 
 @dataclass
@@ -178,17 +189,28 @@ class DataConfig:
     num_workers: NonNegativeInt = 0
     shuffle: bool = True
     ledger: bool = False  # write <run dir>/ledger/rank-<r>.jsonl: each rank's indices per step
+    val: Any = None  # the validation split: a `_target_` node like `dataset` (null: none)
+
+
+@dataclass
+class EvalConfig:
+    every_steps: PositiveInt | None = None  # evaluate on data.val every N steps, and at the end
+    max_batches: PositiveInt | None = None  # per rank (null: the whole validation split)
+    batch_size: PositiveInt | None = None  # per rank (null: trainer.batch_size)
 
 
 @dataclass
 class TrainerConfig:
     max_steps: PositiveInt | None = 200  # stop after this many optimizer steps (null: by epochs)
     max_epochs: PositiveInt | None = None  # and/or after this many epochs
-    batch_size: PositiveInt = 32  # per rank
+    batch_size: PositiveInt = 32  # per rank (the micro-batch when global_batch_size is set)
+    global_batch_size: PositiveInt | None = None  # per step over all ranks, at any world size
     device: Device = "auto"
     log_every: PositiveInt = 20
     deterministic: bool = True  # resume is bitwise identical where the hardware allows
     grad_clip: Positive | None = None
+    precision: Precision = Precision.fp32  # bf16 | fp16: autocast (fp16 with a gradient scaler)
+    compile: bool = False  # torch.compile the model; checkpoints are the same either way
 
 
 @dataclass
@@ -215,6 +237,7 @@ class Settings:
     optimizer: Any = None
     scheduler: Any = None
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -232,6 +255,8 @@ def schema_type(key: str) -> Any:
     kind: Any = Settings
     for part in key.split("."):
         name, _, index = part.partition("[")
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # `X | None` holds X's keys
+            kind = next(k for k in typing.get_args(kind) if k is not type(None))
         kind = typing.get_type_hints(kind).get(name) if is_dataclass(kind) else None
         if index and typing.get_origin(kind) is list:
             kind = typing.get_args(kind)[0]
@@ -253,8 +278,14 @@ def _check_rules(node: Any, prefix: str = "") -> None:
 
 # Groups that do not change what is trained: they are left out of the run id and config digest,
 # so the same job resumes on another cloud, storage, world size or logger.
-NON_TRAINING_KEYS = ("cloud", "storage", "elastic", "logger", "checkpoint", "run", "hydra")
-NON_TRAINING_LEAVES = ("data.ledger", "data.num_workers", "trainer.log_every")
+NON_TRAINING_KEYS = ("cloud", "storage", "elastic", "logger", "checkpoint", "run", "hydra", "eval")
+NON_TRAINING_LEAVES = (
+    "data.ledger",
+    "data.num_workers",
+    "trainer.log_every",
+    "trainer.compile",
+    "data.val",
+)
 
 
 def _target(key: str, node: Any) -> None:
@@ -345,6 +376,12 @@ def validate(cfg: DictConfig) -> Settings:
         raise ConfigError("trainer.max_steps", "set max_steps or max_epochs (or both)")
 
     _target("data.dataset", s.data.dataset)
+    if s.data.val is not None:
+        _target("data.val", s.data.val)
+    if ck.keep_best is not None and not s.eval.every_steps:
+        raise ConfigError("checkpoint.keep_best", "needs evaluation: set eval.every_steps")
+    if s.eval.every_steps and s.data.val is None:
+        raise ConfigError("eval.every_steps", "needs a validation split: set data.val")
     for key in ("model", "optimizer", "scheduler"):
         _target(key, getattr(s, key))
     _try_optimizer_and_scheduler(cfg)

@@ -83,12 +83,19 @@ _FIELDS = {
         "elastic/nodes": "nodes",
     },
     "world_size_change": {"elastic/world_size": "world_size"},
+    "step_skipped": {"train/grad_scale": "scale"},
+    "compiled": {"train/compile_seconds": "seconds"},
+    "eval": {"val/loss": "loss", "val/accuracy": "accuracy"},  # fp16: the scale after the skip
     "emergency_checkpoint": {
         "ckpt/emergency_seconds": "seconds",
         "spot/notice_seconds_left": "seconds_left",
     },
 }
-_MARKS = {"notice": "spot/notice", "corrupt_checkpoint_skipped": "ckpt/corrupt_skipped"}
+_MARKS = {
+    "notice": "spot/notice",
+    "corrupt_checkpoint_skipped": "ckpt/corrupt_skipped",
+    "step_skipped": "train/skipped_step",
+}
 
 
 def _figures(event: dict) -> dict[str, float]:

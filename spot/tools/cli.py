@@ -40,12 +40,16 @@ def cmd_list(path: Path, full: bool) -> int:
         print(f"no checkpoints in {path}")
         return 0
     print(f"{'step':>9}  {'epoch':>5}  {'bytes':>12}  {'created':19}  status")
-    bad = 0
+    bad, best = 0, None  # the best so far, as the newest checkpoint records it (keep_best)
     for d in dirs:
         try:
             m = (manifest.verify if full else manifest.read)(d)
+            best = m.get("best") if best is None else best
+            mark = ""
+            if best and best["step"] == m.step:
+                mark = f", best ({best['metric']} {best['value']:.6g})"
             print(
-                f"{m.step:>9}  {m.get('epoch', '-'):>5}  {m.total_bytes:>12}  {_when(m.get('created')):19}  valid"
+                f"{m.step:>9}  {m.get('epoch', '-'):>5}  {m.total_bytes:>12}  {_when(m.get('created')):19}  valid{mark}"
             )
         except CorruptCheckpoint as exc:
             bad += 1

@@ -69,7 +69,13 @@ def assert_valid_config(argv: list[str], capsys) -> None:
 
 
 def conf(group: str, option: str) -> dict:
-    return yaml.safe_load((REPO / "conf" / group / f"{option}.yaml").read_text())
+    """A group option as a job has it: the schema's defaults and what the option changes."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"{group}={option}"])
+    return OmegaConf.to_container(cfg[group], resolve=True)
 
 
 def dockerfile() -> dict:

@@ -134,6 +134,12 @@ def test_run_id_is_stable_and_ignores_non_training_keys():
 
 # Each: the override, the key the one-line message must name. Checked in-process by validate().
 BAD = [
+    ("trainer.precision=fp8", "trainer.precision"),
+    ("trainer.global_batch_size=0", "trainer.global_batch_size"),
+    ("eval.every_steps=0", "eval.every_steps"),
+    ("checkpoint.keep_best={metric: val/loss, mode: mid}", "checkpoint.keep_best.mode"),
+    ("checkpoint.keep_best={metric: loss}", "checkpoint.keep_best.metric"),
+    ("checkpoint.keep_best={metric: val/loss}", "checkpoint.keep_best"),  # no evaluation
     ("checkpoint.every_steps=-5", "checkpoint.every_steps"),
     ("checkpoint.every_minutes=0", "checkpoint.every_minutes"),
     ("checkpoint.keep_last=0", "checkpoint.keep_last"),
@@ -277,9 +283,9 @@ def test_the_schema_and_the_yaml_defaults_cannot_drift():
     typed = [f.name for f in fields(Settings) if f.name not in ("model", "optimizer", "scheduler")]
     default = OmegaConf.to_container(composed(), resolve=False)
 
-    def defaults(tree: dict) -> dict:  # the data set is a `_target_` node: not in the schema
+    def defaults(tree: dict) -> dict:  # the data sets are `_target_` nodes: not in the schema
         leaves = _leaves({g: tree[g] for g in typed})
-        return {k: v for k, v in leaves.items() if not k.startswith("data.dataset")}
+        return {k: v for k, v in leaves.items() if not k.startswith(("data.dataset", "data.val"))}
 
     got, want = defaults(default), defaults(schema)
     assert got == want, {
@@ -302,7 +308,7 @@ def test_the_schema_and_the_yaml_defaults_cannot_drift():
             own = OmegaConf.to_container(OmegaConf.load(CONF / group / f"{option}.yaml")) or {}
             own.pop("defaults", None)
             for key, value in _leaves(own).items():
-                if group == "data" and key.startswith("dataset"):
+                if group == "data" and key.startswith(("dataset", "val")):
                     continue
                 assert key in known, f"{where}: {key} is not in the schema"
                 kind = schema_type(f"{group}.{key}")
@@ -311,7 +317,9 @@ def test_the_schema_and_the_yaml_defaults_cannot_drift():
             extra = {"s3": ["storage.bucket=my-bucket"], "images": ["model=cnn"]}.get(option, [])
             composed_option = composed(f"{group}={option}", *extra)
             for key in _leaves(OmegaConf.to_container(composed_option[group], resolve=False)):
-                assert key in known or key.startswith("dataset"), f"{where}: {key} not in schema"
+                assert key in known or key.startswith(("dataset", "val")), (
+                    f"{where}: {key} not in schema"
+                )
             validate(composed_option)
 
 

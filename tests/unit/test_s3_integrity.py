@@ -194,3 +194,31 @@ def test_a_commit_whose_response_was_lost_is_not_refused_by_its_own_retry(
     plain = S3Store(name, "runs/r/1", endpoint_url=s3_endpoint)
     assert remote_problem(plain, plain.list_checkpoints()[0]) is None
     assert verifies(plain, 7, tmp_path / "check")
+
+
+# ---- issue 15: the best checkpoint ----------------------------------------------------------
+
+
+def test_the_best_checkpoint_is_spared_by_both_retentions(s3_endpoint, bucket, tmp_path):
+    """keep_last=1 with step 20 marked best: after 30 and 40 commit and upload, 20 is still on
+    this disk and in the bucket; once 40 is the best, 20 goes from both."""
+    client, name = bucket
+    events = EventLog(tmp_path / "events.jsonl")
+    store = S3Store(name, "runs/r/1", endpoint_url=s3_endpoint)
+    local = manager(tmp_path / "ck", events, keep_last=1, store=store)
+    uploader = local.start_uploads()
+    try:
+        local.save(10, state(10), {})
+        local.keep_best(20)
+        for step in (20, 30, 40):
+            local.save(step, state(step), {})
+        assert uploader.drain(30)
+        assert sorted(s for s, _ in list_step_dirs(tmp_path / "ck")) == [20, 40]
+        assert sorted(store.committed_steps()) == [20, 40]
+        local.keep_best(40)
+        local.save(50, state(50), {})
+        assert uploader.drain(30)
+    finally:
+        uploader.close()
+    assert sorted(s for s, _ in list_step_dirs(tmp_path / "ck")) == [40, 50]
+    assert sorted(store.committed_steps()) == [40, 50]

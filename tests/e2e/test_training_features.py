@@ -1,0 +1,193 @@
+"""Real-training features keep the promise: mixed precision (bf16 autocast; fp16 and its gradient
+scaler) resumes bitwise, torch.compile checkpoints hold the eager keys, and a global batch size
+holds at any world size by accumulation."""
+
+from __future__ import annotations
+
+import pytest
+
+from spot.run.events import read_events
+from tests.helpers import (
+    FAST,
+    assert_bitwise_equal,
+    completed_run,
+    final_state,
+    run_dir_of,
+    run_train,
+    run_until_failpoint,
+)
+
+pytestmark = pytest.mark.slow
+
+STEPS = 70  # across the first epoch boundary (64 steps)
+# Synchronous saves: a kill at a step finds every earlier checkpoint committed (deterministic).
+ARGS = [
+    *FAST,
+    f"trainer.max_steps={STEPS}",
+    "checkpoint.every_steps=20",
+    "checkpoint.async_save=false",
+]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_a_resumed_mixed_precision_run_is_bitwise_the_uninterrupted_one(
+    precision, tmp_path, markers
+):
+    args = [*ARGS, f"trainer.precision={precision}"]
+    reference = completed_run(args, tmp_path / "reference")
+    root = tmp_path / "interrupted"
+    assert run_until_failpoint([*args, f"run.root={root}"], "train.step@step=50", markers) == 50
+    result = run_train([*args, f"run.root={root}"])
+    assert result.returncode == 0, result.stderr
+    run_dir = run_dir_of(root)
+    resumes = [e["step"] for e in read_events(run_dir / "events.jsonl") if e["event"] == "resume"]
+    assert resumes == [40]
+    a, b = final_state(reference), final_state(run_dir)
+    for component in ("model", "optimizer", "scheduler"):
+        assert_bitwise_equal(a[component], b[component], component)
+    assert_bitwise_equal(a["trainer"]["rng"], b["trainer"]["rng"], "rng")
+    assert a["trainer"]["grad_scaler"] == b["trainer"]["grad_scaler"]
+    if precision == "fp16":
+        assert b["trainer"]["grad_scaler"]["_growth_tracker"] == STEPS  # none lost at the resume
+    else:
+        assert b["trainer"]["grad_scaler"] == {}  # bf16 needs no scaler
+    # Not the fp32 run: autocast really ran in the lower precision.
+    fp32 = final_state(completed_run(ARGS, tmp_path / "fp32"))
+    assert not all((fp32["model"][k] == b["model"][k]).all() for k in fp32["model"]), (
+        "the same weights as fp32"
+    )
+
+
+def test_a_run_resumes_compiled_from_an_eager_checkpoint_and_eager_from_a_compiled_one(
+    tmp_path, markers
+):
+    """torch.compile wraps the model (`_orig_mod.`); checkpoints hold the eager keys either way,
+    so an attempt may switch (trainer.compile is not part of the training config)."""
+    args = [*ARGS, f"run.root={tmp_path}"]
+    assert run_until_failpoint(args, "train.step@step=30", markers) == 30  # eager: 20 saved
+    compiled = [*args, "trainer.compile=true"]
+    assert run_until_failpoint(compiled, "train.step@step=50", markers) == 50  # 40 saved
+    result = run_train(args)  # eager again, from the compiled attempt's checkpoint
+    assert result.returncode == 0, result.stderr
+    run_dir = run_dir_of(tmp_path)
+    events = read_events(run_dir / "events.jsonl")
+    assert [e["step"] for e in events if e["event"] == "resume"] == [20, 40]
+    starts = [e["compile"] for e in events if e["event"] == "start"]
+    assert starts == [False, True, False]
+    (compiled_event,) = [e for e in events if e["event"] == "compiled"]
+    assert compiled_event["step"] == 21 and compiled_event["seconds"] > 0
+    from spot.checkpoint.manager import CheckpointManager
+
+    written_compiled = CheckpointManager.load(run_dir / "checkpoints" / "step-000000040").state
+    final = final_state(run_dir)
+    assert list(written_compiled["model"]) == list(final["model"])
+    assert not any("_orig_mod" in k or k.startswith("module.") for k in final["model"])
+
+
+def test_a_global_batch_size_is_made_up_by_accumulation(tmp_path):
+    """trainer.global_batch_size=128 with a micro-batch of 32 on one rank: every step trains on
+    128 samples in 4 micro-batches (the ledger), and the LR is the config's."""
+    args = [
+        *ARGS,
+        "trainer.batch_size=32",
+        "trainer.global_batch_size=128",
+        "trainer.max_steps=40",
+        "data.ledger=true",
+    ]
+    run_dir = completed_run(args, tmp_path)
+    (start,) = [e for e in read_events(run_dir / "events.jsonl") if e["event"] == "start"]
+    assert start["global_batch"] == 128 and start["micro_batches"] == [4]
+    assert start["lr_scale"] == 1.0
+    from spot.distributed.ledger import read_ledger
+
+    steps = read_ledger(run_dir / "ledger" / "rank-0.jsonl")
+    assert [len(s["indices"]) for s in steps] == [128] * 40  # an epoch: 4096 = 32 steps
+    assert len({i for s in steps[:32] for i in s["indices"]}) == 4096  # each sample once
+
+
+EVAL = ["eval.every_steps=20", "trainer.log_every=20"]
+
+
+def eval_figures(run_dir) -> dict[int, tuple[float, float]]:
+    events = read_events(run_dir / "events.jsonl")
+    return {e["step"]: (e["loss"], e["accuracy"]) for e in events if e["event"] == "eval"}
+
+
+def test_evaluation_changes_nothing_in_training_and_resumes_with_the_same_figures(
+    tmp_path, markers
+):
+    """With evaluation every 20 steps the trained state is bitwise the one without; a run killed
+    at step 50 and resumed reports the same validation figures at the same steps."""
+    plain = final_state(completed_run(ARGS, tmp_path / "plain"))
+    reference = completed_run([*ARGS, *EVAL], tmp_path / "eval")
+    assert_bitwise_equal(plain, final_state(reference), "state")
+    assert sorted(eval_figures(reference)) == [20, 40, 60, 70]  # and at the end
+
+    args = [*ARGS, *EVAL, f"run.root={tmp_path / 'interrupted'}"]
+    assert run_until_failpoint(args, "train.step@step=50", markers) == 50
+    assert run_train(args).returncode == 0
+    assert eval_figures(run_dir_of(tmp_path / "interrupted")) == eval_figures(reference)
+
+
+def test_a_notice_during_evaluation_stops_it_and_takes_the_emergency_checkpoint(tmp_path):
+    """Evaluation batches slowed (a failpoint sleeps in each), SIGTERM once step 20 is logged,
+    i.e. while step 20's evaluation runs: no eval figures for 20, the emergency checkpoint at 20,
+    exit 75."""
+    import signal
+
+    from spot.run.exitcodes import EXIT_PREEMPTED
+    from tests.helpers import start_train, train_env, wait_for_step
+
+    args = [*ARGS, *EVAL, "trainer.max_steps=200", "eval.batch_size=16", f"run.root={tmp_path}"]
+    proc = start_train(args, {**train_env(), "SPOT_FAILPOINTS": "eval.batch@sleep=0.2"})
+    try:
+        wait_for_step(tmp_path, 20, proc)  # logged before its evaluation (64 batches: 13 s)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == EXIT_PREEMPTED, proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdout.close()
+    events = read_events(run_dir_of(tmp_path) / "events.jsonl")
+    assert not [e for e in events if e["event"] == "eval"]
+    (emergency,) = [e for e in events if e["event"] == "emergency_checkpoint"]
+    assert emergency["step"] == 20
+
+
+def test_the_best_checkpoint_outlives_retention_and_a_resume(tmp_path, markers):
+    """keep_best by the highest validation loss (the first evaluation's, at step 20: so the
+    best is old) with keep_last=2: step 20 survives retention, a kill and the resume, and
+    `python -m spot list` marks it."""
+    import subprocess
+    import sys
+
+    from spot.checkpoint.manager import list_step_dirs
+    from tests.helpers import REPO
+
+    args = [
+        *ARGS,
+        *EVAL,
+        "checkpoint.every_steps=10",
+        "checkpoint.keep_last=2",
+        "checkpoint.keep_best={metric: val/loss, mode: max}",
+        f"run.root={tmp_path}",
+    ]
+    assert run_until_failpoint(args, "train.step@step=55", markers) == 55
+    run_dir = run_dir_of(tmp_path)
+    assert 20 in [s for s, _ in list_step_dirs(run_dir / "checkpoints")]
+    assert run_train(args).returncode == 0
+    steps = sorted(s for s, _ in list_step_dirs(run_dir / "checkpoints"))
+    assert steps == [20, 60, 70]  # keep_last=2 and the best
+    best = final_state(run_dir)["trainer"]["best"]
+    figures = eval_figures(run_dir)
+    assert best["step"] == 20 and best["value"] == figures[20][0] == max(
+        f[0] for f in figures.values()
+    )
+    listing = subprocess.run(
+        [sys.executable, "-m", "spot", "list", str(run_dir)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    ).stdout
+    (marked,) = [line for line in listing.splitlines() if "best" in line]
+    assert marked.split()[0] == "20" and "val/loss" in marked

@@ -1,0 +1,81 @@
+"""spot.evaluation.evaluate, in-process: figures over the split, and training left untouched."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from data.synthetic import SyntheticVectors
+from spot.distributed.world import World
+from spot.evaluation import evaluate
+from tests.helpers import assert_bitwise_equal
+
+VAL = SyntheticVectors(100, 8, 3, seed=0, split="val", train_size=200)
+
+
+def batch_fn(model, batch):
+    x, y = batch
+    logits = model(x)
+    return {
+        "loss": F.cross_entropy(logits, y, reduction="sum"),
+        "accuracy": (logits.argmax(1) == y).sum(),
+    }
+
+
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(8, 16), torch.nn.Dropout(0.5), torch.nn.Linear(16, 3)
+    )
+
+
+def test_the_figures_are_means_over_the_whole_split_in_eval_mode():
+    m = model()
+    figures = evaluate(
+        m, VAL, batch_fn, World(), batch_size=32, max_batches=None, interrupted=lambda: False
+    )
+    m.eval()
+    with torch.no_grad():
+        logits = m(VAL.x)
+    assert figures["samples"] == 100
+    assert abs(figures["loss"] - F.cross_entropy(logits, VAL.y).item()) < 1e-6  # no dropout
+    assert figures["accuracy"] == (logits.argmax(1) == VAL.y).sum().item() / 100
+
+
+def test_training_state_and_rng_are_untouched():
+    m = model()
+    m.train()
+    before = ({k: v.clone() for k, v in m.state_dict().items()}, torch.get_rng_state())
+    evaluate(m, VAL, batch_fn, World(), batch_size=16, max_batches=2, interrupted=lambda: False)
+    assert m.training  # back in training mode
+    assert_bitwise_equal(before[0], m.state_dict(), "model")
+    assert torch.equal(before[1], torch.get_rng_state())  # dropout drew nothing from it
+
+
+def test_max_batches_limits_the_samples():
+    figures = evaluate(
+        model(), VAL, batch_fn, World(), batch_size=16, max_batches=2, interrupted=lambda: False
+    )
+    assert figures["samples"] == 32
+
+
+def test_an_interruption_stops_it_with_no_figures():
+    seen = []
+
+    def interrupted() -> bool:
+        seen.append(1)
+        return len(seen) > 2  # a notice arrives during the third batch's wait
+
+    assert (
+        evaluate(
+            model(),
+            VAL,
+            batch_fn,
+            World(),
+            batch_size=16,
+            max_batches=None,
+            interrupted=interrupted,
+        )
+        is None
+    )
+    assert len(seen) == 3  # it stopped at once, not after the split's 7 batches
