@@ -53,17 +53,20 @@ CONFIG_DIR = Path(__file__).resolve().parent / "conf"
 
 
 def compute_loss(model: torch.nn.Module, batch, device: torch.device) -> torch.Tensor:
+    """The mean loss of a batch: classes per sample, or per position of a sequence (GPT)."""
     inputs, targets = (t.to(device, non_blocking=True) for t in batch)
-    return F.cross_entropy(model(inputs), targets)
+    return F.cross_entropy(model(inputs).flatten(0, -2), targets.flatten())
 
 
 def eval_batch(model: torch.nn.Module, batch, device: torch.device) -> dict[str, torch.Tensor]:
-    """What validation reports, summed over a batch (then averaged over the split, all ranks):
-    edit it with compute_loss."""
+    """What validation reports, summed over a batch, and the `count` to divide the sums by
+    (over the split, all ranks): per target, so a sequence model's loss is per token (per byte
+    for GPT on bytes). Edit it with compute_loss."""
     inputs, targets = (t.to(device, non_blocking=True) for t in batch)
-    logits = model(inputs)
+    logits, targets = model(inputs).flatten(0, -2), targets.flatten()
+    loss = F.cross_entropy(logits, targets, reduction="sum")
     correct = (logits.argmax(dim=-1) == targets).sum()
-    return {"loss": F.cross_entropy(logits, targets, reduction="sum"), "accuracy": correct}
+    return {"loss": loss, "accuracy": correct, "count": torch.tensor(targets.numel())}
 
 
 def make_loader(dataset, sampler, cfg, device: torch.device) -> DataLoader:

@@ -36,7 +36,8 @@ def evaluate(
     interrupted: Callable[[], bool],
 ) -> dict[str, float] | None:
     """The mean of each figure `batch_fn` sums over a batch ({"loss": ..., "accuracy": ...}),
-    over the validation samples of every rank; None if an interruption stopped it."""
+    over the validation split of every rank: per `count` if `batch_fn` gives one (targets, for a
+    per-token loss), else per sample; None if an interruption stopped it."""
     began = time.perf_counter()
     limit = len(dataset) if max_batches is None else max_batches * batch_size * world.world_size
     indices = list(range(world.rank, min(limit, len(dataset)), world.world_size))
@@ -65,6 +66,8 @@ def evaluate(
     totals = world.sums(totals)
     if totals[-1] or not totals[-2]:
         return None
-    count = totals[-2]
-    figures = {n: totals[i] / count for i, n in enumerate(names)}
-    return {**figures, "samples": int(count), "seconds": round(time.perf_counter() - began, 6)}
+    samples = totals[-2]
+    sums_all = dict(zip(names, totals, strict=False))
+    count = sums_all.pop("count", samples)
+    figures = {n: v / count for n, v in sums_all.items()}
+    return {**figures, "samples": int(samples), "seconds": round(time.perf_counter() - began, 6)}

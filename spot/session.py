@@ -29,6 +29,8 @@ from spot.checkpoint import storage
 from spot.checkpoint.checkpointer import Checkpointer
 from spot.checkpoint.interval import CheckpointSchedule
 from spot.checkpoint.manager import CheckpointManager, CheckpointUnusable
+from spot.checkpoint.manifest import CorruptCheckpoint
+from spot.checkpoint.source import load_named
 from spot.checkpoint.state import TrainingState
 from spot.distributed import elastic
 from spot.distributed import world as distributed
@@ -38,6 +40,7 @@ from spot.evaluation import evaluate
 from spot.fsutil import atomic_write_bytes
 from spot.interruption import InterruptionMonitor
 from spot.job import Job
+from spot.run.config import one_line
 from spot.run.events import EventLog
 from spot.run.metrics import make_tracker, subscribe_metrics
 from spot.run.progress import Progress
@@ -55,6 +58,7 @@ class Session(contextlib.ExitStack):
         self.paths = job.paths
         self.checkpoints: CheckpointManager | None = None  # rank 0's: the others hold replicas
         self.uploader = None  # rank 0's, with storage=s3: started after the restore
+        self.initial: dict | None = None  # init.checkpoint's weights, for a run with none
         self.reclaimed = False  # the cloud takes this node: its agent must not restart workers
 
     def __enter__(self) -> Session:
@@ -112,6 +116,8 @@ class Session(contextlib.ExitStack):
                     }
             except CheckpointUnusable as exc:
                 restored = {"error": str(exc)}
+            if restored is None and self.s.init.checkpoint:
+                restored = self._initial_weights()
             # Uploads start after the restore: what it moved aside or could not download is
             # neither queued nor counted as uploaded.
             self.uploader = self.checkpoints.start_uploads()
@@ -121,7 +127,22 @@ class Session(contextlib.ExitStack):
         if restored and restored.get("error"):
             self.events.emit("checkpoint_unusable", reason=restored["error"])
             raise CheckpointUnusable(restored["error"])
+        if restored and "init" in restored:  # weights to start from, not a run to resume
+            self.initial = restored
+            return None
         return restored
+
+    def _initial_weights(self) -> dict:
+        """init.checkpoint: another run's verified weights (and optimizer state, with
+        init.optimizer) for a run with no checkpoint of its own."""
+        init = self.s.init
+        try:
+            loaded, where = load_named(init.checkpoint, self.s.storage.endpoint_url)
+        except (CorruptCheckpoint, storage.RemoteError) as exc:
+            return {"error": f"init.checkpoint {init.checkpoint}: {one_line(exc)}"}
+        keep = ("model", "optimizer") if init.optimizer else ("model",)
+        state = {k: loaded.state[k] for k in keep}
+        return {"init": {"source": where, "step": loaded.step}, "state": state}
 
     def plan(self, dataset_size: int, restored: dict | None):
         """The data order, batch and run length at this world size: (sampler, TrainingLength).
@@ -190,12 +211,19 @@ class Session(contextlib.ExitStack):
             schedule_steps=length.schedule_steps,
             precision=amp,
         )
-        if restored:
-            try:
-                state.load_state_dict(restored["state"])  # refuses one that does not fit
+        if restored or self.initial:
+            try:  # refuses one that does not fit
+                if restored:
+                    state.load_state_dict(restored["state"])
+                else:
+                    state.load_weights(self.initial["state"], self.initial["init"])
             except CheckpointUnusable as exc:
                 events.emit("checkpoint_unusable", reason=str(exc))
                 raise
+        if self.initial:
+            events.emit("init", **self.initial["init"], optimizer=self.s.init.optimizer)
+            log.info("weights from %s (step %d)", state.init["source"], state.init["step"])
+        if restored:
             events.emit(
                 "resume",
                 step=state.step,

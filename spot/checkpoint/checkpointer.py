@@ -125,6 +125,8 @@ class Checkpointer:
             }
             if state.best:  # `python -m spot list` marks it
                 info["best"] = state.best
+            if state.init:  # where the run's weights started
+                info["init"] = state.init
             final = reason in ("final", "emergency", "best")  # waits for a running save
             snapshot = state.state_dict(rng_states)
             saved = self.manager.save(state.step, snapshot, info, final=final, defer=self._defer)

@@ -39,6 +39,7 @@ class TrainingState:
     schedule_steps: int | None = None  # the length the LR schedule was built for
     precision: Any = None  # a spot.precision.Precision: fp16's gradient scaler is saved with it
     best: dict | None = None  # checkpoint.keep_best: {metric, mode, step, value} so far
+    init: dict | None = None  # init.checkpoint: {source, step} the run's weights started from
 
     @property
     def epoch(self) -> int:
@@ -61,6 +62,7 @@ class TrainingState:
                 "schedule_steps": self.schedule_steps,
                 "grad_scaler": self.precision.state_dict() if self.precision else {},
                 "best": self.best,
+                "init": self.init,
             },
         }
 
@@ -71,15 +73,28 @@ class TrainingState:
         has_buffers = any(True for _ in unwrap(self.model).buffers())
         return ("optimizer",) if has_buffers else ("optimizer", "model")
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Check everything first, then load: a checkpoint that does not fit is refused whole."""
+    def load_weights(self, state: dict[str, Any], source: dict) -> None:
+        """A new run's start from another run's checkpoint (init.checkpoint): its model, and its
+        optimizer state if `state` has one; nothing of its position, schedule or RNG."""
         check_state_dict_compatible(state["model"], unwrap(self.model).state_dict())
-        saved_groups = state["optimizer"]["param_groups"]
-        live_groups = self.optimizer.param_groups
+        if "optimizer" in state:
+            self._check_optimizer(state["optimizer"])
+        unwrap(self.model).load_state_dict(state["model"])
+        if "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.init = source
+
+    def _check_optimizer(self, saved: dict) -> None:
+        saved_groups, live_groups = saved["param_groups"], self.optimizer.param_groups
         if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in live_groups]:
             raise CheckpointUnusable(
                 "checkpoint optimizer has other parameter groups than this one"
             )
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Check everything first, then load: a checkpoint that does not fit is refused whole."""
+        check_state_dict_compatible(state["model"], unwrap(self.model).state_dict())
+        self._check_optimizer(state["optimizer"])
         try:
             self.sampler.load_state_dict(state["trainer"]["sampler"])
         except ValueError as exc:
@@ -91,6 +106,7 @@ class TrainingState:
             self.precision.load_state_dict(state["trainer"].get("grad_scaler") or {})
         self.step = int(state["trainer"]["step"])
         self.best = state["trainer"].get("best")
+        self.init = state["trainer"].get("init")
         self.saved_world_size = int(state["trainer"].get("world_size", 1))
         saved_rngs = state["trainer"]["rng"]
         saved_rngs = [saved_rngs] if isinstance(saved_rngs, dict) else saved_rngs

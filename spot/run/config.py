@@ -189,6 +189,7 @@ class DataConfig:
     num_workers: NonNegativeInt = 0
     shuffle: bool = True
     ledger: bool = False  # write <run dir>/ledger/rank-<r>.jsonl: each rank's indices per step
+    cache_dir: str = "~/.cache/spot-train"  # a data set built once (data=stdlib) is kept here
     val: Any = None  # the validation split: a `_target_` node like `dataset` (null: none)
 
 
@@ -223,6 +224,15 @@ class RunConfig:
 
 
 @dataclass
+class InitConfig:
+    # (`init.from` in the issue that asked for it: `from` cannot name a dataclass field.)
+    checkpoint: str | None = (
+        None  # a new run starts from these weights: a checkpoint, run dir or s3:// run
+    )
+    optimizer: bool = False  # and from its optimizer state too
+
+
+@dataclass
 class Settings:
     """The whole job, in the order `--cfg job` prints it."""
 
@@ -238,6 +248,7 @@ class Settings:
     scheduler: Any = None
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    init: InitConfig = field(default_factory=InitConfig)
     seed: int = 0
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -285,6 +296,8 @@ NON_TRAINING_LEAVES = (
     "trainer.log_every",
     "trainer.compile",
     "data.val",
+    "data.cache_dir",  # where a corpus is cached is not what it holds (its digest says that)
+    "data.dataset.cache_dir",
 )
 
 
@@ -380,6 +393,12 @@ def validate(cfg: DictConfig) -> Settings:
         _target("data.val", s.data.val)
     if ck.keep_best is not None and not s.eval.every_steps:
         raise ConfigError("checkpoint.keep_best", "needs evaluation: set eval.every_steps")
+    source = s.init.checkpoint
+    if source and not source.startswith("s3://") and not os.path.exists(source):
+        raise ConfigError(
+            "init.checkpoint",
+            f"{source} does not exist (a checkpoint, a run directory or an s3:// run URL)",
+        )
     if s.eval.every_steps and s.data.val is None:
         raise ConfigError("eval.every_steps", "needs a validation split: set data.val")
     for key in ("model", "optimizer", "scheduler"):
@@ -415,7 +434,10 @@ def training_view(cfg: DictConfig) -> dict:
     for key in NON_TRAINING_KEYS:
         container.pop(key, None)
     for leaf in NON_TRAINING_LEAVES:
-        group, _, name = leaf.partition(".")
-        if isinstance(container.get(group), dict):
-            container[group].pop(name, None)
+        *parents, name = leaf.split(".")
+        node = container
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(name, None)
     return container

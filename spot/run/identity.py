@@ -20,8 +20,8 @@ def _override_key(override: str) -> str:
 
 def affects_training(override: str) -> bool:
     key = _override_key(override)
-    return (
-        key.split(".")[0].split("/")[0] not in NON_TRAINING_KEYS and key not in NON_TRAINING_LEAVES
+    return key.split(".")[0].split("/")[0] not in NON_TRAINING_KEYS and not any(
+        key == leaf or key.startswith(f"{leaf}.") for leaf in NON_TRAINING_LEAVES
     )
 
 

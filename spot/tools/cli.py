@@ -185,6 +185,12 @@ COMMANDS = {
         "add_arguments",
         "command",
     ),
+    "export": (
+        "a checkpoint's model weights as safetensors or a torch state dict",
+        "spot.tools.export",
+        "add_arguments",
+        "command",
+    ),
     "rendezvous": (
         "serve the c10d rendezvous store (elastic.rdzv_store_host=external)",
         "spot.distributed.launch",

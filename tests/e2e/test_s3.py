@@ -396,3 +396,30 @@ def test_hostile_keys_never_escape_the_checkpoint_directory(s3_endpoint, bucket,
     assert "unsafe file" in skipped[0]["reason"]
     assert [e["step"] for e in events if e["event"] == "resume"] == [40]
     assert not list(tmp_path.rglob("escape.bin"))
+
+
+def test_a_new_run_starts_from_the_weights_of_a_run_in_a_bucket(s3_endpoint, bucket, tmp_path):
+    """init.checkpoint=s3://...: a fine-tuning run on a machine that never saw the source run
+    downloads its newest verified checkpoint (LR 0 here: the weights stay the source's)."""
+    client, name = bucket
+    source = run_train(s3_args(s3_endpoint, name, tmp_path / "a"), env=env())
+    assert source.returncode == 0, source.stderr
+    run_id = run_dir_of(tmp_path / "a").name
+    url = f"s3://{name}/checkpoints/default/{run_id}"
+    args = [
+        *FAST,
+        "trainer.max_steps=1",
+        "run.name=finetune",
+        f"init.checkpoint={url}",
+        f"storage.endpoint_url={s3_endpoint}",
+        "optimizer.lr=0",
+        "optimizer.weight_decay=0",
+        f"run.root={tmp_path / 'b'}",
+    ]
+    result = run_train(args, env=env())
+    assert result.returncode == 0, result.stderr
+    run_dir = run_dir_of(tmp_path / "b")
+    (init,) = [e for e in read_events(run_dir / "events.jsonl") if e["event"] == "init"]
+    assert init["source"] == f"{url}/step-{STEPS:09d}" and init["step"] == STEPS
+    source_model = final_state(run_dir_of(tmp_path / "a"))["model"]
+    assert_bitwise_equal(source_model, final_state(run_dir)["model"], "model")

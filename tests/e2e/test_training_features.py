@@ -191,3 +191,72 @@ def test_the_best_checkpoint_outlives_retention_and_a_resume(tmp_path, markers):
     ).stdout
     (marked,) = [line for line in listing.splitlines() if "best" in line]
     assert marked.split()[0] == "20" and "val/loss" in marked
+
+
+@pytest.mark.parametrize("optimizer", [False, True])
+def test_a_new_run_starts_from_another_runs_weights_only_when_it_has_none(
+    optimizer, tmp_path, markers
+):
+    """init.checkpoint names run A's directory; run B (LR 0: the weights stay A's) starts from
+    A's newest checkpoint, is killed and resumes from its own checkpoint, not A's again."""
+    source = completed_run(ARGS, tmp_path / "a")
+    args = [
+        *FAST,
+        "trainer.max_steps=20",
+        "checkpoint.every_steps=10",
+        "checkpoint.async_save=false",
+        "run.name=finetune",
+        f"init.checkpoint={source}",
+        f"init.optimizer={str(optimizer).lower()}",
+        "optimizer.lr=0",
+        "optimizer.weight_decay=0",
+        f"run.root={tmp_path / 'b'}",
+    ]
+    assert run_until_failpoint(args, "train.step@step=15", markers) == 15
+    assert run_train(args).returncode == 0
+    run_dir = run_dir_of(tmp_path / "b")
+    events = read_events(run_dir / "events.jsonl")
+    (init,) = [e for e in events if e["event"] == "init"]  # once: the resume used B's own
+    assert init["step"] == STEPS and init["source"].endswith("step-000000070")
+    assert [e["step"] for e in events if e["event"] == "resume"] == [10]
+    a, b = final_state(source), final_state(run_dir)
+    assert_bitwise_equal(a["model"], b["model"], "model")
+    assert b["trainer"]["init"] == {"source": init["source"], "step": STEPS}
+    adam_steps = {int(s["step"]) for s in b["optimizer"]["state"].values()}
+    assert adam_steps == {STEPS + 20 if optimizer else 20}  # A's moments carried on, or fresh
+
+
+def test_the_gpt_example_resumes_bitwise_with_its_evaluation_and_best_checkpoint(tmp_path, markers):
+    """+experiment=gpt, shrunk to a test's size (bf16, evaluation, keep_best as the example
+    has them): killed at step 25 and resumed, it ends bitwise equal to the uninterrupted run,
+    with the same validation figures (nats per byte) and the same best checkpoint."""
+    tiny = [
+        "+experiment=gpt",
+        "logger=none",
+        f"data.cache_dir={tmp_path / 'cache'}",  # built once, read by both runs
+        "model.n_layer=1",
+        "model.n_head=2",
+        "model.n_embd=32",
+        "data.dataset.block_size=32",
+        "trainer.batch_size=8",
+        "trainer.max_steps=30",
+        "eval.every_steps=10",
+        "eval.max_batches=2",
+        "checkpoint.every_steps=10",
+        "checkpoint.async_save=false",
+    ]
+    reference = completed_run(tiny, tmp_path / "reference")
+    args = [*tiny, f"run.root={tmp_path / 'interrupted'}"]
+    assert run_until_failpoint(args, "train.step@step=25", markers) == 25
+    assert run_train(args).returncode == 0
+    run_dir = run_dir_of(tmp_path / "interrupted")
+    a, b = final_state(reference), final_state(run_dir)
+    for component in ("model", "optimizer", "scheduler"):
+        assert_bitwise_equal(a[component], b[component], component)
+    assert eval_figures(run_dir) == eval_figures(reference)
+    assert sorted(eval_figures(run_dir)) == [10, 20, 30]
+    assert a["trainer"]["best"] == b["trainer"]["best"] and b["trainer"]["best"]["step"] in (
+        10,
+        20,
+        30,
+    )

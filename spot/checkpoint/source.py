@@ -1,0 +1,52 @@
+"""A checkpoint named from outside the run: `init.checkpoint` (fine-tuning from another run's
+weights) and `python -m spot export`. A step directory, a run or checkpoints directory (its
+newest checkpoint that verifies), or an `s3://bucket/prefix/<name>/<id>` run URL (its newest
+remote checkpoint that downloads verified). Always verified before it is used.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+from spot.checkpoint.manager import CheckpointManager, LoadedCheckpoint, list_step_dirs
+from spot.checkpoint.manifest import STEP_DIR, CorruptCheckpoint
+from spot.run.identity import RunPaths
+
+log = logging.getLogger(__name__)
+
+
+def load_named(spec: str, endpoint_url: str | None = None) -> tuple[LoadedCheckpoint, str]:
+    """The verified checkpoint `spec` names, and where it is (a path or URL); CorruptCheckpoint
+    if none verifies."""
+    if spec.startswith("s3://"):
+        return _load_remote(spec, endpoint_url)
+    path = Path(spec)
+    if not path.exists():
+        raise CorruptCheckpoint(f"{spec} does not exist")
+    if STEP_DIR.match(path.name):
+        return CheckpointManager.load(path), str(path)
+    root = RunPaths.at(path).checkpoints if RunPaths.at(path).checkpoints.is_dir() else path
+    for _step, step_dir in list_step_dirs(root):
+        try:
+            return CheckpointManager.load(step_dir), str(step_dir)
+        except CorruptCheckpoint as exc:
+            log.warning("skipping %s: %s", step_dir, exc)
+    raise CorruptCheckpoint(f"no checkpoint in {spec} verifies")
+
+
+def _load_remote(url: str, endpoint_url: str | None) -> tuple[LoadedCheckpoint, str]:
+    from spot.checkpoint.storage import S3Store, parse_s3_url
+
+    store = S3Store(*parse_s3_url(url), endpoint_url=endpoint_url)
+    store.check_access()
+    with tempfile.TemporaryDirectory(prefix="spot-init-") as tmp:
+        for step in sorted(store.committed_steps(), reverse=True):
+            try:
+                loaded = CheckpointManager.load(store.download(step, Path(tmp)))
+            except CorruptCheckpoint as exc:
+                log.warning("skipping %s step %d: %s", url, step, exc)
+                continue
+            return loaded, f"{url.rstrip('/')}/{loaded.path.name}"  # the files can go: read
+    raise CorruptCheckpoint(f"no checkpoint in {url} verifies")
