@@ -66,8 +66,8 @@ def test_contract_groups_and_options_exist():
 def test_every_option_composes_and_validates(group, option):
     extra = {
         "storage": ["storage.bucket=my-bucket"],
-        "model": ["data=images"] if option == "cnn" else [],
-        "data": ["model=cnn"] if option == "images" else [],
+        "model": {"cnn": ["data=images"], "gpt": ["data=stdlib"]}.get(option, []),
+        "data": {"images": ["model=cnn"], "stdlib": ["model=gpt"]}.get(option, []),
     }
     cfg = composed(f"{group}={option}", *extra.get(group, []))
     settings = validate(cfg)
@@ -314,7 +314,11 @@ def test_the_schema_and_the_yaml_defaults_cannot_drift():
                 kind = schema_type(f"{group}.{key}")
                 assert _conforms(value, kind), f"{where}: {key}: {value!r} is not a {kind}"
                 assert value != exact[f"{group}.{key}"], f"{where}: {key} repeats the default"
-            extra = {"s3": ["storage.bucket=my-bucket"], "images": ["model=cnn"]}.get(option, [])
+            extra = {
+                "s3": ["storage.bucket=my-bucket"],
+                "images": ["model=cnn"],
+                "stdlib": ["model=gpt"],
+            }.get(option, [])
             composed_option = composed(f"{group}={option}", *extra)
             for key in _leaves(OmegaConf.to_container(composed_option[group], resolve=False)):
                 assert key in known or key.startswith(("dataset", "val")), (
