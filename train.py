@@ -184,7 +184,7 @@ def run(cfg: DictConfig, overrides: list[str]) -> int:
     try:
         job = Job.from_config(cfg, overrides)
         if launch.needs_agent(job.settings.elastic):
-            return job.run_agent(Path(__file__).resolve())  # runs this script in each worker
+            return job.run_agent(worker)  # runs `worker` in each worker process
         return train(job)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
@@ -234,20 +234,24 @@ def main(cfg: DictConfig) -> None:
         SWEEP_FAILURES.append(code)
 
 
-def worker_main() -> int:
-    """A worker of our own elastic agent: the agent's resolved config, no Hydra composition."""
+def worker(resolved: str, environment: dict[str, str]) -> int:
+    """A worker of our own elastic agent (forked by torch from a process that imported all of
+    the above once): the agent's resolved config, no Hydra composition."""
+    os.environ.update(environment)
     rank = int(os.environ.get("RANK", 0))
     logging.basicConfig(
         level=logging.INFO,
         format=f"[%(asctime)s][rank {rank}][%(name)s][%(levelname)s] - %(message)s",
         stream=sys.stdout,
+        force=True,
     )
-    return run(OmegaConf.load(os.environ[launch.RESOLVED_CONFIG_ENV]), overrides=[])
+    code = run(OmegaConf.create(resolved), overrides=[])
+    if code != EXIT_COMPLETE:
+        distributed.exit_process(code)  # the agent reads it as the worker's exit code
+    return code
 
 
 if __name__ == "__main__":
-    if launch.RESOLVED_CONFIG_ENV in os.environ and distributed.launched_by_torch_elastic():
-        distributed.exit_process(worker_main())
     validate_command_line(sys.argv[1:], CONFIG_DIR)
     # The task by its module name, not __main__'s: a launcher that pickles it (submitit on
     # SLURM) then pickles a reference, which the job imports, rather than this module's globals.

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -71,9 +70,10 @@ class Job:
         log.info("run %s is already complete (%s): nothing to do", self.name, where)
         return EXIT_COMPLETE
 
-    def run_agent(self, script: Path) -> int:
-        """Several processes: torch's elastic agent runs `script` in each worker, with this job's
-        resolved config (its run id fixed); returns the job's exit code."""
+    def run_agent(self, worker) -> int:
+        """Several processes: torch's elastic agent runs `worker(resolved config, environment)`
+        in each worker process, with this job's config (its run id fixed); returns the job's exit
+        code."""
         if self.is_complete():
             return self.nothing_to_do()
         s = self.settings
@@ -82,7 +82,7 @@ class Job:
             s.elastic,
             s.cloud,
             f"{s.run.name}-{self.run_id}",
-            script,
+            worker,
             OmegaConf.to_yaml(resolved, resolve=True),
             complete=self.is_complete,
         )

@@ -40,12 +40,15 @@ class Checkpointer:
         cloud,
         *,
         manager: CheckpointManager | None,
+        replica: CheckpointManager | None = None,
         uploader=None,
         final_upload_timeout_seconds: float = 600.0,
         overlap: bool = True,
         keep_best=None,
     ):
-        """`manager`: rank 0's CheckpointManager (None on the other ranks). `uploader`: rank 0's
+        """`manager`: rank 0's CheckpointManager (None on the other ranks). `replica`: on the
+        first rank of a node whose disk is not rank 0's, a manager of that disk's checkpoints,
+        where emergency checkpoints are committed too (None elsewhere). `uploader`: rank 0's
         spot.checkpoint.upload.Uploader when checkpoints also go to a bucket, else None.
         `keep_best`: checkpoint.keep_best ({metric, mode}), or None."""
         self.world = world
@@ -54,6 +57,9 @@ class Checkpointer:
         self.events = events
         self.cloud = cloud
         self.manager = manager
+        self.replica = replica
+        # Whether any rank keeps copies: then emergency saves hand every rank all RNG states.
+        self._replicated = world.agree(replica is not None)[0]
         self.uploader = uploader
         self.final_upload_timeout_seconds = final_upload_timeout_seconds
         self.keep_best = keep_best
@@ -113,11 +119,15 @@ class Checkpointer:
             self.manager.keep_best(step)
         self.save("best")
 
-    def save(self, reason: str) -> None:
-        """Checkpoint the state at this step, on every rank together (each hands over its RNG)."""
+    def save(self, reason: str, replicate: bool = False) -> None:
+        """Checkpoint the state at this step, on every rank together (each hands over its RNG).
+        `replicate`: this rank's replica (if any) commits the same checkpoint on its own disk."""
         state = self.state
         rng_states = self.world.gather(rng.capture())  # every rank's RNG goes into the checkpoint
-        if self.manager is not None:
+        if self._replicated and reason == "emergency":  # the same checkpoint, on other disks
+            rng_states = self.world.share(rng_states)
+        managers = [m for m in (self.manager, replicate and self.replica) if m]
+        if managers:
             info = {
                 "reason": reason,
                 "epoch": state.epoch,
@@ -129,9 +139,10 @@ class Checkpointer:
                 info["init"] = state.init
             final = reason in ("final", "emergency", "best")  # waits for a running save
             snapshot = state.state_dict(rng_states)
-            saved = self.manager.save(state.step, snapshot, info, final=final, defer=self._defer)
-            if saved is not None:  # None: skipped, the previous is still being written
-                self.schedule.saved(state.step)
+            for manager in managers:
+                saved = manager.save(state.step, snapshot, info, final=final, defer=self._defer)
+                if saved is not None and manager is self.manager:  # None: skipped, busy
+                    self.schedule.saved(state.step)
         # A save can block rank 0 (synchronous, or waiting for the one in flight) for longer
         # than the collective timeout: the others wait for it here, on the group whose timeout
         # is for rank 0's checkpoint I/O, rather than in the next all-reduce.
@@ -156,11 +167,15 @@ class Checkpointer:
             self.uploader.close()
             storage.mark_remote_complete(self.uploader.store, self.state.step)
 
-    def emergency(self, notices: list[dict | None] | None) -> None:
+    def emergency(self, notices: list[dict | None] | None, keep_here: bool = True) -> None:
         """An interruption notice: every rank stopped at this step. Commit the emergency
-        checkpoint, upload it in the time the notice leaves, and say how long it all took."""
-        self.save("emergency")
+        checkpoint, upload it in the time the notice leaves, and say how long it all took.
+        `keep_here`: this node stays, so its replica (if any) commits the checkpoint too, and
+        the next rank 0 here restores it without a download."""
+        self.save("emergency", replicate=keep_here)
         self._closed = True
+        if self.replica is not None:
+            self.replica.close()
         if self.manager is not None:
             self.manager.close()
             record_emergency(
@@ -174,8 +189,9 @@ class Checkpointer:
             return
         self._closed = True
         try:
-            if self.manager is not None:
-                self.manager.close()
+            for manager in (self.replica, self.manager):
+                if manager is not None:
+                    manager.close()
         except CheckpointWriteError as exc:
             log.warning("%s", exc)
         finally:

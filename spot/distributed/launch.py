@@ -1,30 +1,34 @@
 """Start torch's own elastic agent (the launcher API behind `torchrun`) from the Hydra config.
 
 `python train.py elastic=elastic ...` becomes an agent that rendezvouses with the other nodes'
-agents and runs `train.py` in `nproc_per_node` worker processes, restarting them (up to
-`max_restarts`) when a worker fails or the membership changes. Every worker gets this process's
-resolved config through a file named in `SPOT_RESOLVED_CONFIG`, so all ranks of a node run exactly
-the same job with the same run directory; ranks on other nodes check that they agree (the
-config digest) when they join. Inside a worker (or under an outside `torchrun`) no agent starts.
+agents and runs the worker function (`train.worker`) in `nproc_per_node` worker processes,
+restarting them (up to `max_restarts`) when a worker fails or the membership changes. Every worker
+gets this process's resolved config as its argument, so all ranks of a node run exactly the same
+job with the same run directory; ranks on other nodes check that they agree (the config digest)
+when they join. Inside a worker (or under an outside `torchrun`) no agent starts.
+
+Workers start from a forkserver (`elastic.start_method=forkserver`, the default): a process that
+imported train.py's modules (torch among them) once, when the agent started its first workers,
+and forks each worker from there. A worker started after a membership change is training
+seconds sooner than one that imports torch again.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import multiprocessing
 import os
-import sys
 import tempfile
 from collections.abc import Callable
+from multiprocessing import forkserver
 from pathlib import Path
 
+from spot.distributed import recovery, rendezvous
 from spot.distributed.world import AGENT_PID_ENV, launched_by_torch_elastic
 from spot.run.config import ElasticConfig
 from spot.run.exitcodes import EXIT_COMPLETE, EXIT_PREEMPTED
 
 log = logging.getLogger(__name__)
-
-RESOLVED_CONFIG_ENV = "SPOT_RESOLVED_CONFIG"
 
 
 def needs_agent(cfg: ElasticConfig) -> bool:
@@ -62,9 +66,10 @@ def launch_config(cfg: ElasticConfig, cloud, run_key: str):
         run_id=run_key,
         role="trainer",
         rdzv_endpoint=endpoint,
-        rdzv_backend=cfg.rdzv_backend,
+        rdzv_backend=rendezvous.backend_name(cfg.rdzv_backend),  # leaves when reclaimed
         rdzv_configs=rdzv_configs,
         max_restarts=cfg.max_restarts,
+        start_method=str(cfg.start_method),
         monitor_interval=cfg.monitor_interval_seconds,
         local_addr=cfg.local_addr,
         # A signal to the agent (the machine's shutdown, SLURM's --signal=USR1@90) goes on to the
@@ -78,27 +83,38 @@ def run_agent(
     cfg: ElasticConfig,
     cloud,
     run_key: str,
-    script: Path,
+    worker: Callable[[str, dict], int],
     resolved_config: str,
     complete: Callable[[], bool],
 ) -> int:
     """Run the elastic agent until the job ends; return the exit code the job should have: 0
     when the run is complete, the failed worker's code when workers failed past the restart
-    budget, else 75 (interrupted: a notice or a signal stopped the agent; resume later)."""
+    budget, else 75 (interrupted: a notice or a signal stopped the agent, or the rendezvous is
+    gone; resume later). `worker(resolved_config, environment)` runs in each worker process."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous import RendezvousError
     from torch.distributed.launcher.api import elastic_launch
 
+    started_at = recovery.process_started_at()
     with tempfile.TemporaryDirectory(prefix="spot-launch-") as tmp:
-        config_path = Path(tmp) / "config.yaml"
-        config_path.write_text(resolved_config)
-        os.environ[RESOLVED_CONFIG_ENV] = str(config_path)  # the workers inherit it
-        os.environ[AGENT_PID_ENV] = str(os.getpid())  # so does the pid they die with
+        # What the workers are handed (not inherited: a forkserver keeps the environment it
+        # started with): the pid they die with and the notes they share with this agent.
+        handed = {AGENT_PID_ENV: str(os.getpid()), recovery.NOTES_ENV: str(Path(tmp) / "notes")}
+        os.environ.update(handed)  # the rendezvous handler writes the notes from this process
+        recovery.note(agent_started_at=started_at)
         # torch 2.13 shares the rendezvous TCPStore with the workers by default and keeps it
         # across restarts, without a per-attempt prefix (rendezvous.py assumes a new store per
         # retry): process groups created after a restart then read the previous attempt's
         # addresses and time out. Opting out gives each attempt a fresh store on worker rank 0.
         os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+        if cfg.start_method == "forkserver":
+            # Its imports (train.py's: torch, the model, spot) overlap the first rendezvous.
+            # The worker's module by name (the default, "__main__", is not imported for it), and
+            # torch._dynamo, which torch's optimizers import when the first one is built (2 s).
+            preload = [worker.__module__, "torch._dynamo"]
+            multiprocessing.get_context("forkserver").set_forkserver_preload(preload)
+            forkserver.ensure_running()
         log.info(
             "elastic agent: %d-%d node(s) x %d process(es), rendezvous %s at %s, run %s",
             cfg.min_nodes,
@@ -109,7 +125,7 @@ def run_agent(
             run_key,
         )
         try:
-            elastic_launch(launch_config(cfg, cloud, run_key), sys.executable)("-u", str(script))
+            elastic_launch(launch_config(cfg, cloud, run_key), worker)(resolved_config, handed)
         except ChildFailedError as exc:
             rank, failure = exc.get_first_failure()
             code = failure.exitcode if failure.exitcode > 0 else 1
@@ -117,68 +133,12 @@ def run_agent(
             return code
         except SignalException as exc:
             log.warning("elastic agent stopped by %s", exc.sigval.name)
+            rendezvous.leave()  # the others regroup now, not when its heartbeat expires
+        except RendezvousError as exc:
+            # The rendezvous store went away (the node hosting it was reclaimed) or the round
+            # cannot form: the job stops here, resumable from its newest checkpoint.
+            log.error("the rendezvous at %s is gone: %s", cfg.rdzv_endpoint, exc)
         finally:
-            os.environ.pop(RESOLVED_CONFIG_ENV, None)
-            os.environ.pop(AGENT_PID_ENV, None)
+            for key in handed:
+                os.environ.pop(key, None)
     return EXIT_COMPLETE if complete() else EXIT_PREEMPTED
-
-
-def add_rendezvous_arguments(parser) -> None:
-    parser.add_argument(
-        "--host",
-        default="127.0.0.1",
-        help="address to listen on (default: 127.0.0.1, this machine only): the address "
-        "the trainers' elastic.rdzv_endpoint names, or 0.0.0.0 for every interface",
-    )
-    parser.add_argument("--port", type=int, default=29400)
-
-
-def rendezvous(args) -> int:
-    """`python -m spot rendezvous`: the c10d rendezvous store, in its own process.
-
-    With `elastic.rdzv_store_host=agent` the first agent on the endpoint's host serves the store,
-    and when that node is reclaimed the whole job loses its rendezvous. Run this instead on a
-    node that is not reclaimed (an on-demand instance, the head node, a small always-on VM) and
-    start the agents with `elastic.rdzv_store_host=external`.
-    """
-    import ipaddress
-    import signal
-    import socket
-
-    from torch.distributed import TCPStore
-
-    try:
-        # TCPStore's server ignores its host argument and listens on every interface ([::]),
-        # and it has no authentication: bind the address asked for ourselves and hand the
-        # socket over (torch then owns and closes it).
-        family, _, _, _, address = socket.getaddrinfo(
-            args.host, args.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-        listener = socket.create_server(address[:2], family=family, backlog=socket.SOMAXCONN)
-        bound, port = listener.getsockname()[:2]  # port: the one chosen when asked for 0
-        store = TCPStore(  # noqa: F841 - serves while it exists
-            args.host,
-            port,
-            is_master=True,
-            wait_for_workers=False,
-            multi_tenant=True,
-            master_listen_fd=listener.detach(),
-        )
-    except (RuntimeError, OSError, ValueError) as exc:
-        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
-        print(f"rendezvous: cannot listen on {args.host}:{args.port}: {reason}", file=sys.stderr)
-        return 1
-    where = f"[{args.host}]:{port}" if ":" in args.host else f"{args.host}:{port}"  # IPv6
-    if not ipaddress.ip_address(bound).is_loopback:
-        print(
-            f"rendezvous: warning: {where} can be reached from other machines and "
-            "the store has no authentication: let only the trainers reach this port (a "
-            "firewall, a security group, a NetworkPolicy)",
-            file=sys.stderr,
-            flush=True,
-        )
-    print(f"rendezvous store listening on {where}", flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    with contextlib.suppress(KeyboardInterrupt):
-        signal.pause()
-    return 0

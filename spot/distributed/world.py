@@ -195,8 +195,9 @@ def stop_agent() -> None:
     """After an emergency checkpoint for a cloud notice on this node: ask this worker's elastic
     agent to stop (SIGTERM, as the machine's shutdown would) rather than restart the workers on a
     machine that is going away."""
-    if launched_by_torch_elastic() and os.getppid() > 1:
-        os.kill(os.getppid(), signal.SIGTERM)
+    agent = agent_pid()
+    if agent is not None and agent > 1:
+        os.kill(agent, signal.SIGTERM)
 
 
 def die_with_agent() -> None:
@@ -207,14 +208,31 @@ def die_with_agent() -> None:
         return
     import ctypes
 
-    # The agent's pid as the agent said it (our own agent sets it before starting workers):
-    # os.getppid() read here, after the worker's imports, would already be 1 (or a subreaper)
-    # if the agent died during them, and the orphan would train on with nobody to stop it.
+    # The agent's pid as the agent said it (our own agent hands it down): os.getppid() read
+    # here, after the worker's imports, would already be 1 (or a subreaper) if the agent died
+    # during them, and the orphan would train on with nobody to stop it.
     agent = int(os.environ.get(AGENT_PID_ENV) or os.getppid())
     libc = ctypes.CDLL(None, use_errno=True)
+    # Dies with its parent: the agent, or the agent's forkserver, which ends when the agent does.
     libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != agent:  # the agent died before prctl took effect
+    parent = os.getppid()
+    if agent not in (parent, _parent_of(parent)):  # the agent died before prctl took effect
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _parent_of(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:  # "pid (comm) state ppid ...": comm may hold spaces
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return -1
+
+
+def agent_pid() -> int | None:
+    """The pid of the elastic agent that started this worker (None outside torch elastic)."""
+    if not launched_by_torch_elastic():
+        return None
+    return int(os.environ.get(AGENT_PID_ENV) or os.getppid())
 
 
 def join(collective_timeout_seconds: float, restore_timeout_seconds: float, cuda: bool) -> World:

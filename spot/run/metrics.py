@@ -12,6 +12,7 @@ import logging
 import re
 from typing import Any, Protocol
 
+from spot.distributed.recovery import SEGMENTS
 from spot.run.config import LoggerConfig
 from spot.run.events import EventLog, read_events
 from spot.run.goodput import account
@@ -83,6 +84,11 @@ _FIELDS = {
         "elastic/nodes": "nodes",
     },
     "world_size_change": {"elastic/world_size": "world_size"},
+    # After a membership change: notice (or join) to training again, and where the time went.
+    "recovery": {
+        "elastic/recovery_seconds": "total_seconds",
+        **{f"elastic/recovery_{part}_seconds": f"{part}_seconds" for part in SEGMENTS},
+    },
     "step_skipped": {"train/grad_scale": "scale"},
     "compiled": {"train/compile_seconds": "seconds"},
     "eval": {"val/loss": "loss", "val/accuracy": "accuracy"},  # fp16: the scale after the skip

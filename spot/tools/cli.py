@@ -193,7 +193,7 @@ COMMANDS = {
     ),
     "rendezvous": (
         "serve the c10d rendezvous store (elastic.rdzv_store_host=external)",
-        "spot.distributed.launch",
+        "spot.distributed.rendezvous",
         "add_rendezvous_arguments",
         "rendezvous",
     ),
