@@ -55,6 +55,11 @@ class EmulatorServer(ThreadingHTTPServer):
         self._closing = threading.Event()
         super().__init__((host, port), _Handler)
 
+    def handle_error(self, request, client_address) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionError):  # the client went away (a node
+            return  # stopped during a long poll): nothing to answer, nothing wrong here
+        super().handle_error(request, client_address)
+
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]

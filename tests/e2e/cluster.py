@@ -95,7 +95,11 @@ class Cluster:
         extra = [f"run.root={root}"]
         if cloud:
             server = self.emulators[name] = EmulatorServer(cloud).start()
-            extra += [f"cloud={cloud}", f"cloud.metadata_url={server.url}", "cloud.poll_seconds=0.1"]
+            extra += [
+                f"cloud={cloud}",
+                f"cloud.metadata_url={server.url}",
+                "cloud.poll_seconds=0.1",
+            ]
         return self.start(name, [sys.executable, str(REPO / "train.py"), *args, *extra])
 
     def notice(self, name: str) -> float:
@@ -106,7 +110,7 @@ class Cluster:
 
     def run_dirs(self) -> list[Path]:
         roots = set(self.roots.values())
-        return sorted(d.parent for r in roots for d in r.glob("*/*/config.yaml"))
+        return sorted(d for r in roots for d in r.glob("*/*") if d.is_dir())  # <name>/<id>
 
     def events(self) -> list[dict]:
         """Every node's events, in time order (node-local disks each hold a part)."""
