@@ -9,8 +9,9 @@ worker is rank 0 (the checkpoint writer), on a shared disk and on node-local dis
 agent-hosted store with a GCP notice to a node that holds neither rank 0 nor the store; and
 `min_nodes=3`, where the same notice stops every node (75) and the job resumes when started again.
 
-The keep-alive is torch's default (5 s x 3): a survivor that waited for the departing node's
-heartbeat to expire would take 15 s to regroup; the tests show it does not.
+The keep-alive is 10 s x 3: a survivor that waited for the departing node's heartbeat to expire
+would regroup at least 20 s after it left (its last heartbeat is at most 10 s old); the tests
+show it does not wait.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from .test_s3 import s3_endpoint  # noqa: F401 - the fixture
 pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
 STEPS = 200
-KEEP_ALIVE_EXPIRY = 5 * 3  # torch's default heartbeat interval x attempts: not waited for
+KEEP_ALIVE = ["elastic.rdzv_keep_alive_seconds=10", "elastic.rdzv_keep_alive_max_attempt=3"]
+KEEP_ALIVE_WAIT = 10 * (3 - 1)  # the least time a silent node is still counted in
 
 
 def rank0_node(cluster: Cluster, start: dict) -> str:
@@ -49,7 +51,7 @@ def test_a_notice_to_one_node_costs_that_node_only(setup, tmp_path, request):
     store, cloud, local_disks, victim_is = SETUPS[setup]
     env = train_env(**CREDENTIALS)
     cluster = Cluster(tmp_path, env)
-    args = elastic_args(cluster.port, STEPS, store=store)
+    args = elastic_args(cluster.port, STEPS, store=store) + KEEP_ALIVE
     if local_disks:
         endpoint = request.getfixturevalue("s3_endpoint")
         bucket = _bucket(endpoint, setup)
@@ -89,7 +91,7 @@ def test_a_notice_to_one_node_costs_that_node_only(setup, tmp_path, request):
         (recovered,) = [e for e in events if e["event"] == "recovery" and e["time"] > noticed_at]
         assert recovered["kind"] == "notice" and recovered["world_size"] == 2
         # The survivors did not wait for the departing node's heartbeat to expire.
-        assert recovered["rendezvous_seconds"] < KEEP_ALIVE_EXPIRY, recovered
+        assert recovered["rendezvous_seconds"] < KEEP_ALIVE_WAIT, recovered
         assert "left the rendezvous" in (tmp_path / f"{victim}.log").read_text()
         if local_disks:  # the new rank 0 restored its own copy: nothing downloaded
             assert not [e for e in events if e["event"] == "download" and e["time"] > noticed_at]
