@@ -18,6 +18,7 @@ from spot.run import identity
 from spot.run.config import ConfigError, Settings, training_view, validate
 from spot.run.exitcodes import EXIT_COMPLETE
 from spot.run.identity import RunPaths
+from spot.run.metrics import tracker_imports
 
 log = logging.getLogger("train")
 
@@ -74,9 +75,10 @@ class Job:
         """Several processes: torch's elastic agent runs `worker(resolved config, environment)`
         in each worker process, with this job's config (its run id fixed); returns the job's exit
         code."""
+        s = self.settings
+        launch.start_forkserver(s.elastic, worker, tracker_imports(s.logger))
         if self.is_complete():
             return self.nothing_to_do()
-        s = self.settings
         resolved = OmegaConf.merge(self.cfg, {"run": {"id": self.run_id}})
         return launch.run_agent(
             s.elastic,

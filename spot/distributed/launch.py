@@ -19,7 +19,7 @@ import logging
 import multiprocessing
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from multiprocessing import forkserver
 from pathlib import Path
 
@@ -79,6 +79,19 @@ def launch_config(cfg: ElasticConfig, cloud, run_key: str):
     )
 
 
+def start_forkserver(cfg: ElasticConfig, worker: Callable, imports: Sequence[str] = ()) -> None:
+    """Start the workers' forkserver now (elastic.start_method=forkserver, in a process that
+    will be an agent), importing `worker`'s module and `imports` (a tracker's library), so its
+    imports overlap this process's own work (config checks, the bucket, the first rendezvous).
+    torch._dynamo too: torch's optimizers import it when the first one is built (2 s here)."""
+    if cfg.start_method != "forkserver" or not needs_agent(cfg):
+        return
+    # The worker's module by name: the default, "__main__", is not imported for it.
+    preload = [worker.__module__, "torch._dynamo", *imports]
+    multiprocessing.get_context("forkserver").set_forkserver_preload(preload)
+    forkserver.ensure_running()  # once per process: later calls find it running
+
+
 def run_agent(
     cfg: ElasticConfig,
     cloud,
@@ -108,13 +121,6 @@ def run_agent(
         # retry): process groups created after a restart then read the previous attempt's
         # addresses and time out. Opting out gives each attempt a fresh store on worker rank 0.
         os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
-        if cfg.start_method == "forkserver":
-            # Its imports (train.py's: torch, the model, spot) overlap the first rendezvous.
-            # The worker's module by name (the default, "__main__", is not imported for it), and
-            # torch._dynamo, which torch's optimizers import when the first one is built (2 s).
-            preload = [worker.__module__, "torch._dynamo"]
-            multiprocessing.get_context("forkserver").set_forkserver_preload(preload)
-            forkserver.ensure_running()
         log.info(
             "elastic agent: %d-%d node(s) x %d process(es), rendezvous %s at %s, run %s",
             cfg.min_nodes,

@@ -179,6 +179,12 @@ COMMANDS = {
         "add_arguments",
         "command",
     ),
+    "bench-restart": (
+        "elastic worker restarts, forkserver vs spawn, side by side: where the time goes",
+        "spot.tools.restart_bench",
+        "add_arguments",
+        "command",
+    ),
     "emulate": (
         "a local AWS/GCP/Azure metadata endpoint that can issue notices or misbehave",
         "spot.tools.emulate",

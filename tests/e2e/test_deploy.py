@@ -146,7 +146,7 @@ def container_argv(service: dict) -> list[str]:
     entrypoint, cmd = image["entrypoint"], image["cmd"]
     if "entrypoint" in service:
         entrypoint, cmd = service["entrypoint"], []
-    return [*entrypoint, *service.get("command", cmd)]
+    return [a.replace("$$", "$") for a in [*entrypoint, *service.get("command", cmd)]]
 
 
 def compose() -> dict:
@@ -193,6 +193,10 @@ def wait_until(what: str, predicate, procs, logs, timeout: float = 120) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}:\n{tails(logs)}")
         time.sleep(0.05)
+
+
+def read_events_under(root: Path) -> list[dict]:
+    return [e for path in root.glob("*/*/events.jsonl") for e in read_events(path)]
 
 
 def tails(logs) -> str:
@@ -305,13 +309,15 @@ def test_the_entrypoint_reports_75_as_kubeflow_restarts_it(tmp_path):
 # --- Compose ---------------------------------------------------------------------------------
 
 
-def test_compose_trainers_use_the_elastic_settings_the_elastic_tests_use(capsys):
+def test_compose_trainers_use_the_elastic_settings_the_elastic_tests_use(capsys, monkeypatch):
     """The rehearsal's trainers are the tested setup: every elastic setting of the three-agent
-    test (tests/test_elastic_agents.py), but for the addresses, which are the services'."""
-    from .test_elastic_agents import node_args
+    test (tests/test_elastic_agents.py), but for the addresses, which are the services'; each
+    trainer polls its own metadata service, as each spot instance has its own."""
+    from .cluster import elastic_args
+    from .test_elastic_agents import ARGS, STEPS
 
     services = compose()["services"]
-    tested = overrides(node_args(29400, Path("runs")))
+    tested = overrides(elastic_args(29400, STEPS) + ARGS)
     commands = {name: container_argv(s) for name, s in trainers(services).items()}
     assert len(commands) >= 3 and len({tuple(c) for c in commands.values()}) == 1
     hostnames = [s["hostname"] for s in trainers(services).values()]
@@ -333,9 +339,13 @@ def test_compose_trainers_use_the_elastic_settings_the_elastic_tests_use(capsys)
         else:
             assert ours.get(key) == value, key
     assert ours["storage"] == "s3" and ours["storage.endpoint_url"] == "http://s3:5000"
-    assert ours["cloud.metadata_url"] == "http://metadata:8169"
-    for service in trainers(services).values():
-        assert set(service["depends_on"]) == {"rendezvous", "metadata", "bucket"}
+    assert ours["cloud.metadata_url"] == "${oc.env:METADATA_URL}"  # each trainer's own
+    for number, (name, service) in enumerate(trainers(services).items(), 1):
+        metadata = f"metadata-{number}"
+        assert name == f"trainer-{number}" and services[metadata]["expose"] == ["8169"]
+        assert service["environment"]["METADATA_URL"] == f"http://{metadata}:8169"
+        assert set(service["depends_on"]) == {"rendezvous", metadata, "bucket"}
+    monkeypatch.setenv("METADATA_URL", "http://metadata-1:8169")
     assert_valid_config(run_here(argv)[1:], capsys)
 
 
@@ -344,8 +354,9 @@ def test_compose_services_run_here_on_loopback(tmp_path):
     """`docker compose up` without Docker: each service's command, as its container would run
     it, as a local process, the service names and ports mapped to loopback; the s3 service's
     image is moto's server, which runs here in this process. Two of the trainers (this machine
-    has 2 cores) train together to completion, checkpoints in the bucket, notices polled from
-    the emulated metadata service."""
+    has 2 cores) train together, checkpoints in the bucket, each polling its own metadata
+    service; a notice to trainer-2 through its own (the rehearsal's curl) stops it with 75, and
+    trainer-1 trains on alone to completion."""
     import boto3
     import moto
     from moto.server import ThreadedMotoServer
@@ -377,7 +388,8 @@ def test_compose_services_run_here_on_loopback(tmp_path):
     s3.start()
     procs, logs = [], []
     try:
-        servers = {"rendezvous": "listening", "metadata": "emulator at"}
+        servers = {"rendezvous": "listening"}
+        servers |= {f"metadata-{n}": "emulator at" for n in (1, 2)}
         for name in servers:
             argv, env = local(name)
             logs.append(tmp_path / f"{name}.log")
@@ -395,18 +407,29 @@ def test_compose_services_run_here_on_loopback(tmp_path):
             argv += [
                 "elastic.local_addr=127.0.0.1",  # in Compose, the container's hostname
                 f"run.root={tmp_path / 'runs'}",
-                "trainer.max_steps=20",
+                "trainer.max_steps=60",
                 "checkpoint.every_steps=10",
                 "trainer.log_every=1",
             ]
             logs.append(tmp_path / f"{name}.log")
             nodes.append(start(argv, logs[-1], cwd=tmp_path, env={**env, **SLOW}))
         procs += nodes
-        for node in nodes:
-            assert node.wait(timeout=180) == 0, tails(logs)
-        state = f"http://127.0.0.1:{loopback['metadata']}/_emulator/state"
-        with urllib.request.urlopen(state, timeout=10) as reply:
-            assert json.loads(reply.read())["requests"] > 0  # trainers watched for notices
+        runs = tmp_path / "runs"
+        wait_until(
+            "two trainers training together",
+            lambda: any(e["event"] == "train" and e["step"] >= 5 for e in read_events_under(runs)),
+            procs,
+            logs,
+        )
+        notice = f"http://127.0.0.1:{loopback['metadata-2']}/_emulator/notice"
+        sent = urllib.request.Request(notice, data=b'{"in_seconds": 120}', method="POST")
+        urllib.request.urlopen(sent, timeout=10).close()
+        assert nodes[1].wait(timeout=180) == EXIT_PREEMPTED, tails(logs)
+        assert nodes[0].wait(timeout=180) == 0, tails(logs)
+        for n in (1, 2):
+            state = f"http://127.0.0.1:{loopback[f'metadata-{n}']}/_emulator/state"
+            with urllib.request.urlopen(state, timeout=10) as reply:
+                assert json.loads(reply.read())["requests"] > 0  # each trainer watched its own
         client = boto3.client(
             "s3",
             endpoint_url=f"http://127.0.0.1:{loopback['s3']}",
@@ -425,6 +448,10 @@ def test_compose_services_run_here_on_loopback(tmp_path):
     assert (run_dir / "COMPLETE").exists() and events[-1]["event"] == "complete"
     assert max(e["world_size"] for e in events if e["event"] == "start") == 2, tails(logs)
     assert [e for e in events if e["event"] == "upload"]
+    changes = [
+        (e["previous"], e["world_size"]) for e in events if e["event"] == "world_size_change"
+    ]
+    assert changes == [(2, 1)], tails(logs)  # trainer-1 went on from the emergency checkpoint
 
 
 # --- Kubernetes --------------------------------------------------------------------------------

@@ -153,6 +153,30 @@ def test_fewer_nodes_than_min_nodes_stop_every_node_and_resume(tmp_path):
     assert_each_sample_once(cluster.ledger_by_epoch())
 
 
+def test_a_notice_to_the_node_hosting_the_store_ends_the_job_with_75(tmp_path):
+    """The agent-hosted store has no other home: when its node is reclaimed, every node exits 75
+    (the rendezvous is gone), with the emergency checkpoint committed; nothing hangs."""
+    cluster = Cluster(tmp_path)
+    args = elastic_args(cluster.port, STEPS, store="agent")
+    shared = tmp_path / "shared"
+    try:
+        cluster.node("a", args, shared, "aws")
+        time.sleep(4)  # "a" hosts the store: the first agent to start binds its port
+        cluster.node("b", args, shared, "aws")
+        cluster.wait_for(
+            "world size 2", lambda ev: [s for s in starts(ev, 2) if trained_since(ev, s, 5)]
+        )
+        cluster.notice("a")
+        for name in "ab":
+            assert cluster.procs[name].wait(timeout=120) == EXIT_PREEMPTED, cluster.logs()
+    finally:
+        cluster.stop_all()
+    events = cluster.events()
+    (emergency,) = [e for e in events if e["event"] == "emergency_checkpoint"]
+    assert not [e for e in events if e["event"] == "start" and e["time"] > emergency["time"]]
+    assert "the rendezvous at" in (tmp_path / "b.log").read_text()  # said why it stopped
+
+
 def _split(recovered: dict) -> str:
     parts = [f"{k[:-8]} {v:.2f}" for k, v in recovered.items() if k.endswith("_seconds")]
     return ", ".join(parts)
