@@ -294,6 +294,7 @@ class Session(contextlib.ExitStack):
             node_rank=int(os.environ.get("GROUP_RANK", 0)),
             nodes=int(os.environ.get("GROUP_WORLD_SIZE", 1)),
             agent_pid=distributed.agent_pid(),
+            pids=[n["pid"] for n in self._notes] if self._notes else None,  # by rank
             precision=str(s.trainer.precision),
             compile=s.trainer.compile,
             **split,

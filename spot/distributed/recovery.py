@@ -72,9 +72,9 @@ def rendezvous_done(began: float) -> None:
 
 
 def take_node_notes(local_rank: int) -> dict:
-    """What a worker that just joined reports: when it joined, and (local rank 0, for its node)
+    """What a worker that just joined reports: when it joined, its pid, and (local rank 0, for its node)
     the agent's notes; a stop it reports is then taken, so no later restart reports it again."""
-    mine = {"joined_at": time.time()}
+    mine = {"joined_at": time.time(), "pid": os.getpid()}
     if local_rank == 0:
         notes = read_notes()
         mine.update(notes)

@@ -196,19 +196,10 @@ def test_a_broken_endpoint_neither_stops_nor_slows_training(tmp_path):
     assert min(ratios.values()) > 0.5, ratios
 
 
-def worker_pid(agent_pid: int, rank: int) -> int:
-    """The pid of the elastic agent's worker with this RANK."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            status = (entry / "status").read_text()
-            environ = (entry / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if f"PPid:\t{agent_pid}\n" in status and f"RANK={rank}".encode() in environ:
-            return int(entry.name)
-    raise AssertionError(f"no worker with RANK={rank} under {agent_pid}")
+def worker_pid(root: Path, rank: int) -> int:
+    """The pid of the worker with this RANK, as the run's newest `start` event says."""
+    starts = [e for e in read_events(run_dir_of(root) / "events.jsonl") if e["event"] == "start"]
+    return starts[-1]["pids"][rank]
 
 
 def test_two_ranks_a_signal_to_rank_one_only_stops_both_at_one_step(tmp_path):
@@ -217,7 +208,7 @@ def test_two_ranks_a_signal_to_rank_one_only_stops_both_at_one_step(tmp_path):
     args = [*two, f"run.root={tmp_path / 'run'}"]
     proc = start(args)
     wait_for_step(tmp_path / "run", 20, proc)
-    os.kill(worker_pid(proc.pid, rank=1), signal.SIGUSR1)  # SLURM-style, one process only
+    os.kill(worker_pid(tmp_path / "run", rank=1), signal.SIGUSR1)  # SLURM-style, one process only
     code, out = finish(proc)
     assert code == EXIT_PREEMPTED, out[-3000:]  # the agent stopped too: this node is going
     run_dir = run_dir_of(tmp_path / "run")

@@ -15,20 +15,25 @@ from pathlib import Path
 import pytest
 
 from ..helpers import REPO
-from .test_elastic_agents import Cluster, node_args, starts, trained_since
+from .cluster import Cluster, elastic_args, starts, trained_since
 
 LAST_CALL = 2  # seconds the survivor waits for more nodes once it could regroup
 
 
-def children(pid: int) -> set[int]:
-    found = set()
+def descendants(pid: int) -> set[int]:
+    """The processes under `pid`: an agent's forkserver and the workers forked from it."""
+    parents = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if f"PPid:\t{pid}\n" in (entry / "status").read_text():
-                    found.add(int(entry.name))
+                status = (entry / "status").read_text()
             except OSError:
                 continue
+            parents[int(entry.name)] = int(status.split("PPid:\t", 1)[1].split("\n", 1)[0])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
     return found
 
 
@@ -45,7 +50,8 @@ def regroup_seconds(cluster: Cluster, name: str, interval: int, attempts: int) -
         "run.name": name,  # its own rendezvous run id on the shared store
         "run.root": str(root),
     }
-    args = [a for a in node_args(cluster.port, root) if a.split("=")[0] not in overrides]
+    tested = elastic_args(cluster.port, 300) + ["checkpoint.every_steps=5"]
+    args = [a for a in tested if a.split("=")[0] not in overrides]
     args += [f"{k}={v}" for k, v in overrides.items()]
     agents = {
         node: cluster.start(f"{name}-{node}", [sys.executable, str(REPO / "train.py"), *args])
@@ -64,12 +70,12 @@ def regroup_seconds(cluster: Cluster, name: str, interval: int, attempts: int) -
         assert all(p.poll() is None for p in agents.values()), cluster.logs()
         time.sleep(0.1)
     survivor, victim = sorted(agents, key=lambda n: agents[n].pid != two[-1]["agent_pid"])
-    old_workers = children(agents[survivor].pid)
+    old_workers = descendants(agents[survivor].pid)
     assert old_workers, cluster.logs()
     killed_at = time.monotonic()
     os.killpg(agents[victim].pid, signal.SIGKILL)  # its worker dies with it (PDEATHSIG)
     agents[victim].wait()
-    while not (new_workers := children(agents[survivor].pid) - old_workers):
+    while not (new_workers := descendants(agents[survivor].pid) - old_workers):
         assert time.monotonic() - killed_at < 60, cluster.logs()
         assert agents[survivor].poll() is None, cluster.logs()
         time.sleep(0.05)

@@ -99,7 +99,7 @@ def test_notes_are_shared_and_a_stop_is_reported_once(tmp_path, monkeypatch):
 def test_without_an_agent_there_are_no_notes(monkeypatch):
     monkeypatch.delenv(recovery.NOTES_ENV, raising=False)
     recovery.note(agent_started_at=1.0)
-    assert set(recovery.take_node_notes(local_rank=0)) == {"joined_at"}
+    assert set(recovery.take_node_notes(local_rank=0)) == {"joined_at", "pid"}
 
 
 def test_a_process_start_time_counts_its_imports():
