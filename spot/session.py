@@ -32,7 +32,7 @@ from spot.checkpoint.manager import CheckpointManager, CheckpointUnusable
 from spot.checkpoint.manifest import CorruptCheckpoint
 from spot.checkpoint.source import load_named
 from spot.checkpoint.state import TrainingState
-from spot.distributed import elastic, recovery
+from spot.distributed import elastic, membership, recovery
 from spot.distributed import world as distributed
 from spot.distributed.ledger import Ledger, truncate_ledgers
 from spot.distributed.sampler import ResumableBatchSampler
@@ -76,7 +76,7 @@ class Session(contextlib.ExitStack):
         self.paths.dir.mkdir(parents=True, exist_ok=True)
         self.events = EventLog(self.paths.events if leader else None)
         self.callback(self.events.close)
-        separate_disk = self._separate_disk()
+        separate_disk = membership.separate_disk(self.world, self.paths.dir)
         if leader:
             atomic_write_bytes(self.paths.config, OmegaConf.to_yaml(job.cfg, resolve=True).encode())
         remote = (
@@ -106,21 +106,6 @@ class Session(contextlib.ExitStack):
                 self.checkpoints = manager
             else:
                 self.replica = manager
-
-    def _separate_disk(self) -> bool:
-        """Whether this rank is the first on a node whose run directory is not rank 0's (a
-        node-local disk): rank 0 names its directory with a token; a node that cannot read the
-        same token there has a disk of its own."""
-        world, marker = self.world, self.paths.dir / ".disk"
-        token = None
-        if world.is_leader:
-            if not marker.exists():
-                atomic_write_bytes(marker, os.urandom(8).hex().encode())
-            token = marker.read_text()
-        token = world.share(token)
-        if world.is_leader or world.local_rank != 0:
-            return False
-        return not marker.exists() or marker.read_text() != token
 
     def restore(self) -> dict | None:
         """The newest checkpoint that verifies, local or in the bucket, as {step, path, state}
@@ -384,8 +369,9 @@ class Session(contextlib.ExitStack):
         """Every `trainer.log_every` steps and at the end: the mean loss over all ranks. A step
         whose update the fp16 scaler skipped (inf or nan gradients) is an event of its own."""
         step = self.state.step
-        if self._resumed_at is not None:  # the first step since the start
-            self._recovered(step)
+        if self._resumed_at is not None:  # the first step since the start: after a membership
+            recovery.report(self.events, self._notes, self._resumed_at, step)  # change, its time
+            self._resumed_at = None
         if self._compiling_since is not None:  # the first step since the start: it compiled
             seconds = round(time.perf_counter() - self._compiling_since, 6)
             self.events.emit("compiled", step=step, seconds=seconds)
@@ -404,67 +390,21 @@ class Session(contextlib.ExitStack):
             self.progress.close()
             self.progress = None
 
-    def _recovered(self, step: int) -> None:
-        """After the first step: if this start followed a membership change, how long it took
-        to train again, and where the time went (spot.distributed.recovery)."""
-        resumed_at, self._resumed_at = self._resumed_at, None
-        fields = self._notes and recovery.split(self._notes, resumed_at, time.time())
-        if fields:
-            self.events.emit("recovery", step=step, world_size=self.world.world_size, **fields)
-            log.info(
-                "training again %.1f s after the %s (%s)",
-                fields["total_seconds"],
-                fields["kind"],
-                ", ".join(f"{k[:-8]} {v:g} s" for k, v in fields.items() if k.endswith("_seconds")),
-            )
-
     def stop(self) -> None:
         """An interruption notice: every rank stopped at this step. The emergency checkpoint,
         kept on every node that stays (its own disk) and uploaded within the notice; then which
-        nodes leave, and whether the rest can go on without them (elastic.min_nodes)."""
+        nodes leave, and whether the others go on without them (spot.distributed.membership)."""
         self._end_progress()
-        monitor, world = self.monitor, self.world
-        node = int(os.environ.get("GROUP_RANK", 0))
-        notice = monitor.notice.as_dict() if monitor.notice else None
-        seen = world.share(world.gather((node, notice)))  # every rank: each rank's node, notice
-        leaving = sorted({n for n, notice in seen if notice and notice["source"] != "signal"})
-        self.checkpointer.emergency([notice for _, notice in seen], keep_here=node not in leaving)
+        monitor = self.monitor
+        leaving = membership.departure(self.world, monitor.notice, self.s.elastic.min_nodes)
+        self.checkpointer.emergency(leaving.notices, keep_here=not leaving.this_node)
         monitor.acknowledge()  # Azure: the event may start now
-        if world.local_rank == 0:  # when this node stopped: its next workers report it
-            received = [notice for _, notice in seen if notice]
-            first = min(received, key=lambda n: n["received_at"]) if received else None
-            recovery.note(
-                stopped=first
-                and {
-                    "source": first["source"],
-                    "notice_at": first["received_at"],
-                    "committed_at": time.time(),
-                }
-            )
-        # A signal came from the agent itself (regrouping or stopping) or reached it too: the
-        # agent decides. A cloud notice: that node's agent stops, and so does every other when
-        # the nodes left would be fewer than elastic.min_nodes.
-        nodes = int(os.environ.get("GROUP_WORLD_SIZE", 1))
-        group_stops = bool(leaving) and nodes - len(leaving) < self.s.elastic.min_nodes
-        if leaving and nodes > 1:
-            self.events.emit(
-                "departure",
-                step=self.state.step,
-                leaving=leaving,
-                nodes=nodes,
-                min_nodes=self.s.elastic.min_nodes,
-                group_stops=group_stops,
-            )
-            if group_stops:
-                log.warning(
-                    "%d of %d node(s) stay, fewer than elastic.min_nodes=%d: every node stops "
-                    "(exit 75); start the job again to resume from step %d",
-                    nodes - len(leaving),
-                    nodes,
-                    self.s.elastic.min_nodes,
-                    self.state.step,
-                )
-        self.reclaimed = node in leaving or group_stops
+        if self.world.local_rank == 0:  # this node's next workers report when it stopped
+            recovery.note_stop(leaving.notices)
+        leaving.report(self.events, self.state.step)
+        # A node with a cloud notice: its agent stops rather than restart workers on a machine
+        # that is going away; every agent does when too few nodes would stay.
+        self.reclaimed = leaving.this_node or leaving.group_stops
 
     def finish(self) -> None:
         """The end of training: the final checkpoint commits (and uploads), then COMPLETE."""

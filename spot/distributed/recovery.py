@@ -23,12 +23,14 @@ Times are wall-clock (time.time()): across machines they are as good as the cloc
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
 
 from spot.fsutil import atomic_write_bytes
 
+log = logging.getLogger(__name__)
 NOTES_ENV = "SPOT_NOTES"
 SEGMENTS = (
     "stop",
@@ -81,6 +83,35 @@ def take_node_notes(local_rank: int) -> dict:
         if "stopped" in notes:
             note(stopped=None)
     return mine
+
+
+def note_stop(notices: list[dict | None]) -> None:
+    """This node's workers stopped for these notices (by rank) and the emergency checkpoint is
+    committed: its next workers report when, if the group then regroups."""
+    received = [n for n in notices if n]
+    first = min(received, key=lambda n: n["received_at"]) if received else None
+    stopped = first and {
+        "source": first["source"],
+        "notice_at": first["received_at"],
+        "committed_at": time.time(),
+    }
+    note(stopped=stopped)
+
+
+def report(events, gathered: list[dict] | None, resumed_at: float, step: int) -> None:
+    """Rank 0, after the first step: a `recovery` event (and a log line) if this start followed
+    a membership change."""
+    fields = gathered and split(gathered, resumed_at, time.time())
+    if not fields:
+        return
+    events.emit("recovery", step=step, world_size=len(gathered), **fields)
+    parts = [f"{k.removesuffix('_seconds')} {v:g} s" for k, v in fields.items() if k != "kind"]
+    log.info(
+        "training again %.1f s after the %s (%s)",
+        fields["total_seconds"],
+        fields["kind"],
+        ", ".join(parts[:-1]),
+    )
 
 
 def split(gathered: list[dict], restored_at: float, stepped_at: float) -> dict | None:

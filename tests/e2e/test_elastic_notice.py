@@ -155,7 +155,8 @@ def test_fewer_nodes_than_min_nodes_stop_every_node_and_resume(tmp_path):
 
 def test_a_notice_to_the_node_hosting_the_store_ends_the_job_with_75(tmp_path):
     """The agent-hosted store has no other home: when its node is reclaimed, every node exits 75
-    (the rendezvous is gone), with the emergency checkpoint committed; nothing hangs."""
+    once the store is gone (the others may regroup while its process is still exiting: then
+    their agents stop them with one more checkpoint). Nothing trained is lost; nothing hangs."""
     cluster = Cluster(tmp_path)
     args = elastic_args(cluster.port, STEPS, store="agent")
     shared = tmp_path / "shared"
@@ -172,8 +173,8 @@ def test_a_notice_to_the_node_hosting_the_store_ends_the_job_with_75(tmp_path):
     finally:
         cluster.stop_all()
     events = cluster.events()
-    (emergency,) = [e for e in events if e["event"] == "emergency_checkpoint"]
-    assert not [e for e in events if e["event"] == "start" and e["time"] > emergency["time"]]
+    saved = [e["step"] for e in events if e["event"] == "emergency_checkpoint"]
+    assert saved and saved[-1] == max(e["step"] for e in events if e["event"] == "train")
     assert "the rendezvous at" in (tmp_path / "b.log").read_text()  # said why it stopped
 
 
