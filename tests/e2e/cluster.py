@@ -139,6 +139,12 @@ class Cluster:
             f"--- {p.name}\n{p.read_text()[-2500:]}" for p in sorted(self.tmp.glob("*.log"))
         )
 
+    def assert_completed(self, but: tuple[str, ...] = ()) -> None:
+        """Every process but `but` (and the rendezvous store) ends with 0: the run is complete."""
+        for name, proc in self.procs.items():
+            if name not in (*but, "rendezvous"):
+                assert proc.wait(timeout=240) == 0, f"node {name} failed:\n{self.logs()}"
+
     def stop_all(self) -> None:
         for proc in self.procs.values():
             if proc.poll() is None:
