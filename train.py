@@ -44,6 +44,7 @@ from spot.run.exitcodes import (
     EXIT_COMPLETE,
     EXIT_PREEMPTED,
 )
+from spot.run.metrics import tracker_imports
 from spot.run.preflight import validate_command_line
 from spot.run.schedule import build_scheduler, set_position
 from spot.session import Session
@@ -251,11 +252,18 @@ def worker(resolved: str, environment: dict[str, str]) -> int:
     return code
 
 
+def start_workers(jobs: list[DictConfig]) -> None:
+    """One job that is an elastic agent: its workers' forkserver starts importing now, while
+    this process checks the config and joins the rendezvous."""
+    if len(jobs) == 1:
+        launch.start_forkserver(jobs[0].elastic, worker, tracker_imports(jobs[0].logger))
+
+
 if __name__ == "__main__":
-    validate_command_line(sys.argv[1:], CONFIG_DIR)
     # The task by its module name, not __main__'s: a launcher that pickles it (submitit on
     # SLURM) then pickles a reference, which the job imports, rather than this module's globals.
     import train as task
 
+    validate_command_line(sys.argv[1:], CONFIG_DIR, composed=task.start_workers)
     task.main()
     sys.exit(task.SWEEP_FAILURES[0] if task.SWEEP_FAILURES else EXIT_COMPLETE)  # all finished?

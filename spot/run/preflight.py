@@ -9,6 +9,7 @@ naming the key and what is allowed, and the process exits with EXIT_BAD_CONFIG.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -17,6 +18,7 @@ from hydra._internal.utils import get_args_parser
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
+from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from spot.run.config import ConfigError, one_line, validate
@@ -53,11 +55,18 @@ def _explain(exc: Exception, overrides: list[str], config_dir: Path) -> str:
     return f"config error: {full_key or 'command line'}: {first}"
 
 
-def validate_command_line(argv: list[str], config_dir: Path, config_name: str = "config") -> None:
-    """Exit with one line and EXIT_BAD_CONFIG if any job of this command line is invalid."""
+def validate_command_line(
+    argv: list[str],
+    config_dir: Path,
+    config_name: str = "config",
+    composed: Callable[[list[DictConfig]], None] | None = None,
+) -> list[DictConfig]:
+    """Exit with one line and EXIT_BAD_CONFIG if any job of this command line is invalid; else
+    return every job's composed config (none for Hydra's --help, --cfg, ...). `composed` is
+    called with them as soon as they compose, before the checks (which build the optimizer)."""
     args, _unknown = get_args_parser().parse_known_args(argv)
     if any(getattr(args, flag, None) for flag in _INFO_FLAGS):
-        return
+        return []
     config_dir = Path(args.config_dir or config_dir).resolve()
     config_name = args.config_name or config_name
     overrides = [ov for ov in args.overrides if not ov.lstrip("+~").startswith("hydra")]
@@ -69,10 +78,14 @@ def validate_command_line(argv: list[str], config_dir: Path, config_name: str = 
             jobs = [overrides]
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
-            for job in jobs:
-                validate(compose(config_name=config_name, overrides=list(job)))
+            configs = [compose(config_name=config_name, overrides=list(job)) for job in jobs]
+            if composed is not None:
+                composed(configs)
+            for cfg in configs:
+                validate(cfg)
     except (ConfigError, HydraException, OmegaConfBaseException, ValueError) as exc:
         print(_explain(exc, overrides, config_dir), file=sys.stderr)
         sys.exit(EXIT_BAD_CONFIG)
     finally:
         GlobalHydra.instance().clear()
+    return configs
