@@ -3,6 +3,8 @@ tests/e2e/test_metrics.py."""
 
 from __future__ import annotations
 
+import pytest
+
 from spot.run.goodput import account
 from spot.run.metrics import RunMetrics, without_credentials
 
@@ -91,3 +93,22 @@ def test_progress_shows_rate_eta_and_the_work_since_the_last_checkpoint():
     progress.on_event({"event": "checkpoint", "step": 300})
     now[0] = 3710.0  # 200 steps in 3610 s: 600 more take 10830 s
     assert progress.line(400) == "step 400/1000 0.1 it/s ETA 3h00m unsaved 1h00m"
+
+
+def test_a_recovery_becomes_its_total_and_its_parts():
+    from spot.distributed.recovery import split
+
+    stop = {"source": "aws", "notice_at": 10.0, "committed_at": 10.5}
+    gathered = [
+        {"rounds": 2, "rendezvous": [11.0, 13.0], "joined_at": 13.4, "stopped": stop},
+        {"rounds": 2, "rendezvous": [11.2, 13.1], "joined_at": 13.6},
+    ]
+    fields = split(gathered, restored_at=13.9, stepped_at=14.0)
+    recorder = Recorder()
+    RunMetrics(recorder, [], *PRICES)({"event": "recovery", "step": 7, "time": 14.0, **fields})
+    ((step, figures),) = recorder.rows
+    assert step == 7 and figures["elastic/recovery_seconds"] == 4.0
+    assert figures["elastic/recovery_rendezvous_seconds"] == fields["rendezvous_seconds"] == 2.1
+    total = "elastic/recovery_seconds"
+    parts = [v for k, v in figures.items() if k.startswith("elastic/recovery_") and k != total]
+    assert len(parts) == 6 and sum(parts) == pytest.approx(4.0)
