@@ -7,10 +7,10 @@ gets this process's resolved config as its argument, so all ranks of a node run 
 job with the same run directory; ranks on other nodes check that they agree (the config digest)
 when they join. Inside a worker (or under an outside `torchrun`) no agent starts.
 
-Workers start from a forkserver (`elastic.start_method=forkserver`, the default): a process that
-imported train.py's modules (torch among them) once, when the agent started its first workers,
-and forks each worker from there. A worker started after a membership change is training
-seconds sooner than one that imports torch again.
+Workers start from a forkserver (`elastic.start_method=forkserver`, the default): a process,
+started as soon as the command line composes, that imports train.py's modules (torch among them)
+once and forks each worker from there. A worker started after a membership change is training
+seconds sooner than one that imports torch again (`python -m spot bench-restart`).
 """
 
 from __future__ import annotations
@@ -141,9 +141,9 @@ def run_agent(
             log.warning("elastic agent stopped by %s", exc.sigval.name)
             rendezvous.leave()  # the others regroup now, not when its heartbeat expires
         except RendezvousError as exc:
-            # The rendezvous store went away (the node hosting it was reclaimed) or the round
-            # cannot form: the job stops here, resumable from its newest checkpoint.
-            log.error("the rendezvous at %s is gone: %s", cfg.rdzv_endpoint, exc)
+            # The store went away (the node hosting it was reclaimed), or no round formed in
+            # the join timeout: the job stops here, resumable from its newest checkpoint.
+            log.error("the rendezvous at %s failed, stopping: %s", cfg.rdzv_endpoint, exc)
         finally:
             for key in handed:
                 os.environ.pop(key, None)

@@ -172,7 +172,7 @@ def test_a_notice_to_the_node_hosting_the_store_ends_the_job_with_75(tmp_path):
     events = cluster.events()
     saved = [e["step"] for e in events if e["event"] == "emergency_checkpoint"]
     assert saved and saved[-1] == max(e["step"] for e in events if e["event"] == "train")
-    assert "the rendezvous at" in (tmp_path / "b.log").read_text()  # said why it stopped
+    assert "rendezvous at" in (tmp_path / "b.log").read_text()  # said why it stopped
 
 
 def _split(recovered: dict) -> str:
