@@ -16,7 +16,7 @@ import pytest
 from torch.distributed import TCPStore
 
 from ..helpers import REPO, train_env
-from .test_elastic_agents import free_port
+from .cluster import free_port
 
 pytestmark = pytest.mark.slow
 
