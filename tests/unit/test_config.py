@@ -153,6 +153,7 @@ BAD = [
     ("elastic.lr_scaling=cubic", "elastic.lr_scaling"),
     ("elastic.batch_policy=grow", "elastic.batch_policy"),
     ("elastic.rdzv_store_host=cloud", "elastic.rdzv_store_host"),
+    ("elastic.start_method=fork", "elastic.start_method"),
     ("elastic.collective_timeout_seconds=0", "elastic.collective_timeout_seconds"),
     ("elastic.reference_world_size=0", "elastic.reference_world_size"),
     ("elastic.rdzv_endpoint=nohostport", "elastic.rdzv_endpoint"),
