@@ -86,6 +86,16 @@ class Cluster:
             time.sleep(0.05)
         return proc
 
+    def wait_for_store(self, timeout: float = 120) -> None:
+        """Until something listens on the rendezvous port (an agent hosting the store)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            assert time.monotonic() < deadline, f"no rendezvous store:\n{self.logs()}"
+            time.sleep(0.1)
+
     def node(
         self, name: str, args: list[str], root: Path, cloud: str | None = None
     ) -> subprocess.Popen:

@@ -65,8 +65,8 @@ def test_a_notice_to_one_node_costs_that_node_only(setup, tmp_path, request):
             cluster.store()
         for i, name in enumerate(("a", "b", "c")):
             cluster.node(name, args, root(name), cloud)
-            if i == 0 and store == "agent":  # "a" hosts the store: the first agent to start
-                time.sleep(4)
+            if i == 0 and store == "agent":  # "a" hosts the store: the first agent to bind it
+                cluster.wait_for_store()
         three = cluster.wait_for(
             "world size 3", lambda ev: [s for s in starts(ev, 3) if trained_since(ev, s, 10)]
         )[-1]
@@ -164,7 +164,7 @@ def test_a_notice_to_the_node_hosting_the_store_ends_the_job_with_75(tmp_path):
     shared = tmp_path / "shared"
     try:
         cluster.node("a", args, shared, "aws")
-        time.sleep(4)  # "a" hosts the store: the first agent to start binds its port
+        cluster.wait_for_store()  # "a" hosts the store: the first agent to bind its port
         cluster.node("b", args, shared, "aws")
         cluster.wait_for(
             "world size 2", lambda ev: [s for s in starts(ev, 2) if trained_since(ev, s, 5)]
