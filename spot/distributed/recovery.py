@@ -69,13 +69,13 @@ def note(**changes) -> None:
 
 def rendezvous_done(began: float) -> None:
     """The agent completed a rendezvous: its workers start next."""
-    notes = read_notes()
-    note(rendezvous=[began, time.time()], rounds=notes.get("rounds", 0) + 1)
+    note(rendezvous=[began, time.time()], rounds=read_notes().get("rounds", 0) + 1)
 
 
 def take_node_notes(local_rank: int) -> dict:
-    """What a worker that just joined reports: when it joined, its pid, and (local rank 0, for its node)
-    the agent's notes; a stop it reports is then taken, so no later restart reports it again."""
+    """What a worker that just joined reports: when it joined, its pid, and (local rank 0, for
+    its node) the agent's notes; a stop it reports is then taken, so no later restart reports
+    it again."""
     mine = {"joined_at": time.time(), "pid": os.getpid()}
     if local_rank == 0:
         notes = read_notes()
@@ -105,12 +105,16 @@ def report(events, gathered: list[dict] | None, resumed_at: float, step: int) ->
     if not fields:
         return
     events.emit("recovery", step=step, world_size=len(gathered), **fields)
-    parts = [f"{k.removesuffix('_seconds')} {v:g} s" for k, v in fields.items() if k != "kind"]
+    parts = [
+        f"{k.removesuffix('_seconds')} {v:g} s"
+        for k, v in fields.items()
+        if k not in ("kind", "total_seconds")
+    ]
     log.info(
         "training again %.1f s after the %s (%s)",
         fields["total_seconds"],
         fields["kind"],
-        ", ".join(parts[:-1]),
+        ", ".join(parts),
     )
 
 
