@@ -29,7 +29,7 @@ from .test_s3 import s3_endpoint  # noqa: F401 - the fixture
 
 pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
-STEPS = 200
+STEPS = 400  # room for a node that starts alone on a busy machine, then the join
 KEEP_ALIVE = ["elastic.rdzv_keep_alive_seconds=10", "elastic.rdzv_keep_alive_max_attempt=3"]
 KEEP_ALIVE_WAIT = 10 * (3 - 1)  # the least time a silent node is still counted in
 
