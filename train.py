@@ -36,7 +36,8 @@ from spot.failpoints import failpoint
 from spot.interruption import ignore_in_data_workers
 from spot.job import Job, join
 from spot.precision import Precision
-from spot.run.config import ConfigError, one_line
+from spot.run.config import ConfigError, Settings, one_line
+from spot.run.data_identity import check_same_data
 from spot.run.exitcodes import (
     EXIT_BAD_CONFIG,
     EXIT_CHECKPOINT_UNUSABLE,
@@ -106,6 +107,8 @@ def train(job: Job) -> int:
     seed_everything(s.seed)
     dataset = build(cfg.data.dataset, "data.dataset")
     val_dataset = build(cfg.data.val, "data.val") if s.eval.every_steps else None
+    # The same data on every rank, by what the data sets declare (spot/run/data_identity.py).
+    data_ids = check_same_data(world, {"data.dataset": dataset, "data.val": val_dataset})
     model = build(cfg.model, "model").to(device)
     seed_rank(s.seed, world.rank)  # after the weights: each rank its own dropout masks
     model = world.wrap(model, device)
@@ -119,7 +122,9 @@ def train(job: Job) -> int:
         restored = run.restore()  # the newest verified checkpoint, on every rank; or None
         sampler, length = run.plan(len(dataset), restored)  # batch and length at this world size
         scheduler = build_scheduler(instantiate(cfg.scheduler), optimizer, length.schedule_steps)
-        state = run.resume(model, optimizer, scheduler, sampler, length, restored, amp)
+        state = run.resume(
+            model, optimizer, scheduler, sampler, length, restored, amp, data_ids["data.dataset"]
+        )
         checkpointer, monitor = run.checkpointer, run.monitor
         loss_fn = partial(compute_loss, device=device)
 
@@ -235,10 +240,11 @@ def main(cfg: DictConfig) -> None:
         SWEEP_FAILURES.append(code)
 
 
-def worker(resolved: str, environment: dict[str, str]) -> int:
+def worker(resolved: str, environment: dict[str, str | None]) -> int:
     """A worker of our own elastic agent (forked by torch from a process that imported all of
-    the above once): the agent's resolved config, no Hydra composition."""
-    os.environ.update(environment)
+    the above once): the agent's resolved config, no Hydra composition, and the agent's
+    environment as it is now (its `hydra.job.env_set` among it), not the forkserver's."""
+    launch.apply_environment(environment)
     rank = int(os.environ.get("RANK", 0))
     logging.basicConfig(
         level=logging.INFO,
@@ -252,9 +258,10 @@ def worker(resolved: str, environment: dict[str, str]) -> int:
     return code
 
 
-def start_workers(jobs: list[DictConfig]) -> None:
+def start_workers(jobs: list[Settings]) -> None:
     """One job that is an elastic agent: its workers' forkserver starts importing now, while
-    this process checks the config and joins the rendezvous."""
+    this process checks the rest of the config and joins the rendezvous. (Its values are
+    typed and checked by now: spot.run.preflight.)"""
     if len(jobs) == 1:
         launch.start_forkserver(jobs[0].elastic, worker, tracker_imports(jobs[0].logger))
 

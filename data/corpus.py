@@ -4,24 +4,28 @@ library sources, at byte level (256 symbols, no tokenizer to fetch).
 The files (found with `sysconfig`; tests and site-packages left out) are sorted, and split into
 train and validation by file (a digest of the path picks about 1 in 20 for validation, so the
 split does not move when a file is added). The bytes of each split are written once into a file
-in `cache_dir` (atomically: ranks that build it at the same time write the same bytes) with the
-digest of their content, and every rank and every restart reads that file through a memory
-map; a file whose bytes no longer match its digest is built again. Windows are fixed
-(`block_size + 1` bytes at a stride of `block_size`), so the data set is map-style and the
-resumable sampler's exactly-once order and elastic resharding work on it unchanged.
+in `cache_dir` (atomically and durably: ranks that build it at the same time write the same
+bytes) with the digest of their content in meta.json, and every rank and every restart reads
+that file through a memory map. A damaged cache of any kind (a torn or garbage meta.json, a
+missing, truncated or altered split file) is built again. The digest is the data set's
+`identity` (spot/run/data_identity.py): recorded in checkpoints, compared on resume and across
+ranks, since another Python's standard library is other data under the same config. Windows
+are fixed (`block_size + 1` bytes at a stride of `block_size`), so the data set is map-style and
+the resumable sampler's exactly-once order and elastic resharding work on it unchanged.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sysconfig
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from spot.fsutil import atomic_write_bytes, fsync_dir
 
 EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
 
@@ -42,37 +46,49 @@ def in_validation(relative: str) -> bool:
 
 
 def _build(cache: Path) -> None:
+    """Write both splits and then meta.json, each durably and atomically (a temporary name,
+    fsync, rename, fsync of the directory): a crash leaves the old file or the new one, and
+    ranks that build at the same time write the same bytes under their own temporary names."""
     root, files = stdlib_files()
     parts: dict[str, list[bytes]] = {"train": [], "val": []}
     for path in files:
         relative = path.relative_to(root).as_posix()
         parts["val" if in_validation(relative) else "train"].append(path.read_bytes())
     cache.mkdir(parents=True, exist_ok=True)
-    meta = {}
+    fsync_dir(cache.parent)
+    meta: dict = {}
     for split, chunks in parts.items():
         data = b"".join(chunks)
         meta[split] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-        tmp = cache / f".{split}.bin.{os.getpid()}"
-        tmp.write_bytes(data)
-        os.replace(tmp, cache / f"{split}.bin")
+        atomic_write_bytes(cache / f"{split}.bin", data)
     meta["files"] = len(files)
-    tmp = cache / f".meta.json.{os.getpid()}"
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, cache / "meta.json")
+    atomic_write_bytes(cache / "meta.json", json.dumps(meta, indent=1).encode())
+
+
+def _read(cache: Path, split: str) -> tuple[np.memmap, str] | None:
+    """The split's bytes and digest if the cache holds them intact; None for anything else (no
+    cache, a torn or foreign meta.json, a missing, truncated or altered split file)."""
+    try:
+        entry = json.loads((cache / "meta.json").read_bytes())[split]
+        size, digest = int(entry["bytes"]), str(entry["sha256"])
+        path = cache / f"{split}.bin"
+        if path.stat().st_size != size or size == 0:  # np.memmap cannot map an empty file
+            return None
+        data = np.memmap(path, dtype=np.uint8, mode="r")
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
+    return (data, digest) if hashlib.sha256(data).hexdigest() == digest else None
 
 
 def _load(cache: Path, split: str) -> tuple[np.memmap, str]:
-    """The split's bytes (memory-mapped) and their digest, built first if missing or stale."""
-    for attempt in (0, 1):
-        meta_path, data_path = cache / "meta.json", cache / f"{split}.bin"
-        if meta_path.exists() and data_path.exists():
-            meta = json.loads(meta_path.read_text())[split]
-            data = np.memmap(data_path, dtype=np.uint8, mode="r")
-            if hashlib.sha256(data).hexdigest() == meta["sha256"]:
-                return data, meta["sha256"]
-        if attempt == 0:
-            _build(cache)
-    raise RuntimeError(f"corpus cache {cache} does not match its digest after a rebuild")
+    """The split's bytes (memory-mapped) and their digest, built first if missing or damaged."""
+    found = _read(cache, split)
+    if found is None:
+        _build(cache)
+        found = _read(cache, split)
+    if found is None:
+        raise RuntimeError(f"corpus cache {cache} does not match its digest after a rebuild")
+    return found
 
 
 class StdlibBytes(Dataset):
@@ -84,6 +100,12 @@ class StdlibBytes(Dataset):
             raise ValueError(f"split {split!r} is not allowed; allowed: train, val")
         self.block_size = block_size
         self.data, self.digest = _load(Path(cache_dir).expanduser(), split)
+
+    @property
+    def identity(self) -> str:
+        """What the windows are cut from (spot/run/data_identity.py): another Python's standard
+        library is other data under the same config, refused on resume and across ranks."""
+        return f"sha256:{self.digest}"
 
     def __len__(self) -> int:
         return (len(self.data) - 1) // self.block_size

@@ -21,11 +21,13 @@ import contextlib
 import logging
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 from omegaconf import OmegaConf
 
 from spot.checkpoint import storage
+from spot.checkpoint.best import BestCheckpoint
 from spot.checkpoint.checkpointer import Checkpointer
 from spot.checkpoint.interval import CheckpointSchedule
 from spot.checkpoint.manager import CheckpointManager, CheckpointUnusable
@@ -49,6 +51,24 @@ from spot.run.schedule import TrainingLength
 log = logging.getLogger("train")
 
 
+@dataclass(frozen=True)
+class Restored:
+    """The checkpoint this attempt resumes from, the same on every rank."""
+
+    step: int
+    path: str
+    state: dict
+
+
+@dataclass(frozen=True)
+class Initial:
+    """init.checkpoint: another run's verified weights, for a run with no checkpoint of its own."""
+
+    source: str
+    step: int
+    state: dict
+
+
 class Session(contextlib.ExitStack):
     """One attempt at a run on one rank: opened by `with`, closed on every way out."""
 
@@ -59,7 +79,7 @@ class Session(contextlib.ExitStack):
         self.checkpoints: CheckpointManager | None = None  # rank 0's: the others hold replicas
         self.replica: CheckpointManager | None = None  # a node-local disk's emergency copies
         self.uploader = None  # rank 0's, with storage=s3: started after the restore
-        self.initial: dict | None = None  # init.checkpoint's weights, for a run with none
+        self.initial: Initial | None = None  # init.checkpoint's weights, for a run with none
         self.reclaimed = False  # the cloud takes this node: its agent must not restart workers
 
     def __enter__(self) -> Session:
@@ -76,6 +96,8 @@ class Session(contextlib.ExitStack):
         self.paths.dir.mkdir(parents=True, exist_ok=True)
         self.events = EventLog(self.paths.events if leader else None)
         self.callback(self.events.close)
+        # What "the best checkpoint" is, before anything can upload or delete one.
+        self.best = BestCheckpoint(s.checkpoint.keep_best, self.events)
         separate_disk = membership.separate_disk(self.world, self.paths.dir)
         if leader:
             atomic_write_bytes(self.paths.config, OmegaConf.to_yaml(job.cfg, resolve=True).encode())
@@ -100,6 +122,7 @@ class Session(contextlib.ExitStack):
                     "training_config": job.training_config,
                 },
                 remote=remote or None,
+                spared=self.best.spared,
             )
             manager.remove_stale()
             if leader:
@@ -107,59 +130,64 @@ class Session(contextlib.ExitStack):
             else:
                 self.replica = manager
 
-    def restore(self) -> dict | None:
-        """The newest checkpoint that verifies, local or in the bucket, as {step, path, state}
-        on every rank (rank 0 loads it, the others receive it); None to start from scratch.
-        CheckpointUnusable if the newest cannot be used."""
+    def restore(self) -> Restored | None:
+        """The newest verified checkpoint, local or in the bucket, on every rank (rank 0 loads
+        it, the others receive it); None to start from scratch (then `initial` holds
+        init.checkpoint's weights, if configured). CheckpointUnusable if the newest cannot be
+        used."""
         self._began = time.perf_counter()
         # After a membership change: when each node stopped, regrouped and started (recovery).
         self._notes = self.world.gather(recovery.take_node_notes(self.world.local_rank))
-        restored = None
+        outcome = None  # rank 0's, sent to every rank: ("resume" | "init" | "error", ...)
         if self.checkpoints is not None:
             try:
                 loaded = self.checkpoints.load_latest(self.job.digest, self.job.training_config)
                 if loaded is not None:
-                    restored = {
-                        "step": loaded.step,
-                        "path": str(loaded.path),
-                        "state": loaded.state,
-                    }
+                    outcome = ("resume", loaded.step, str(loaded.path), loaded.state)
             except CheckpointUnusable as exc:
-                restored = {"error": str(exc)}
-            if restored is None and self.s.init.checkpoint:
-                restored = self._initial_weights()
+                outcome = ("error", str(exc))
+            if outcome is None and self.s.init.checkpoint:
+                outcome = self._initial_weights()
+            if outcome and outcome[0] == "resume":  # retention must know the best before
+                self.best.restore(outcome[3]["trainer"].get("best"))  # uploads start
             # Uploads start after the restore: what it moved aside or could not download is
             # neither queued nor counted as uploaded.
             self.uploader = self.checkpoints.start_uploads()
-            if self.s.data.ledger and not (restored and restored.get("error")):
-                truncate_ledgers(self.paths, restored["step"] if restored else 0)
-        restored = self.world.share(restored)
-        if restored and restored.get("error"):
-            self.events.emit("checkpoint_unusable", reason=restored["error"])
-            raise CheckpointUnusable(restored["error"])
-        if restored and "init" in restored:  # weights to start from, not a run to resume
-            self.initial = restored
+            if self.s.data.ledger and not (outcome and outcome[0] == "error"):
+                truncate_ledgers(self.paths, outcome[1] if outcome[0] == "resume" else 0)
+        outcome = self.world.share(outcome)
+        if outcome is None:
             return None
+        kind, *parts = outcome
+        if kind == "error":
+            self.events.emit("checkpoint_unusable", reason=parts[0])
+            raise CheckpointUnusable(parts[0])
+        if kind == "init":  # weights to start from, not a run to resume
+            self.initial = Initial(*parts)
+            return None
+        restored = Restored(*parts)
+        if self.checkpoints is None:
+            self.best.restore(restored.state["trainer"].get("best"))
         return restored
 
-    def _initial_weights(self) -> dict:
+    def _initial_weights(self) -> tuple:
         """init.checkpoint: another run's verified weights (and optimizer state, with
-        init.optimizer) for a run with no checkpoint of its own."""
+        init.optimizer) for a run with no checkpoint of its own: ("init", source, step, state),
+        or ("error", why)."""
         init = self.s.init
         try:
             loaded, where = load_named(init.checkpoint, self.s.storage.endpoint_url)
         except (CorruptCheckpoint, storage.RemoteError) as exc:
-            return {"error": f"init.checkpoint {init.checkpoint}: {one_line(exc)}"}
+            return ("error", f"init.checkpoint {init.checkpoint}: {one_line(exc)}")
         keep = ("model", "optimizer") if init.optimizer else ("model",)
-        state = {k: loaded.state[k] for k in keep}
-        return {"init": {"source": where, "step": loaded.step}, "state": state}
+        return ("init", where, loaded.step, {k: loaded.state[k] for k in keep})
 
-    def plan(self, dataset_size: int, restored: dict | None):
+    def plan(self, dataset_size: int, restored: Restored | None):
         """The data order, batch and run length at this world size: (sampler, TrainingLength).
         The reference world size (for which the config's LR and batch are meant) is the config's,
         else the one the run started with."""
         s, world = self.s, self.world
-        saved = restored["state"]["trainer"] if restored else {}
+        saved = restored.state["trainer"] if restored else {}
         self.reference = (
             s.elastic.reference_world_size or saved.get("reference_world_size") or world.world_size
         )
@@ -191,11 +219,13 @@ class Session(contextlib.ExitStack):
         )
         return sampler, length
 
-    def resume(self, model, optimizer, scheduler, sampler, length, restored, amp=None):
+    def resume(
+        self, model, optimizer, scheduler, sampler, length, restored, amp=None, data_identity=None
+    ):
         """The training state, loaded from `restored` if any, with the LR scaled to this world
         size; the tracker started; `resume`, `world_size_change` and `start` events emitted."""
         s, world, events = self.s, self.world, self.events
-        saved = restored["state"]["trainer"] if restored else {}
+        saved = restored.state["trainer"] if restored else {}
         # Metrics follow the events; the tracker's run is the one the checkpoint names.
         tracker_run_id = saved.get("tracker_run_id") or f"{s.run.name}-{self.job.run_id}"
         config = {**OmegaConf.to_container(self.job.cfg, resolve=True)}
@@ -220,18 +250,21 @@ class Session(contextlib.ExitStack):
             tracker_run_id=tracker_run_id,
             schedule_steps=length.schedule_steps,
             precision=amp,
+            best=self.best,
+            data_identity=data_identity,  # a resume on other data is refused
         )
         if restored or self.initial:
             try:  # refuses one that does not fit
                 if restored:
-                    state.load_state_dict(restored["state"])
+                    state.load_state_dict(restored.state)
                 else:
-                    state.load_weights(self.initial["state"], self.initial["init"])
+                    source = {"source": self.initial.source, "step": self.initial.step}
+                    state.load_weights(self.initial.state, source)
             except CheckpointUnusable as exc:
                 events.emit("checkpoint_unusable", reason=str(exc))
                 raise
         if self.initial:
-            events.emit("init", **self.initial["init"], optimizer=self.s.init.optimizer)
+            events.emit("init", **state.init, optimizer=self.s.init.optimizer)
             log.info("weights from %s (step %d)", state.init["source"], state.init["step"])
         if restored:
             events.emit(
@@ -239,11 +272,11 @@ class Session(contextlib.ExitStack):
                 step=state.step,
                 epoch=state.epoch,
                 samples_in_epoch=sampler.consumed,
-                checkpoint=restored["path"],
+                checkpoint=restored.path,
                 restore_seconds=round(time.perf_counter() - self._began, 6),
             )
             log.info(
-                "resumed from %s (step %d, epoch %d)", restored["path"], state.step, state.epoch
+                "resumed from %s (step %d, epoch %d)", restored.path, state.step, state.epoch
             )
         # From the config's base LRs after every load: never compounded across changes.
         fixed = s.trainer.global_batch_size
@@ -312,7 +345,7 @@ class Session(contextlib.ExitStack):
             uploader=self.uploader,
             final_upload_timeout_seconds=s.storage.final_upload_timeout_seconds,
             overlap=s.checkpoint.overlap,
-            keep_best=s.checkpoint.keep_best,
+            best=self.best,
         )
         self.callback(self.checkpointer.close)
         self.progress = Progress(self.max_steps, state.step) if world.is_leader else None

@@ -215,10 +215,12 @@ def seeded_state(seed: int) -> dict:
     }
 
 
-def checkpoint_manager(root: Path, events, keep_last: int = 3, store=None, alert_after: int = 3):
+def checkpoint_manager(
+    root: Path, events, keep_last: int = 3, store=None, alert_after: int = 3, best=None
+):
     """test_s3_integrity: a synchronous CheckpointManager that falls back to the previous
     checkpoint (config digest "x"); with `store` (an S3Store), checkpoints also go there once
-    its `start_uploads()` is called."""
+    its `start_uploads()` is called; with `best` (a BestCheckpoint), both retentions spare it."""
     from spot.checkpoint.manager import CheckpointManager
     from spot.checkpoint.storage import RemoteCheckpoints
 
@@ -230,6 +232,7 @@ def checkpoint_manager(root: Path, events, keep_last: int = 3, store=None, alert
         events=events,
         meta={"config_digest": "x", "training_config": {}},
         remote=store and RemoteCheckpoints(store, events, alert_after),
+        **({"spared": best.spared} if best is not None else {}),
     )
 
 

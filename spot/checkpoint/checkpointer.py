@@ -11,7 +11,10 @@ waits for rank 0's save on the long-timeout group. The loop calls it around each
     due, ... = world.agree(wanted, ...)
     if due: checkpointer.save("interval")
 
-and `finish()` / `emergency(notices)` at the end. Its collaborators come through the constructor.
+`consider(figures)` after an evaluation, and `finish()` / `emergency(notices)` at the end. Two
+kinds of save: the interval's and a rebalance's (`save`) may be skipped while the one before is
+still being written (when_busy=skip); a best, final or emergency checkpoint must commit, whatever
+became of the one before. Its collaborators come through the constructor.
 """
 
 from __future__ import annotations
@@ -19,12 +22,12 @@ from __future__ import annotations
 import logging
 
 from spot.checkpoint import rng, storage
+from spot.checkpoint.best import BestCheckpoint
 from spot.checkpoint.interval import CheckpointSchedule
 from spot.checkpoint.manager import CheckpointManager, CheckpointWriteError
-from spot.checkpoint.state import TrainingState
+from spot.checkpoint.state import TrainingState, unwrap
 from spot.distributed.world import World
 from spot.interruption import previous_commit_seconds, record_emergency, warn_if_window_at_risk
-from spot.run.config import ConfigError
 from spot.run.events import EventLog, read_events
 
 log = logging.getLogger(__name__)
@@ -44,13 +47,13 @@ class Checkpointer:
         uploader=None,
         final_upload_timeout_seconds: float = 600.0,
         overlap: bool = True,
-        keep_best=None,
+        best: BestCheckpoint,
     ):
         """`manager`: rank 0's CheckpointManager (None on the other ranks). `replica`: on the
         first rank of a node whose disk is not rank 0's, a manager of that disk's checkpoints,
         where emergency checkpoints are committed too (None elsewhere). `uploader`: rank 0's
         spot.checkpoint.upload.Uploader when checkpoints also go to a bucket, else None.
-        `keep_best`: checkpoint.keep_best ({metric, mode}), or None."""
+        `best`: checkpoint.keep_best's owner (the one the manager's retention asks)."""
         self.world = world
         self.state = state
         self.schedule = schedule
@@ -62,9 +65,7 @@ class Checkpointer:
         self._replicated = world.agree(replica is not None)[0]
         self.uploader = uploader
         self.final_upload_timeout_seconds = final_upload_timeout_seconds
-        self.keep_best = keep_best
-        if manager is not None and state.best:  # resumed: the best so far stays kept
-            manager.keep_best(state.best["step"])
+        self.best = best
         # State that nothing changes before the next optimizer step is copied in the background.
         self._defer = state.unchanged_until_update() if overlap else ()
         self._first_step = state.step
@@ -100,47 +101,42 @@ class Checkpointer:
     def consider(self, figures: dict[str, float]) -> None:
         """After an evaluation (the same figures on every rank): a new best by
         checkpoint.keep_best is checkpointed now, and kept whatever keep_last says."""
-        if self.keep_best is None:
-            return
-        metric, mode = self.keep_best.metric, self.keep_best.mode
-        if metric not in figures:
-            raise ConfigError(
-                "checkpoint.keep_best.metric",
-                f"{metric} is not a validation figure; there are: {', '.join(sorted(figures))}",
-            )
-        value, best = figures[metric], self.state.best
-        if best is not None and (
-            value >= best["value"] if mode == "min" else value <= best["value"]
-        ):
-            return
-        step = self.state.step
-        self.state.best = {"metric": metric, "mode": str(mode), "step": step, "value": value}
-        if self.manager is not None:
-            self.manager.keep_best(step)
-        self.save("best")
+        if self.best.consider(figures, self.state.step):
+            self._save("best", must_commit=True)
 
-    def save(self, reason: str, replicate: bool = False) -> None:
+    def save(self, reason: str) -> None:
+        """A checkpoint the loop asked for (`interval`, `rebalance`), on every rank together:
+        skipped if the one before is still being written and checkpoint.when_busy=skip."""
+        self._save(reason, must_commit=False)
+
+    def _save(
+        self, reason: str, must_commit: bool, replicated: bool = False, keep_here: bool = False
+    ) -> None:
         """Checkpoint the state at this step, on every rank together (each hands over its RNG).
-        `replicate`: this rank's replica (if any) commits the same checkpoint on its own disk."""
+        `replicated`: replicas may commit this checkpoint, so every rank builds rank 0's bytes;
+        `keep_here`: this rank's replica (if any) does."""
         state = self.state
         rng_states = self.world.gather(rng.capture())  # every rank's RNG goes into the checkpoint
-        if self._replicated and reason == "emergency":  # the same checkpoint, on other disks
+        snapshot = None
+        if replicated:
             rng_states = self.world.share(rng_states)
-        managers = [m for m in (self.manager, replicate and self.replica) if m]
+            snapshot = self._as_on_leader(state.state_dict(rng_states))
+        managers = [m for m in (self.manager, keep_here and self.replica) if m]
         if managers:
             info = {
                 "reason": reason,
                 "epoch": state.epoch,
                 "samples_in_epoch": state.sampler.consumed,
             }
-            if state.best:  # `python -m spot list` marks it
-                info["best"] = state.best
+            if self.best.record:  # `python -m spot list` marks it
+                info["best"] = self.best.record
             if state.init:  # where the run's weights started
                 info["init"] = state.init
-            final = reason in ("final", "emergency", "best")  # waits for a running save
-            snapshot = state.state_dict(rng_states)
+            snapshot = snapshot or state.state_dict(rng_states)
             for manager in managers:
-                saved = manager.save(state.step, snapshot, info, final=final, defer=self._defer)
+                saved = manager.save(
+                    state.step, snapshot, info, must_commit=must_commit, defer=self._defer
+                )
                 if saved is not None and manager is self.manager:  # None: skipped, busy
                     self.schedule.saved(state.step)
         # A save can block rank 0 (synchronous, or waiting for the one in flight) for longer
@@ -148,13 +144,21 @@ class Checkpointer:
         # is for rank 0's checkpoint I/O, rather than in the next all-reduce.
         self.world.wait_for_leader()
 
+    def _as_on_leader(self, snapshot: dict) -> dict:
+        """The state as rank 0 saves it. DDP keeps parameters and optimizer states equal on
+        every rank, but not buffers: batch norm's running statistics are updated in each rank's
+        forward from its own samples. Rank 0's buffers replace this rank's (a few KiB to MiB)."""
+        names = [n for n, _ in unwrap(self.state.model).named_buffers() if n in snapshot["model"]]
+        leader = self.world.share({n: snapshot["model"][n] for n in names})
+        return {**snapshot, "model": {**snapshot["model"], **leader}}
+
     def finish(self) -> None:
         """The end of training: the final checkpoint commits (and is uploaded) before the run may
         be marked complete. CheckpointWriteError if it cannot be."""
         manager = self.manager
         needed = manager is not None and manager.last_committed_step != self.state.step
         if self.world.agree(needed)[0]:
-            self.save("final")
+            self._save("final", must_commit=True)
         self._closed = True
         if manager is not None:
             manager.close()
@@ -172,7 +176,7 @@ class Checkpointer:
         checkpoint, upload it in the time the notice leaves, and say how long it all took.
         `keep_here`: this node stays, so its replica (if any) commits the checkpoint too, and
         the next rank 0 here restores it without a download."""
-        self.save("emergency", replicate=keep_here)
+        self._save("emergency", True, replicated=self._replicated, keep_here=keep_here)
         self._closed = True
         if self.replica is not None:
             self.replica.close()

@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,6 +124,7 @@ class CheckpointManager:
         on_error: str = "stop",
         when_busy: str = "wait",
         remote=None,
+        spared: Callable[[Collection[int]], set[int]] = lambda _present: set(),
     ):
         """meta (config_digest, training_config, world_size, run) goes into every manifest.
         remote: a spot.checkpoint.storage.RemoteCheckpoints (a restore looks there too, commits
@@ -131,7 +132,9 @@ class CheckpointManager:
 
         on_error: "stop" raises a failed save's error in the training loop; "continue" logs it,
         counts it and goes on (the previous checkpoint stays the newest). when_busy: "wait" makes a
-        new checkpoint wait for the one in flight; "skip" skips it instead.
+        new checkpoint wait for the one in flight; "skip" skips it instead. spared: the steps
+        both retentions keep whatever keep_last says, given the steps present where they delete
+        (spot.checkpoint.best.BestCheckpoint.spared).
         """
         self.root = Path(root)
         self.keep_last = keep_last
@@ -156,9 +159,7 @@ class CheckpointManager:
         self.skipped = 0
         self.remote = remote
         self._retain_lock = threading.Lock()
-        # The best checkpoint (checkpoint.keep_best), spared by retention here and in the bucket;
-        # the previous best is spared too until the new one is committed.
-        self._best: list[int] = []
+        self.spared = spared
 
     @property
     def snapshot_bytes(self) -> int:
@@ -173,7 +174,7 @@ class CheckpointManager:
         state: dict[str, Any],
         info: dict[str, Any],
         *,
-        final: bool = False,
+        must_commit: bool = False,
         defer: Collection[str] = (),
     ) -> float | None:
         """Checkpoint `state` at `step`; return the seconds the caller was blocked so far, or
@@ -183,28 +184,38 @@ class CheckpointManager:
         persist in the background. Components named in `defer` (state that does not change until
         the next optimizer step) are copied in the background too, while training goes on: the
         caller must call `before_update()` before it changes them. Synchronous: persist before
-        returning. A final (or emergency) checkpoint is never skipped, and its failure is always
-        raised, whatever on_error says.
+        returning.
+
+        `must_commit` (a final, emergency or best checkpoint): never skipped, always attempted
+        whatever became of the save before it (that one's failure is counted, and is no reason
+        to lose the work since: on_error does not apply to it here), and its own failure is
+        always raised.
         """
         start = time.perf_counter()
-        if step == self._newest_step():  # one commit per step (an interval save at the last
-            if final:  # step, then the final one): the one in flight or committed stands
-                self._collect(strict=True)
+        if must_commit:
+            failpoint("checkpoint.must_commit", step)
+            self._collect(strict=False, report_only=True)
+            if step == self.last_committed_step:  # an interval save at the last step stands
+                return 0.0
+        elif step == self._newest_step():  # one commit per step: the one in flight stands
             return 0.0
-        busy = self._pending is not None and not self._pending[1].done()
-        if busy and self.when_busy == "skip" and not final:
-            self.skipped += 1
-            self.events.emit("checkpoint_skipped", step=step, reason="previous still being written")
-            return None
-        self._collect(strict=final)
+        else:
+            busy = self._pending is not None and not self._pending[1].done()
+            if busy and self.when_busy == "skip":
+                self.skipped += 1
+                self.events.emit(
+                    "checkpoint_skipped", step=step, reason="previous still being written"
+                )
+                return None
+            self._collect(strict=False)
         info = {**info, "requested_at": round(time.time(), 6)}
         if self._executor is None:
             try:
                 self._persist(step, tensorfile.direct(state), info, start)
             except CheckpointWriteError as exc:
-                self._failed(step, exc, strict=final)
+                self._failed(step, exc, strict=must_commit)
             return time.perf_counter() - start
-        components, copy_deferred = self._buffer.capture(state, defer=() if final else defer)
+        components, copy_deferred = self._buffer.capture(state, defer=() if must_commit else defer)
         copied = threading.Event()
         self._copied, self._copy_wait = copied, 0.0
         stall = time.perf_counter() - start
@@ -258,7 +269,7 @@ class CheckpointManager:
         if self._pending is not None and self._pending[1].done():
             self._collect(strict=False)
 
-    def _collect(self, strict: bool) -> None:
+    def _collect(self, strict: bool, report_only: bool = False) -> None:
         pending, self._pending = self._pending, None
         if pending is None:
             return
@@ -266,14 +277,18 @@ class CheckpointManager:
         try:
             future.result()
         except CheckpointWriteError as exc:
-            self._failed(step, exc, strict)
+            self._failed(step, exc, strict, report_only)
 
-    def _failed(self, step: int, exc: CheckpointWriteError, strict: bool) -> None:
+    def _failed(
+        self, step: int, exc: CheckpointWriteError, strict: bool, report_only: bool = False
+    ) -> None:
+        """Count and report a failed save; raise it if `strict` or on_error=stop, unless
+        `report_only` (a checkpoint that must commit comes next)."""
         self.failures += 1
         self.events.emit("checkpoint_failed", step=step, error=str(exc), failures=self.failures)
-        if strict or self.on_error == "stop":
+        if not report_only and (strict or self.on_error == "stop"):
             raise exc
-        log.warning("%s (checkpoint.on_error=continue: training goes on)", exc)
+        log.warning("%s (the next checkpoint is tried all the same)", exc)
 
     def close(self) -> None:
         try:
@@ -294,6 +309,7 @@ class CheckpointManager:
         final = self.root / step_dir_name(step)
         tmp = self.root / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
+            failpoint("checkpoint.persist", step)
             tmp.mkdir(parents=True)
             files = {}
             for name, component in components.items():
@@ -313,6 +329,7 @@ class CheckpointManager:
         except Exception as exc:
             with contextlib.suppress(OSError):
                 remove_tree(tmp)
+            failpoint("checkpoint.write_failed", step)
             raise CheckpointWriteError(f"checkpoint at step {step} failed: {exc}") from exc
         persist = time.perf_counter() - began
         self.last_committed_step = step
@@ -359,11 +376,9 @@ class CheckpointManager:
             limit = committed[0][0]  # only ever delete ones older than the newest committed
             if self.remote is not None:
                 limit = min(limit, self.remote.newest_uploaded() or -1)
-            steps = {step for step, _ in committed}
-            if self._best and self._best[-1] in steps:  # the new best is committed
-                self._best = self._best[-1:]
+            spared = self.spared({step for step, _ in committed})
             for step, path in committed[self.keep_last :]:
-                if step < limit and step not in self._best:
+                if step < limit and step not in spared:
                     remove_tree(path)
 
     def start_uploads(self):
@@ -371,13 +386,7 @@ class CheckpointManager:
         (see RemoteCheckpoints.start). Returns the Uploader, or None for local storage."""
         if self.remote is None:
             return None
-        return self.remote.start(
-            self.root, self.keep_last, lambda _step: self.retain(), lambda: set(self._best)
-        )
-
-    def keep_best(self, step: int) -> None:
-        """Spare the checkpoint at `step` (the best so far) from retention, local and remote."""
-        self._best = [*self._best[-1:], step] if step not in self._best else self._best
+        return self.remote.start(self.root, self.keep_last, lambda _step: self.retain(), self.spared)
 
     def remove_stale(self) -> None:
         """Delete temporary directories left by a process killed mid-save, mid-delete or

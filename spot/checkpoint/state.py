@@ -10,6 +10,7 @@ import torch
 from spot.checkpoint import rng
 from spot.checkpoint.manager import CheckpointUnusable, check_state_dict_compatible
 from spot.distributed.sampler import ResumableBatchSampler
+from spot.run.data_identity import resume_mismatch
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -38,8 +39,9 @@ class TrainingState:
     tracker_run_id: str | None = None  # the metrics tracker's run (W&B), kept across restarts
     schedule_steps: int | None = None  # the length the LR schedule was built for
     precision: Any = None  # a spot.precision.Precision: fp16's gradient scaler is saved with it
-    best: dict | None = None  # checkpoint.keep_best: {metric, mode, step, value} so far
+    best: Any = None  # checkpoint.keep_best's owner (spot.checkpoint.best): its record is saved
     init: dict | None = None  # init.checkpoint: {source, step} the run's weights started from
+    data_identity: str | None = None  # the training set's (spot/run/data_identity.py)
 
     @property
     def epoch(self) -> int:
@@ -61,8 +63,9 @@ class TrainingState:
                 "tracker_run_id": self.tracker_run_id,
                 "schedule_steps": self.schedule_steps,
                 "grad_scaler": self.precision.state_dict() if self.precision else {},
-                "best": self.best,
+                "best": self.best.record if self.best is not None else None,
                 "init": self.init,
+                "data_identity": self.data_identity,
             },
         }
 
@@ -75,13 +78,22 @@ class TrainingState:
 
     def load_weights(self, state: dict[str, Any], source: dict) -> None:
         """A new run's start from another run's checkpoint (init.checkpoint): its model, and its
-        optimizer state if `state` has one; nothing of its position, schedule or RNG."""
+        optimizer state if `state` has one (moments, step counts); nothing of its position,
+        schedule or RNG, and none of its optimizer settings: every hyper-parameter (LR, weight
+        decay, betas, ...) stays the configured one."""
         check_state_dict_compatible(state["model"], unwrap(self.model).state_dict())
         if "optimizer" in state:
             self._check_optimizer(state["optimizer"])
         unwrap(self.model).load_state_dict(state["model"])
         if "optimizer" in state:
+            # load_state_dict replaces the param groups, settings included: put the config's back
+            configured = [
+                {k: v for k, v in group.items() if k != "params"}
+                for group in self.optimizer.param_groups
+            ]
             self.optimizer.load_state_dict(state["optimizer"])
+            for group, settings in zip(self.optimizer.param_groups, configured, strict=True):
+                group.update(settings)
         self.init = source
 
     def _check_optimizer(self, saved: dict) -> None:
@@ -95,6 +107,9 @@ class TrainingState:
         """Check everything first, then load: a checkpoint that does not fit is refused whole."""
         check_state_dict_compatible(state["model"], unwrap(self.model).state_dict())
         self._check_optimizer(state["optimizer"])
+        mismatch = resume_mismatch(state["trainer"].get("data_identity"), self.data_identity)
+        if mismatch:
+            raise CheckpointUnusable(mismatch)
         try:
             self.sampler.load_state_dict(state["trainer"]["sampler"])
         except ValueError as exc:
@@ -105,7 +120,6 @@ class TrainingState:
         if self.precision is not None:
             self.precision.load_state_dict(state["trainer"].get("grad_scaler") or {})
         self.step = int(state["trainer"]["step"])
-        self.best = state["trainer"].get("best")
         self.init = state["trainer"].get("init")
         self.saved_world_size = int(state["trainer"].get("world_size", 1))
         saved_rngs = state["trainer"]["rng"]

@@ -27,7 +27,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -384,7 +384,7 @@ class RemoteCheckpoints:
         root: Path,
         keep_last: int,
         on_uploaded: Callable[[int], None],
-        kept: Callable[[], set[int]] = set,
+        spared: Callable[[Collection[int]], set[int]],
     ) -> Uploader:
         """Claim the run and start uploading. Call it after the restore: a corrupt local
         checkpoint the restore moved aside is then never queued, and a remote one whose download
@@ -392,7 +392,7 @@ class RemoteCheckpoints:
         queued now (one at the step of an unverifiable remote copy too: it replaces that copy)."""
         self.store.claim()
         uploader = Uploader(
-            self.store, root, self.events, keep_last, self.alert_after, on_uploaded, kept
+            self.store, root, self.events, keep_last, self.alert_after, on_uploaded, spared
         )
         self.uploader = uploader
         try:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -203,16 +203,17 @@ class Uploader:
         keep_last: int,
         alert_after: int = 3,
         on_uploaded: Callable[[int], None] | None = None,
-        kept: Callable[[], set[int]] = set,
+        spared: Callable[[Collection[int]], set[int]] = lambda _present: set(),
     ):
-        """`kept`: steps retention spares whatever keep_last says (the best checkpoint)."""
+        """`spared`: the steps retention keeps whatever keep_last says, given the steps in the
+        bucket (spot.checkpoint.best.BestCheckpoint.spared)."""
         self.store = store  # a spot.checkpoint.storage.S3Store
         self.local_root = local_root
         self.events = events
         self.keep_last = keep_last
         self.alert_after = alert_after
         self.on_uploaded = on_uploaded
-        self.kept = kept
+        self.spared = spared
         self.verified: frozenset[int] = frozenset()  # replaced whole: readers need no lock
         self.failures = 0
         self._newest: int | None = None  # the newest step submitted
@@ -291,7 +292,7 @@ class Uploader:
             self._skip(step, "already in the bucket, verified")
             return False
         newer = sum(1 for s in verified if s > step)
-        if newer >= self.keep_last and step not in self.kept():
+        if newer >= self.keep_last and step not in self.spared(verified):
             self._skip(step, f"superseded: {newer} newer verified checkpoints in the bucket")
             return False
         attempts = self._attempts[step] = self._attempts.get(step, 0) + 1
@@ -363,7 +364,7 @@ class Uploader:
             kept = sorted(self.verified)
             if len(kept) < self.keep_last:
                 return
-            spared = self.kept()
+            spared = self.spared(self.verified | {c.step for c in found if c.committed})
             stale = [c.step for c in found if c.step < kept[0] and c.step not in spared]
             if stale and self.store.owns():
                 for step in stale:

@@ -30,6 +30,30 @@ from spot.run.exitcodes import EXIT_COMPLETE, EXIT_PREEMPTED
 
 log = logging.getLogger(__name__)
 
+# The environment this process had when it started the workers' forkserver: every worker forked
+# from it starts with that environment, not the agent's when it starts them (see `handed_down`).
+_forkserver_environment: dict[str, str] | None = None
+# What torch's agent sets for each worker itself (local_elastic_agent._start_workers): its value,
+# not the agent process's, is the worker's.
+_TORCH_WORKER_KEYS = frozenset(
+    (
+        "RANK",
+        "GROUP_RANK",
+        "ROLE_RANK",
+        "ROLE_NAME",
+        "LOCAL_RANK",
+        "LOCAL_WORLD_SIZE",
+        "WORLD_SIZE",
+        "GROUP_WORLD_SIZE",
+        "ROLE_WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "CUDA_VISIBLE_DEVICES",
+        "OMP_NUM_THREADS",
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING",
+    )
+)
+
 
 def needs_agent(cfg: ElasticConfig) -> bool:
     return not launched_by_torch_elastic() and (cfg.max_nodes > 1 or cfg.nproc_per_node > 1)
@@ -53,8 +77,9 @@ def launch_config(cfg: ElasticConfig, cloud, run_key: str):
         },
     )
     if cfg.max_nodes == 1:
-        # One node: a private rendezvous on a free port, like `torchrun --standalone`.
-        endpoint = "localhost:0"
+        # One node: a private rendezvous on a free port, like `torchrun --standalone`, on
+        # loopback only (the store has no authentication: spot.distributed.rendezvous).
+        endpoint = "127.0.0.1:0"
     elif cfg.rdzv_backend == "c10d" and cfg.rdzv_store_host == "external":
         # The store runs elsewhere (`python -m spot rendezvous`), on a node that is not
         # reclaimed: no agent hosts it, so losing any agent leaves the store up.
@@ -86,10 +111,40 @@ def start_forkserver(cfg: ElasticConfig, worker: Callable, imports: Sequence[str
     torch._dynamo too: torch's optimizers import it when the first one is built (2 s here)."""
     if cfg.start_method != "forkserver" or not needs_agent(cfg):
         return
+    global _forkserver_environment
     # The worker's module by name: the default, "__main__", is not imported for it.
     preload = [worker.__module__, "torch._dynamo", *imports]
     multiprocessing.get_context("forkserver").set_forkserver_preload(preload)
+    if _forkserver_environment is None:
+        _forkserver_environment = dict(os.environ)  # what the forkserver inherits now
     forkserver.ensure_running()  # once per process: later calls find it running
+
+
+def handed_down() -> dict[str, str | None]:
+    """The environment a spawned worker would inherit and a forked one lacks: every variable this
+    process set, changed (None: removed) since it started the forkserver, torch's per-worker
+    ones aside. The forkserver starts as soon as the command line composes, before Hydra applies
+    `hydra.job.env_set` (credentials, NCCL_*) and before the agent sets its own; a worker applies
+    these (`apply_environment`) before anything reads them. Empty without a forkserver."""
+    if _forkserver_environment is None:
+        return {}
+    before, now = _forkserver_environment, dict(os.environ)
+    changed: dict[str, str | None] = {k: v for k, v in now.items() if before.get(k) != v}
+    changed.update((k, None) for k in before if k not in now)
+    return {
+        k: v
+        for k, v in changed.items()
+        if k not in _TORCH_WORKER_KEYS and not k.startswith("TORCHELASTIC_")
+    }
+
+
+def apply_environment(environment: dict[str, str | None]) -> None:
+    """In a worker: the environment its agent handed down (`handed_down`; None: unset)."""
+    for key, value in environment.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def run_agent(
@@ -103,7 +158,8 @@ def run_agent(
     """Run the elastic agent until the job ends; return the exit code the job should have: 0
     when the run is complete, the failed worker's code when workers failed past the restart
     budget, else 75 (interrupted: a notice or a signal stopped the agent, or the rendezvous is
-    gone; resume later). `worker(resolved_config, environment)` runs in each worker process."""
+    gone; resume later). `worker(resolved_config, environment)` runs in each worker process,
+    with `apply_environment(environment)` its first step."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous import RendezvousError
@@ -121,6 +177,7 @@ def run_agent(
         # retry): process groups created after a restart then read the previous attempt's
         # addresses and time out. Opting out gives each attempt a fresh store on worker rank 0.
         os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+        environment = {**handed_down(), **handed}
         log.info(
             "elastic agent: %d-%d node(s) x %d process(es), rendezvous %s at %s, run %s",
             cfg.min_nodes,
@@ -131,7 +188,7 @@ def run_agent(
             run_key,
         )
         try:
-            elastic_launch(launch_config(cfg, cloud, run_key), worker)(resolved_config, handed)
+            elastic_launch(launch_config(cfg, cloud, run_key), worker)(resolved_config, environment)
         except ChildFailedError as exc:
             rank, failure = exc.get_first_failure()
             code = failure.exitcode if failure.exitcode > 0 else 1

@@ -8,14 +8,22 @@ does), so the survivors regroup at once instead of waiting for the heartbeat to 
 `python train.py` registers the backends `spot-c10d` and `spot-etcd-v2` for that: torch's
 handler, wrapped to leave and to note when each rendezvous began and ended (spot.distributed.
 recovery).
+
+The stores have no authentication, and torch's TCPStore server listens on every interface ([::])
+whatever host it is given. Where this process hosts one (the c10d store an agent hosts, the
+process group's store on worker rank 0: spot.distributed.world, `python -m spot rendezvous`),
+it listens only on the address the config names (`bound_store`): loopback for one node.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
+import socket
 import sys
 import time
+from datetime import timedelta
 
 from spot.distributed import recovery
 
@@ -58,24 +66,101 @@ class LeavingHandler:
         inner._op_executor.run(_RendezvousExitOp(), time.monotonic() + LEAVE_TIMEOUT_SECONDS)
 
 
+def listen_address(host: str) -> str | None:
+    """The one address to listen on for a store that others reach as `host` (an endpoint's host,
+    MASTER_ADDR): an address as given; a name's address (IPv4 first). None (every interface,
+    torch's way) for a name that does not resolve, or that resolves here to loopback but is not
+    `localhost`: the others reach this machine by that name at another address (Debian's
+    /etc/hosts maps the machine's own name to 127.0.1.1)."""
+    host = host.strip("[]")
+    with contextlib.suppress(ValueError):
+        return str(ipaddress.ip_address(host))
+    try:
+        found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return None
+    found.sort(key=lambda entry: entry[0] != socket.AF_INET)
+    address = found[0][4][0] if found else None
+    if address is None or (ipaddress.ip_address(address).is_loopback and host != "localhost"):
+        return None
+    return address
+
+
+def bound_store(address: str, port: int, **options):
+    """A TCPStore server that listens on `address` alone (port 0: a free one, `.port` says which):
+    a socket bound here and handed over (torch then owns and closes it). OSError if the address
+    cannot be bound (in use, not this machine's). `options`: TCPStore's (world_size, timeout,
+    multi_tenant, ...)."""
+    from torch.distributed import TCPStore
+
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    listener = socket.create_server((address, port), family=family, backlog=socket.SOMAXCONN)
+    try:
+        bound_port = listener.getsockname()[1]
+        return TCPStore(
+            address, bound_port, is_master=True, master_listen_fd=listener.detach(), **options
+        )
+    finally:
+        listener.close()  # a no-op once detached
+
+
+def _c10d_handler(params):
+    """torch's c10d handler (its registry's `_create_c10d_handler`), the agent-hosted store bound
+    to the endpoint's address. As torch's `_create_tcp_store` otherwise: `is_host`, or inferred
+    from the endpoint naming this machine; inferred, a port already taken on this machine (an
+    agent beside it hosts the store) makes this one a client."""
+    from torch.distributed import TCPStore
+    from torch.distributed.elastic.rendezvous import RendezvousConnectionError
+    from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import C10dRendezvousBackend
+    from torch.distributed.elastic.rendezvous.dynamic_rendezvous import create_handler
+    from torch.distributed.elastic.rendezvous.registry import get_rendezvous_handler
+    from torch.distributed.elastic.rendezvous.utils import (
+        _matches_machine_hostname,
+        parse_rendezvous_endpoint,
+    )
+
+    host, port = parse_rendezvous_endpoint(params.endpoint, default_port=29400)
+    is_host = params.get_as_bool("is_host")
+    inferred = is_host is None
+    hosting = _matches_machine_hostname(host) if inferred else is_host
+    address = listen_address(host) if hosting else None
+    if params.get("store_type", "tcp").strip().lower() != "tcp" or address is None:
+        return get_rendezvous_handler(params)  # a client, a file store, or every interface
+    timeout = timedelta(seconds=params.get_as_int("read_timeout", 60))
+    try:
+        store = bound_store(address, port, multi_tenant=True, timeout=timeout)
+        log.info("hosting the rendezvous store on %s:%d", address, store.port)
+    except (OSError, RuntimeError) as exc:
+        if not inferred:
+            raise RendezvousConnectionError(
+                f"cannot host the rendezvous store on {address}:{port}: {exc}"
+            ) from exc
+        try:
+            store = TCPStore(host, port, is_master=False, multi_tenant=True, timeout=timeout)
+        except (ValueError, RuntimeError, TimeoutError) as exc:
+            raise RendezvousConnectionError(
+                "The connection to the C10d store has failed. See inner exception for details."
+            ) from exc
+    return create_handler(store, C10dRendezvousBackend(store, params.run_id), params)
+
+
 def _create(params):
     from torch.distributed.elastic.rendezvous import RendezvousParameters
     from torch.distributed.elastic.rendezvous.registry import get_rendezvous_handler
 
     global _joined
     backend = params.backend.removeprefix(PREFIX)
-    inner = get_rendezvous_handler(
-        RendezvousParameters(
-            backend,
-            params.endpoint,
-            params.run_id,
-            params.min_nodes,
-            params.max_nodes,
-            params.local_addr,
-            **params.config,
-        )
+    torch_params = RendezvousParameters(
+        backend,
+        params.endpoint,
+        params.run_id,
+        params.min_nodes,
+        params.max_nodes,
+        params.local_addr,
+        **params.config,
     )
-    _joined = LeavingHandler(inner, params.backend)
+    create = _c10d_handler if backend == "c10d" else get_rendezvous_handler
+    _joined = LeavingHandler(create(torch_params), params.backend)
     return _joined
 
 
@@ -120,9 +205,7 @@ def rendezvous(args) -> int:
     node that is not reclaimed (an on-demand instance, the head node, a small always-on VM) and
     start the agents with `elastic.rdzv_store_host=external`.
     """
-    import ipaddress
     import signal
-    import socket
 
     from torch.distributed import TCPStore
 

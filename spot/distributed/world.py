@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
@@ -235,6 +236,50 @@ def agent_pid() -> int | None:
     return int(os.environ.get(AGENT_PID_ENV) or os.getppid())
 
 
+def _loopback_interface() -> str | None:
+    names = {name for _, name in socket.if_nameindex()}
+    return next((name for name in ("lo", "lo0") if name in names), None)
+
+
+def _process_group_store(world: World, timeout: timedelta) -> dist.Store | None:
+    """The process group's store, as torch's env:// makes it (rank 0 hosts it at MASTER_ADDR:
+    MASTER_PORT, the others connect), but listening on one address, not on every interface as
+    torch's TCPStore server does: loopback when every rank is on this node (and gloo's own
+    sockets too, GLOO_SOCKET_IFNAME, unless set); else MASTER_ADDR's address (spot.distributed.
+    rendezvous.listen_address), or every interface where it names none (or one that is not this
+    machine's). None where torch's agent hosts it (TORCHELASTIC_USE_AGENT_STORE: an outside
+    torchrun that shares its store): env:// then."""
+    from spot.distributed.rendezvous import bound_store, listen_address
+
+    env = os.environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") == "True" or not {
+        "MASTER_ADDR",
+        "MASTER_PORT",
+    } <= set(env):
+        return None
+    port = int(env["MASTER_PORT"])
+    one_node = env.get("LOCAL_WORLD_SIZE") == str(world.world_size)
+    if one_node and _loopback_interface():
+        env.setdefault("GLOO_SOCKET_IFNAME", _loopback_interface())
+    host = "127.0.0.1" if one_node else env["MASTER_ADDR"]
+    options = {"world_size": world.world_size, "timeout": timeout, "multi_tenant": True}
+    if world.is_leader:
+        address = "127.0.0.1" if one_node else listen_address(host)
+        if address is not None:
+            try:
+                return dist.PrefixStore("default_pg", bound_store(address, port, **options))
+            except OSError as exc:
+                log.warning(
+                    "cannot listen on %s:%d only (%s): the process group's store listens on "
+                    "every interface",
+                    address,
+                    port,
+                    exc,
+                )
+    store = dist.TCPStore(host, port, is_master=world.is_leader, **options)
+    return dist.PrefixStore("default_pg", store)
+
+
 def join(collective_timeout_seconds: float, restore_timeout_seconds: float, cuda: bool) -> World:
     """Join the process group torch elastic (or torchrun) set up for this worker, if any."""
     if not launched_by_torch_elastic():
@@ -258,10 +303,18 @@ def join(collective_timeout_seconds: float, restore_timeout_seconds: float, cuda
     # The default group gets the long timeout: connecting waits for workers that are still
     # starting (importing torch on a loaded node), and restoring waits for rank 0's download.
     # Its CPU tensors always go over gloo.
-    dist.init_process_group(
-        "cpu:gloo,cuda:nccl" if cuda else "gloo",
-        timeout=timedelta(seconds=restore_timeout_seconds),
-    )
+    long_timeout = timedelta(seconds=restore_timeout_seconds)
+    store = _process_group_store(world, long_timeout)
+    if store is None:  # torch's env:// (a client of its agent's store: an outside torchrun)
+        dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=long_timeout)
+    else:
+        dist.init_process_group(
+            "cpu:gloo,cuda:nccl" if cuda else "gloo",
+            store=store,
+            rank=world.rank,
+            world_size=world.world_size,
+            timeout=long_timeout,
+        )
     world.bulk = dist.group.WORLD
     world.train = dist.new_group(backend=backend, timeout=timeout)
     world.control = dist.new_group(backend="gloo", timeout=timeout) if cuda else world.train

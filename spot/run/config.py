@@ -198,7 +198,7 @@ class DataConfig:
 @dataclass
 class EvalConfig:
     every_steps: PositiveInt | None = None  # evaluate on data.val every N steps, and at the end
-    max_batches: PositiveInt | None = None  # per rank (null: the whole validation split)
+    max_batches: PositiveInt | None = None  # over all ranks, at any world size (null: whole split)
     batch_size: PositiveInt | None = None  # per rank (null: trainer.batch_size)
 
 
@@ -346,16 +346,28 @@ def _wandb_key_present() -> bool:
         return False
 
 
-def validate(cfg: DictConfig) -> Settings:
-    """Check every value; return the typed settings or raise ConfigError (one line)."""
+def _without_hydra(cfg: DictConfig) -> DictConfig:
     cfg = cfg.copy()
     OmegaConf.set_struct(cfg, False)
     cfg.pop("hydra", None)
-    s = _typed(cfg)
+    return cfg
 
+
+def typed_settings(cfg: DictConfig) -> Settings:
+    """Every value's type and rule checked (ConfigError, one line, otherwise): the typed settings,
+    the only form in which anything may read the config. `validate` does this first and then
+    checks how values go together, imports the targets and builds the optimizer."""
+    s = _typed(_without_hydra(cfg))
     if not s.run.root:
         raise ConfigError("run.root", "must be a directory path")
     _check_rules(s)
+    return s
+
+
+def validate(cfg: DictConfig) -> Settings:
+    """Check every value; return the typed settings or raise ConfigError (one line)."""
+    cfg = _without_hydra(cfg)
+    s = typed_settings(cfg)
     if s.storage.backend == StorageBackend.s3 and not s.storage.bucket:
         raise ConfigError("storage.bucket", "storage=s3 needs a bucket (storage.bucket=NAME)")
 

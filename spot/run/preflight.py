@@ -21,7 +21,7 @@ from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from spot.run.config import ConfigError, one_line, validate
+from spot.run.config import ConfigError, Settings, one_line, typed_settings, validate
 from spot.run.exitcodes import EXIT_BAD_CONFIG
 
 # Flags after which Hydra prints something and runs no job: nothing to validate.
@@ -59,11 +59,13 @@ def validate_command_line(
     argv: list[str],
     config_dir: Path,
     config_name: str = "config",
-    composed: Callable[[list[DictConfig]], None] | None = None,
+    composed: Callable[[list[Settings]], None] | None = None,
 ) -> list[DictConfig]:
     """Exit with one line and EXIT_BAD_CONFIG if any job of this command line is invalid; else
     return every job's composed config (none for Hydra's --help, --cfg, ...). `composed` is
-    called with them as soon as they compose, before the checks (which build the optimizer)."""
+    called with every job's typed settings as soon as each value has its type and passes its
+    own rule, before the slower checks (imports, building the optimizer): nothing reads a value
+    before its type is checked (`elastic.nproc_per_node=two` is one line, not a traceback)."""
     args, _unknown = get_args_parser().parse_known_args(argv)
     if any(getattr(args, flag, None) for flag in _INFO_FLAGS):
         return []
@@ -79,8 +81,9 @@ def validate_command_line(
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
             configs = [compose(config_name=config_name, overrides=list(job)) for job in jobs]
+            settings = [typed_settings(cfg) for cfg in configs]
             if composed is not None:
-                composed(configs)
+                composed(settings)
             for cfg in configs:
                 validate(cfg)
     except (ConfigError, HydraException, OmegaConfBaseException, ValueError) as exc:

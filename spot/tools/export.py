@@ -2,7 +2,9 @@
 weights in a standard format, for inference or another framework.
 
 CHECKPOINT is a step directory, a run or checkpoints directory (its newest checkpoint that
-verifies), or an s3:// run URL (spot/checkpoint/source.py). The weights are the model's state dict with no wrapper prefixes (checkpoints hold
+verifies), or an s3:// run URL (spot/checkpoint/source.py; `--endpoint-url` for an S3-compatible
+store, as `list`, `verify` and `inspect` take it; a bucket that cannot be used is one line and
+exit 2). The weights are the model's state dict with no wrapper prefixes (checkpoints hold
 the bare module's keys: no DDP `module.`, no torch.compile `_orig_mod.`), so
 `model.load_state_dict(safetensors.torch.load_file(OUT))` or
 `model.load_state_dict(torch.load(OUT, weights_only=True))` loads them into the model class.
@@ -22,20 +24,31 @@ import torch
 from spot.checkpoint.manifest import CorruptCheckpoint
 from spot.checkpoint.source import load_named
 from spot.fsutil import atomic_write_bytes
+from spot.run.config import one_line
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a step-* directory, a run/checkpoints dir or an s3:// URL")
     p.add_argument("out", type=Path, help="the file to write")
     p.add_argument("--format", choices=("safetensors", "torch"), default="safetensors")
+    p.add_argument(
+        "--endpoint-url", default=None, help="S3-compatible endpoint (s3:// checkpoints)"
+    )
 
 
 def command(args: argparse.Namespace) -> int:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from spot.checkpoint.storage import RemoteError
+
     try:
-        loaded, where = load_named(args.checkpoint)
+        loaded, where = load_named(args.checkpoint, endpoint_url=args.endpoint_url)
     except CorruptCheckpoint as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except (RemoteError, BotoCoreError, ClientError) as exc:  # the bucket, as `list` says it
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 2
     # Owned, contiguous copies: a checkpoint's tensors are views of one buffer, which
     # safetensors refuses (shared memory) and torch.save would write whole.
     weights = {k: v.detach().clone().contiguous() for k, v in loaded.state["model"].items()}

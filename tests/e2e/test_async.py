@@ -35,10 +35,17 @@ def test_disk_refuses_writes(on_error, tmp_path, markers):
     args = [*fast, "trainer.max_steps=40", "checkpoint.every_steps=10", f"run.root={tmp_path}"]
     run_until_failpoint(args, "checkpoint.committed@step=20", markers)  # 10 and 20 committed
     run_dir = run_dir_of(tmp_path)
+    # Whatever the machine's load: with stop, step 30's failure is known before step 32 (the
+    # loop waits for it at 31), so the run stops there; with continue, step 30's write is still
+    # in flight when the final checkpoint is asked for (held until then), which must be tried.
+    hold = {
+        "stop": "train.step@step=31@until=checkpoint.write_failed",
+        "continue": "checkpoint.persist@step=30@until=checkpoint.must_commit",
+    }[on_error]
     result = subprocess.run(
         [sys.executable, str(REPO / "train.py"), *args, f"checkpoint.on_error={on_error}"],
         cwd=REPO,
-        env=train_env(),
+        env=train_env(SPOT_FAILPOINTS=hold),
         capture_output=True,
         text=True,
         timeout=180,
@@ -51,10 +58,7 @@ def test_disk_refuses_writes(on_error, tmp_path, markers):
     if on_error == "stop":
         assert [e["step"] for e in failed] == [30]  # the first failure stops training
     else:
-        assert [e["step"] for e in failed] == [
-            30,
-            40,
-        ]  # trained on; the final one cannot fail silently
+        assert [e["step"] for e in failed] == [30, 40]  # the final one is tried, and fails
     assert not (run_dir / "COMPLETE").exists()
     assert [s for s, _ in list_step_dirs(run_dir / "checkpoints")] == [20, 10]
     for _, path in list_step_dirs(run_dir / "checkpoints"):

@@ -5,13 +5,25 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
+import sys
 from pathlib import Path
 
+import boto3
 import pytest
 
 from spot.run.events import read_events
-from tests.helpers import FAST, REPO, run_train, train_env
+from tests.helpers import (
+    CREDENTIALS,
+    FAST,
+    REPO,
+    assert_bitwise_equal,
+    final_state,
+    run_dir_of,
+    run_train,
+    train_env,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -123,3 +135,63 @@ def test_every_tool_is_an_argparse_subcommand_with_its_own_arguments(capsys):
             main(argv)
         error = capsys.readouterr().err.strip().splitlines()[-1]
         assert done.value.code == 2 and key in error, error
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """moto's S3 server on loopback (as test_s3.py starts it), with one bucket for this file."""
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+def spot_tool(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "spot", *argv],
+        cwd=REPO,
+        env=train_env(**CREDENTIALS),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_export_reads_a_bucket_at_an_endpoint_and_says_in_one_line_when_it_cannot(
+    s3_endpoint, tmp_path: Path
+):
+    """`spot export s3://...` takes `--endpoint-url` as list/verify/inspect do; a bucket that
+    cannot be used is one line and exit 2, and nothing is written."""
+    from safetensors.torch import load_file
+
+    keys = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", **keys)
+    client.create_bucket(Bucket="exports")
+    s3 = ["storage=s3", "storage.bucket=exports", f"storage.endpoint_url={s3_endpoint}"]
+    trained = run_train(
+        [*FAST, "trainer.max_steps=2", *s3, f"run.root={tmp_path / 'run'}"],
+        env=train_env(**CREDENTIALS),
+    )
+    assert trained.returncode == 0, trained.stderr
+    run_dir = run_dir_of(tmp_path / "run")
+    url = f"s3://exports/checkpoints/default/{run_dir.name}"
+
+    out = tmp_path / "w.safetensors"
+    exported = spot_tool("export", url, str(out), "--endpoint-url", s3_endpoint)
+    assert exported.returncode == 0, exported.stderr
+    assert_bitwise_equal(load_file(out), final_state(run_dir)["model"], "model")
+
+    for bucket, reason in (("no-such-bucket", "does not exist"), ("Bad_Name", "")):
+        missing = tmp_path / f"{bucket}.safetensors"
+        failed = spot_tool(
+            "export", f"s3://{bucket}/x", str(missing), "--endpoint-url", s3_endpoint
+        )
+        assert failed.returncode == 2, failed.stderr
+        (line,) = failed.stderr.strip().splitlines()
+        assert line.startswith(f"error: storage.bucket={bucket}: {reason}"), line
+        assert not missing.exists()

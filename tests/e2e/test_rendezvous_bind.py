@@ -1,8 +1,12 @@
-"""`python -m spot rendezvous` serves an unauthenticated TCPStore: by default it listens on
-loopback only, exactly where it says; another address is a choice, and it warns."""
+"""The stores torch's elastic launch uses have no authentication, and torch's TCPStore server
+listens on every interface whatever host it is given. `python -m spot rendezvous` listens on
+loopback only by default, exactly where it says; another address is a choice, and it warns.
+train.py's own agent and workers listen on loopback only on one node, and on the address the
+config names otherwise."""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import signal
@@ -15,7 +19,9 @@ from datetime import timedelta
 import pytest
 from torch.distributed import TCPStore
 
-from ..helpers import REPO, train_env
+from spot.distributed.rendezvous import listen_address
+
+from ..helpers import FAST, REPO, await_marker, start_armed, train_env
 from .cluster import free_port
 
 pytestmark = pytest.mark.slow
@@ -34,6 +40,49 @@ def listening(port: int) -> set[str]:
                 raw = bytes.fromhex(address)  # 32-bit words in host (little-endian) order
                 raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
                 found.add(socket.inet_ntop(family, raw))
+    return found
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and every process below it (torch starts workers in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:  # "pid (comm) state ppid ..."
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    tree, todo = [], [root]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    return tree
+
+
+def listening_sockets(pids: list[int]) -> set[tuple[int, str, int]]:
+    """(pid, address, port) of every TCP socket these processes hold that listens (their file
+    descriptors' socket inodes, found in /proc/net/tcp and tcp6)."""
+    inode_pid = {}
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    if target.startswith("socket:["):
+                        inode_pid[target[8:-1]] = pid
+    found = set()
+    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+        with open(table) as f:
+            for row in f.read().splitlines()[1:]:
+                fields = row.split()
+                if fields[3] != "0A" or fields[9] not in inode_pid:  # 0A: LISTEN
+                    continue
+                address, hex_port = fields[1].split(":")
+                raw = bytes.fromhex(address)  # 32-bit words in host (little-endian) order
+                raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+                found.add((inode_pid[fields[9]], socket.inet_ntop(family, raw), int(hex_port, 16)))
     return found
 
 
@@ -109,3 +158,63 @@ def test_it_listens_on_loopback_only_unless_told_and_then_warns():
     finally:
         stop(default)
         stop(everywhere)
+
+
+def test_a_name_is_bound_at_its_address_and_a_name_this_machine_maps_to_loopback_nowhere():
+    assert listen_address("127.0.0.1") == "127.0.0.1"
+    assert listen_address("[::1]") == "::1"
+    assert listen_address("localhost") == "127.0.0.1"
+    assert listen_address("no-such-host.invalid") is None
+    # (Debian maps the machine's own name to 127.0.1.1: the others reach it elsewhere.)
+    if ipaddress.ip_address(socket.gethostbyname(socket.gethostname())).is_loopback:
+        assert listen_address(socket.gethostname()) is None
+    outside = this_machines_address()
+    if outside is not None:
+        assert listen_address(outside) == outside
+
+
+def listeners_while_training(args: list[str], tmp_path) -> tuple[int, set[tuple[int, str, int]]]:
+    """The agent's pid and what its process tree listens on while both ranks are in training
+    (rank 0 held at step 3, rank 1 waiting for it in the next collective)."""
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    argv = [*FAST, "trainer.max_steps=20", "elastic.nproc_per_node=2", *args]
+    proc, marker = start_armed([*argv, f"run.root={tmp_path}"], "train.step@step=3@rank=0", markers)
+    try:
+        await_marker(proc, marker)
+        tree = process_tree(proc.pid)
+        assert len(tree) >= 4, tree  # the agent, the forkserver, two workers
+        return proc.pid, listening_sockets(tree)
+    finally:
+        stop(proc)
+
+
+@pytest.mark.serial
+def test_one_node_listens_on_loopback_only(tmp_path):
+    """The agent's rendezvous store, rank 0's process-group store and gloo's sockets: torch's
+    defaults put both stores on every interface ([::]), unauthenticated."""
+    agent, sockets = listeners_while_training([], tmp_path)
+    assert {pid for pid, _, _ in sockets} > {agent}, sockets  # the agent's store, and workers'
+    assert {address for _, address, _ in sockets} == {"127.0.0.1"}, sockets
+
+
+@pytest.mark.serial
+def test_the_agent_hosted_store_listens_on_the_endpoints_address(tmp_path):
+    """Several nodes allowed: the store the agent hosts listens where `rdzv_endpoint` names, as
+    the other nodes reach it, and only there; this attempt's workers, all on this node, on
+    loopback."""
+    outside = this_machines_address()
+    if outside is None:
+        pytest.skip("this machine has no address but loopback")
+    port = free_port()
+    args = [
+        "elastic=elastic",
+        "elastic.min_nodes=1",
+        "elastic.max_nodes=2",
+        f"elastic.rdzv_endpoint={outside}:{port}",
+        "elastic.rdzv_last_call_seconds=1",
+    ]
+    agent, sockets = listeners_while_training(args, tmp_path)
+    assert (agent, outside, port) in sockets, sockets
+    assert {address for _, address, _ in sockets} == {outside, "127.0.0.1"}, sockets
+    assert {address for pid, address, _ in sockets if pid != agent} == {"127.0.0.1"}, sockets

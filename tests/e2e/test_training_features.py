@@ -129,29 +129,44 @@ def test_evaluation_changes_nothing_in_training_and_resumes_with_the_same_figure
     assert eval_figures(run_dir_of(tmp_path / "interrupted")) == eval_figures(reference)
 
 
-def test_a_notice_during_evaluation_stops_it_and_takes_the_emergency_checkpoint(tmp_path):
-    """Evaluation batches slowed (a failpoint sleeps in each), SIGTERM once step 20 is logged,
-    i.e. while step 20's evaluation runs: no eval figures for 20, the emergency checkpoint at 20,
-    exit 75."""
+def test_a_notice_to_one_rank_during_evaluation_stops_both_and_commits_at_once(tmp_path):
+    """Two ranks; evaluation batches of one sample slowed (a failpoint sleeps in each): 512 per
+    rank, over 25 s. SIGUSR1 to rank 1 alone once step 20 is logged, i.e. while step 20's
+    evaluation runs. Rank 0 never hears it, yet both stop within a round: no eval figures for
+    20, the emergency checkpoint at 20 committed within a bound that is a fraction of the
+    split's time (before the ranks agreed per round: after rank 0's whole split), exit 75."""
+    import os
     import signal
 
     from spot.run.exitcodes import EXIT_PREEMPTED
     from tests.helpers import start_train, train_env, wait_for_step
 
-    args = [*ARGS, *EVAL, "trainer.max_steps=200", "eval.batch_size=16", f"run.root={tmp_path}"]
-    proc = start_train(args, {**train_env(), "SPOT_FAILPOINTS": "eval.batch@sleep=0.2"})
+    args = [
+        *ARGS,
+        *EVAL,
+        "trainer.max_steps=200",
+        "elastic.nproc_per_node=2",
+        "eval.batch_size=1",
+        f"run.root={tmp_path}",
+    ]
+    proc = start_train(args, {**train_env(), "SPOT_FAILPOINTS": "eval.batch@sleep=0.05"})
     try:
-        wait_for_step(tmp_path, 20, proc)  # logged before its evaluation (64 batches: 13 s)
-        proc.send_signal(signal.SIGTERM)
+        wait_for_step(tmp_path, 20, proc)  # logged before its evaluation
+        events = read_events(run_dir_of(tmp_path) / "events.jsonl")
+        (start,) = [e for e in events if e["event"] == "start"]
+        os.kill(start["pids"][1], signal.SIGUSR1)  # SLURM-style: rank 1's process only
         assert proc.wait(timeout=60) == EXIT_PREEMPTED, proc.stdout.read()
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.stdout.close()
     events = read_events(run_dir_of(tmp_path) / "events.jsonl")
     assert not [e for e in events if e["event"] == "eval"]
+    (notice,) = [e for e in events if e["event"] == "notice"]
+    assert notice["heard_by"] == [1]
     (emergency,) = [e for e in events if e["event"] == "emergency_checkpoint"]
     assert emergency["step"] == 20
+    assert emergency["seconds"] < 5, emergency  # the split alone sleeps 512 * 0.05 = 25.6 s
 
 
 def test_the_best_checkpoint_outlives_retention_and_a_resume(tmp_path, markers):

@@ -109,6 +109,48 @@ def test_when_busy_skip_does_not_block_and_wait_does(tmp_path, monkeypatch):
     assert [e["step"] for e in skipped] == [2] and m.skipped == 1
 
 
+def test_when_busy_wait_blocks_until_the_previous_one_commits(tmp_path, monkeypatch):
+    """when_busy=wait (the default): a checkpoint due while the one before is being written
+    waits for it, then commits too; nothing is skipped."""
+    gate = Gate(monkeypatch)
+    state = {"model": {"w": torch.ones(10)}, "optimizer": {}, "scheduler": {}, "trainer": {}}
+    m = manager(tmp_path / "ck", when_busy="wait")
+    assert m.save(1, state, {}) is not None
+    second = threading.Thread(target=m.save, args=(2, state, {}))
+    second.start()
+    second.join(timeout=0.5)
+    assert second.is_alive()  # held behind step 1, which the gate holds (skip returns at once)
+    gate.release.set()
+    second.join(timeout=10)
+    assert not second.is_alive()
+    m.close()
+    assert sorted(s for s, _ in list_step_dirs(tmp_path / "ck")) == [1, 2]
+    assert m.skipped == 0
+
+
+@pytest.mark.parametrize("on_error", ["stop", "continue"])
+def test_a_checkpoint_that_must_commit_is_tried_after_the_one_before_failed(on_error, tmp_path):
+    """Step 2's background write is held until step 3 (final or emergency) is asked for, then
+    fails: 3 is still written and commits, whatever on_error says; 2's failure is counted."""
+    from spot.failpoints import arm
+
+    state = {"model": {"w": torch.ones(10)}, "optimizer": {}, "scheduler": {}, "trainer": {}}
+    m = manager(tmp_path / "ck", on_error=on_error)
+    arm("checkpoint.persist@step=2@until=checkpoint.must_commit@raise")
+    try:
+        m.save(1, state, {})
+        m.save(2, state, {})
+        m.save(3, state, {}, must_commit=True)
+        m.close()
+    finally:
+        arm("")
+    assert sorted(s for s, _ in list_step_dirs(tmp_path / "ck")) == [1, 3]
+    failed = [
+        e["step"] for e in read_events(tmp_path / "events.jsonl") if e["event"] == "checkpoint_failed"
+    ]
+    assert failed == [2] and m.failures == 1
+
+
 @pytest.mark.parametrize("on_error", ["stop", "continue"])
 def test_background_failure_surfaces_by_policy(on_error, tmp_path):
     state = {"model": {"w": torch.ones(10)}, "optimizer": {}, "scheduler": {}, "trainer": {}}
@@ -131,7 +173,7 @@ def test_background_failure_surfaces_by_policy(on_error, tmp_path):
     assert m.failures == 1
     assert (raised is not None) == (on_error == "stop")
     with pytest.raises(CheckpointWriteError, match="step 3"):
-        m.save(3, state, {}, final=True)  # a final checkpoint's failure is always raised
+        m.save(3, state, {}, must_commit=True)  # a final checkpoint's failure is always raised
         m.wait()
     failed = [
         e["step"]

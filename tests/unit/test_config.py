@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from spot.run.config import ConfigError, Settings, schema_defaults, schema_type, validate
 from spot.run.exitcodes import EXIT_BAD_CONFIG
 from spot.run.identity import run_id_from_overrides
+from spot.run.preflight import validate_command_line
 from tests.helpers import REPO, run_train
 
 CONF = REPO / "conf"
@@ -192,6 +193,9 @@ BAD_COMMAND_LINES = [
     ("elastic.min_nodes=3", "elastic.min_nodes"),
     ("logger.mode=online", "logger.mode"),
     ("checkpoint.policy=sometimes", "checkpoint.policy"),
+    # read by the command line's own start (the workers' forkserver) before the other checks
+    ("elastic.nproc_per_node=two", "elastic.nproc_per_node"),
+    ("elastic.max_nodes=x", "elastic.max_nodes"),
 ]
 
 
@@ -220,6 +224,23 @@ def test_bad_configuration_table(tmp_path: Path):
         assert "Traceback" not in result.stderr
         assert not root.exists(), f"{override} created {root}"
     assert not (tmp_path / ".multirun").exists()
+
+
+def test_the_command_line_check_hands_on_only_typed_checked_values(capsys):
+    """What starts before the slower checks (train.start_workers: the forkserver) is handed the
+    typed settings, never the composed strings, and only once every value has its type: a
+    quoted number is a number, and a word where a number goes stops with one line first."""
+    seen: list[Settings] = []
+    validate_command_line(["elastic.nproc_per_node='2'", "logger=none"], CONF, composed=seen.extend)
+    (settings,) = seen
+    assert type(settings.elastic.nproc_per_node) is int and settings.elastic.nproc_per_node == 2
+    for override, key in (("elastic.nproc_per_node=two", "nproc_per_node"), ("-m", "max_nodes")):
+        argv = [override, "elastic.max_nodes=1,x"] if override == "-m" else [override]
+        with pytest.raises(SystemExit) as done:
+            validate_command_line(argv, CONF, composed=seen.extend)
+        assert done.value.code == EXIT_BAD_CONFIG and len(seen) == 1, argv
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith(f"config error: elastic.{key}: "), line
 
 
 def test_bad_value_in_one_multirun_job_stops_before_any_job(tmp_path: Path):

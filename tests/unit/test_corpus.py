@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,6 +55,99 @@ def test_the_cache_is_read_not_rebuilt_and_a_damaged_one_is_rebuilt(cache, monke
     blob.write_bytes(bytes(data))
     assert StdlibBytes(str(cache), split="train").digest == digest  # rebuilt, the same bytes
     assert calls == [cache]
+
+
+def test_the_identity_is_the_digest_of_the_split(cache):
+    train, val = StdlibBytes(str(cache)), StdlibBytes(str(cache), split="val")
+    meta = json.loads((cache / "meta.json").read_text())
+    assert train.identity == f"sha256:{meta['train']['sha256']}"
+    assert val.identity == f"sha256:{meta['val']['sha256']}" != train.identity
+
+
+@pytest.fixture(scope="module")
+def few_files():
+    root, files = stdlib_files()
+    val = [p for p in files if in_validation(p.relative_to(root).as_posix())]
+    return root, sorted({*files[:27], *val[:3]}, key=files.index)
+
+
+@pytest.fixture
+def small(tmp_path, monkeypatch, few_files):
+    """A cache of 30 files only (3 of them validation's): the damage tests rebuild it again and
+    again."""
+    monkeypatch.setattr(corpus, "stdlib_files", lambda: few_files)
+    return tmp_path / "cache"
+
+
+def _meta(cache, change):
+    meta = json.loads((cache / "meta.json").read_text())
+    change(meta)
+    (cache / "meta.json").write_text(json.dumps(meta))
+
+
+def _truncate(path, keep=0.5):
+    path.write_bytes(path.read_bytes()[: int(path.stat().st_size * keep)])
+
+
+def _flip(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x20
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {
+    "torn meta.json": lambda c: _truncate(c / "meta.json"),
+    "empty meta.json": lambda c: (c / "meta.json").write_bytes(b""),
+    "garbage meta.json": lambda c: (c / "meta.json").write_bytes(b"\xff\x00" * 40),
+    "meta.json of another shape": lambda c: (c / "meta.json").write_text('["train"]'),
+    "meta.json without the split": lambda c: _meta(c, lambda m: m.pop("train")),
+    "meta.json without the digest": lambda c: _meta(c, lambda m: m["train"].pop("sha256")),
+    "meta.json with a wrong size": lambda c: _meta(c, lambda m: m["train"].update(bytes="x")),
+    "meta.json with a wrong digest": lambda c: _meta(
+        c, lambda m: m["train"].update(sha256="0" * 64)
+    ),
+    "no meta.json": lambda c: (c / "meta.json").unlink(),
+    "truncated train.bin": lambda c: _truncate(c / "train.bin"),
+    "empty train.bin": lambda c: (c / "train.bin").write_bytes(b""),
+    "no train.bin": lambda c: (c / "train.bin").unlink(),
+    "altered train.bin": lambda c: _flip(c / "train.bin"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_cache_of_any_kind_is_rebuilt(small, monkeypatch, damage):
+    """Issue 21, item 13: a torn meta.json stopped every restart (an unguarded json.loads)."""
+    digest = StdlibBytes(str(small)).digest
+    DAMAGE[damage](small)
+    calls = []
+    real = corpus._build
+    monkeypatch.setattr(corpus, "_build", lambda c: (calls.append(c), real(c)))
+    assert StdlibBytes(str(small)).digest == digest  # rebuilt, the same bytes
+    assert StdlibBytes(str(small), split="val").digest  # the other split too
+    assert calls == [small]  # once: the rebuilt cache is read from then on
+
+
+def test_the_cache_is_written_durably_meta_json_last(small, monkeypatch):
+    """Every file fsynced before its rename, the directory after it; meta.json, which vouches
+    for the split files, written after them."""
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(
+        os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd))
+    )
+    StdlibBytes(str(small))
+    names = [Path(p).name for p in synced]
+    order = [n.split(".tmp")[0].rsplit(".", 1)[0].lstrip(".") for n in names if n.endswith(".tmp")]
+    assert order == ["train.bin", "val.bin", "meta.json"], names
+    assert names.count(small.name) >= 3  # the directory, after each rename
+    assert not [p for p in small.iterdir() if p.name.startswith(".")]  # no temporary left
+
+
+def test_ranks_building_at_the_same_time_all_read_the_same_bytes(small):
+    with ThreadPoolExecutor(4) as pool:
+        digests = list(pool.map(lambda _: StdlibBytes(str(small)).digest, range(4)))
+    assert len(set(digests)) == 1
+    assert sorted(p.name for p in small.iterdir()) == ["meta.json", "train.bin", "val.bin"]
 
 
 def test_the_model_is_causal():

@@ -199,26 +199,79 @@ def test_a_commit_whose_response_was_lost_is_not_refused_by_its_own_retry(
 # ---- issue 15: the best checkpoint ----------------------------------------------------------
 
 
+def _best(events, record=None):
+    from spot.checkpoint.best import BestCheckpoint
+    from spot.run.config import BestConfig
+
+    best = BestCheckpoint(BestConfig(metric="val/loss", mode="min"), events)
+    best.restore(record)
+    return best
+
+
 def test_the_best_checkpoint_is_spared_by_both_retentions(s3_endpoint, bucket, tmp_path):
-    """keep_last=1 with step 20 marked best: after 30 and 40 commit and upload, 20 is still on
+    """keep_last=1 with step 20 the best: after 30 and 40 commit and upload, 20 is still on
     this disk and in the bucket; once 40 is the best, 20 goes from both."""
     client, name = bucket
     events = EventLog(tmp_path / "events.jsonl")
     store = S3Store(name, "runs/r/1", endpoint_url=s3_endpoint)
-    local = manager(tmp_path / "ck", events, keep_last=1, store=store)
+    best = _best(events)
+    local = manager(tmp_path / "ck", events, keep_last=1, store=store, best=best)
     uploader = local.start_uploads()
     try:
         local.save(10, state(10), {})
-        local.keep_best(20)
+        assert best.consider({"val/loss": 1.0}, 20)
         for step in (20, 30, 40):
             local.save(step, state(step), {})
         assert uploader.drain(30)
         assert sorted(s for s, _ in list_step_dirs(tmp_path / "ck")) == [20, 40]
         assert sorted(store.committed_steps()) == [20, 40]
-        local.keep_best(40)
+        assert best.consider({"val/loss": 0.5}, 40)
         local.save(50, state(50), {})
         assert uploader.drain(30)
     finally:
         uploader.close()
     assert sorted(s for s, _ in list_step_dirs(tmp_path / "ck")) == [40, 50]
     assert sorted(store.committed_steps()) == [40, 50]
+
+
+def test_the_old_best_stays_in_the_bucket_until_the_new_one_is_there(
+    s3_endpoint, bucket, tmp_path
+):
+    """20 (the best) is in the bucket; 30, 40 (the new best) and 50 commit on this disk only,
+    and the process dies. The next one restores 50, whose record names 40 (and 20 before it),
+    and uploads newest first: 50, then 40. When 40's upload lands, 20 must still be in the
+    bucket (50's retention spared it: the bucket was never without a best); then it goes."""
+    client, name = bucket
+    events = EventLog(tmp_path / "events.jsonl")
+    store = S3Store(name, "runs/r/1", endpoint_url=s3_endpoint)
+    first = _best(events)
+    local = manager(tmp_path / "ck", events, keep_last=1, store=store, best=first)
+    uploader = local.start_uploads()
+    first.consider({"val/loss": 1.0}, 20)
+    local.save(20, state(20), {})
+    assert uploader.drain(30)
+    uploader.close()  # the uploader is gone (a kill): what commits now stays on this disk
+    local.save(30, state(30), {})
+    first.consider({"val/loss": 0.5}, 40)
+    for step in (40, 50):
+        local.save(step, state(step), {})
+    assert store.committed_steps() == [20]
+
+    in_bucket_at_40: list[list[int]] = []
+    listener = EventLog(tmp_path / "restart.jsonl")
+    listener.subscribe(
+        lambda e: e["event"] == "upload"
+        and e["step"] == 40
+        and in_bucket_at_40.append(sorted(store.committed_steps()))
+    )
+    restarted = manager(
+        tmp_path / "ck", listener, keep_last=1, store=store, best=_best(listener, first.record)
+    )
+    uploader = restarted.start_uploads()
+    try:
+        assert uploader.drain(30)
+    finally:
+        uploader.close()
+    assert in_bucket_at_40 == [[20, 40, 50]]
+    assert sorted(store.committed_steps()) == [40, 50]
+    assert sorted(s for s, _ in list_step_dirs(tmp_path / "ck")) == [40, 50]
