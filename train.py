@@ -35,7 +35,7 @@ from spot.distributed import world as distributed
 from spot.failpoints import failpoint
 from spot.interruption import ignore_in_data_workers
 from spot.job import Job, join
-from spot.precision import Precision
+from spot.precision import MixedPrecision
 from spot.run.config import ConfigError, Settings, one_line
 from spot.run.data_identity import check_same_data
 from spot.run.exitcodes import (
@@ -115,7 +115,7 @@ def train(job: Job) -> int:
     if s.trainer.compile:  # checkpoints hold the same keys compiled or not (state.unwrap)
         model = torch.compile(model)
     optimizer = instantiate(cfg.optimizer)(model.parameters())
-    amp = Precision(s.trainer.precision, device)  # autocast; fp16's scaler is checkpointed
+    amp = MixedPrecision(s.trainer.precision, device)  # autocast; fp16's scaler is checkpointed
 
     # The run directory, event log, checkpoints and metrics: closed on every way out.
     with Session(job, world, device) as run:

@@ -20,7 +20,7 @@ import torch
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class Precision:
+class MixedPrecision:
     def __init__(self, precision: str, device: torch.device):
         self.precision = str(precision)
         self.device_type = device.type
@@ -28,6 +28,7 @@ class Precision:
         self.scaler = (
             torch.amp.GradScaler(device.type) if self.precision == "fp16" else None
         )  # fp16's narrow range: small gradients would flush to zero unscaled
+        self._scale = self.scaler.get_scale() if self.scaler is not None else None
 
     def autocast(self):
         if self.dtype is None:
@@ -47,13 +48,15 @@ class Precision:
         if self.scaler is None:
             optimizer.step()
             return False
-        before = self.scaler.get_scale()
         self.scaler.step(optimizer)
         self.scaler.update()
-        return self.scaler.get_scale() < before  # update() lowers the scale only after a skip
+        # update() lowers the scale only after a skip. One read of it per step (a host sync on
+        # CUDA), compared with the last step's.
+        before, self._scale = self._scale, self.scaler.get_scale()
+        return self._scale < before
 
     def scale_value(self) -> float | None:
-        return None if self.scaler is None else self.scaler.get_scale()
+        return self._scale
 
     def state_dict(self) -> dict:
         return {} if self.scaler is None else self.scaler.state_dict()
@@ -61,3 +64,4 @@ class Precision:
     def load_state_dict(self, state: dict) -> None:
         if self.scaler is not None and state:
             self.scaler.load_state_dict(state)
+            self._scale = self.scaler.get_scale()

@@ -275,9 +275,7 @@ class Session(contextlib.ExitStack):
                 checkpoint=restored.path,
                 restore_seconds=round(time.perf_counter() - self._began, 6),
             )
-            log.info(
-                "resumed from %s (step %d, epoch %d)", restored.path, state.step, state.epoch
-            )
+            log.info("resumed from %s (step %d, epoch %d)", restored.path, state.step, state.epoch)
         # From the config's base LRs after every load: never compounded across changes.
         fixed = s.trainer.global_batch_size
         lr_scale = elastic.lr_scale(s.elastic, world.world_size, self.reference, fixed)
@@ -357,10 +355,13 @@ class Session(contextlib.ExitStack):
         self.callback(self.monitor.close)
 
     def finished(self) -> bool:
-        """Training is done: the configured steps or epochs are reached."""
+        """Training is done: the configured steps or epochs are reached. At the last step of an
+        epoch it counts as done already (the loop moves to the next epoch after its last step):
+        the final evaluation and log line come at that step."""
         t, state = self.s.trainer, self.state
+        epochs = state.epoch + (1 if state.sampler.epoch_finished else 0)
         return bool(t.max_steps and state.step >= t.max_steps) or bool(
-            t.max_epochs and state.epoch >= t.max_epochs
+            t.max_epochs and epochs >= t.max_epochs
         )
 
     def eval_due(self) -> bool:

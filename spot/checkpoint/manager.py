@@ -386,7 +386,9 @@ class CheckpointManager:
         (see RemoteCheckpoints.start). Returns the Uploader, or None for local storage."""
         if self.remote is None:
             return None
-        return self.remote.start(self.root, self.keep_last, lambda _step: self.retain(), self.spared)
+        return self.remote.start(
+            self.root, self.keep_last, lambda _step: self.retain(), self.spared
+        )
 
     def remove_stale(self) -> None:
         """Delete temporary directories left by a process killed mid-save, mid-delete or

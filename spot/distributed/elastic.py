@@ -108,7 +108,7 @@ def accumulate_gradients(
     the last one only. `share_samples` is 0 when the plan is a stand-in (the rank has no samples
     in the step): it runs with weight 0, only to join the all-reduce. Returns the sum of
     per-sample losses on this rank (for logging; on the loss's device, so nothing waits for the
-    GPU here). `amp`: a spot.precision.Precision (autocast for the forward, a scaled backward)."""
+    GPU here). `amp`: a spot.precision.MixedPrecision (autocast for the forward, a scaled backward)."""
     total = torch.zeros(())
     for i, indices in enumerate(plan):
         last = i == len(plan) - 1

@@ -200,9 +200,14 @@ def _bench_worker(rank: int, world_size: int, port: int, out: str, repeats: int)
                 world.agree(False)  # start together
                 began = time.perf_counter()
                 evaluate(
-                    m, data, fn, world, batch_size=size, max_batches=None,
+                    m,
+                    data,
+                    fn,
+                    world,
+                    batch_size=size,
+                    max_batches=None,
                     interrupted=lambda: False,
-                )  # fmt: skip
+                )
                 seconds[case].setdefault(name, []).append(time.perf_counter() - began)
     if world.is_leader:
         Path(out).write_text(json.dumps(seconds))

@@ -26,18 +26,24 @@ from tests.helpers import (
 @pytest.mark.slow
 def test_each_step_is_committed_once_in_an_epoch_bounded_run(tmp_path):
     """The last step of an epoch-bounded run is also an interval step: one commit, not two (the
-    second used to delete the first before putting its own in place)."""
+    second used to delete the first before putting its own in place). And it is the end: the
+    final evaluation and the final log line come at that step (issue 21, item 8)."""
     args = [
         *FAST,
         "trainer.max_steps=null",
         "trainer.max_epochs=2",
         "data.dataset.size=512",
         "checkpoint.every_steps=4",
+        "eval.every_steps=6",
         f"run.root={tmp_path}",
     ]
     result = run_train(args)
     assert result.returncode == 0, result.stderr
-    assert committed_steps(run_dir_of(tmp_path) / "events.jsonl") == [4, 8, 12, 16]
+    events_path = run_dir_of(tmp_path) / "events.jsonl"
+    assert committed_steps(events_path) == [4, 8, 12, 16]
+    events = read_events(events_path)
+    assert [e["step"] for e in events if e["event"] == "eval"] == [6, 12, 16]
+    assert [e["step"] for e in events if e["event"] == "train"] == [16]
 
 
 # ---- 11: a checkpoint that vanishes while resuming ----------------------------------------------

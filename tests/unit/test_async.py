@@ -146,7 +146,9 @@ def test_a_checkpoint_that_must_commit_is_tried_after_the_one_before_failed(on_e
         arm("")
     assert sorted(s for s, _ in list_step_dirs(tmp_path / "ck")) == [1, 3]
     failed = [
-        e["step"] for e in read_events(tmp_path / "events.jsonl") if e["event"] == "checkpoint_failed"
+        e["step"]
+        for e in read_events(tmp_path / "events.jsonl")
+        if e["event"] == "checkpoint_failed"
     ]
     assert failed == [2] and m.failures == 1
 

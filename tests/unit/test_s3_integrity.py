@@ -234,9 +234,7 @@ def test_the_best_checkpoint_is_spared_by_both_retentions(s3_endpoint, bucket, t
     assert sorted(store.committed_steps()) == [40, 50]
 
 
-def test_the_old_best_stays_in_the_bucket_until_the_new_one_is_there(
-    s3_endpoint, bucket, tmp_path
-):
+def test_the_old_best_stays_in_the_bucket_until_the_new_one_is_there(s3_endpoint, bucket, tmp_path):
     """20 (the best) is in the bucket; 30, 40 (the new best) and 50 commit on this disk only,
     and the process dies. The next one restores 50, whose record names 40 (and 20 before it),
     and uploads newest first: 50, then 40. When 40's upload lands, 20 must still be in the
@@ -260,9 +258,11 @@ def test_the_old_best_stays_in_the_bucket_until_the_new_one_is_there(
     in_bucket_at_40: list[list[int]] = []
     listener = EventLog(tmp_path / "restart.jsonl")
     listener.subscribe(
-        lambda e: e["event"] == "upload"
-        and e["step"] == 40
-        and in_bucket_at_40.append(sorted(store.committed_steps()))
+        lambda e: (
+            e["event"] == "upload"
+            and e["step"] == 40
+            and in_bucket_at_40.append(sorted(store.committed_steps()))
+        )
     )
     restarted = manager(
         tmp_path / "ck", listener, keep_last=1, store=store, best=_best(listener, first.record)
