@@ -126,7 +126,9 @@ def train(job: Job) -> int:
             model, optimizer, scheduler, sampler, length, restored, amp, data_ids["data.dataset"]
         )
         checkpointer, monitor = run.checkpointer, run.monitor
-        loss_fn = partial(compute_loss, device=device)
+        loss_fn, eval_fn = partial(compute_loss, device=device), partial(eval_batch, device=device)
+        if val_dataset is not None:  # keep_best's metric is one eval_batch reports, or exit 2
+            run.check_keep_best(model, val_dataset, eval_fn, amp)
 
         stop = False
         model.train()
@@ -158,7 +160,7 @@ def train(job: Job) -> int:
                 run.log(loss_sum, step_samples, scheduler.get_last_lr()[0], skipped)
                 failpoint("train.step", state.step, rank=world.rank)
                 if run.eval_due():  # leaves the training RNG, sampler and model untouched
-                    run.evaluate(model, val_dataset, partial(eval_batch, device=device), amp)
+                    run.evaluate(model, val_dataset, eval_fn, amp)
                 if run.finished():
                     break
                 # Every rank agrees on how this step ends: a checkpoint, a stop, or neither.

@@ -2,24 +2,35 @@
 
 It must leave training exactly as it was, so that a run with evaluation trains bitwise the same
 as one without, and a resumed run reports the same figures at the same steps:
-- it draws from no training RNG (run inside `torch.random.fork_rng`, data in a fixed order) and
-  never touches the training sampler;
-- it runs the bare module (no DDP wrapper: no buffer broadcast, no collective per batch, so
-  ranks with shards of different lengths cannot deadlock), in eval mode, without gradients;
-- each rank takes every world_size-th sample of the first `max_batches * batch_size * world`;
-  the sums are reduced over ranks in one all-reduce at the end.
-An interruption notice stops it at once (between batches); the figures are then dropped, and the
-loop takes the emergency checkpoint at the step boundary it is at.
+- every RNG a checkpoint captures (Python's, numpy's, torch's, this rank's CUDA generator) is
+  put back afterwards, so a data set that draws from any of them moves no training stream; data
+  come in a fixed order, never from the training sampler;
+- it runs the bare module (no DDP wrapper: no buffer broadcast), in eval mode, without gradients.
+
+The samples are the same at every world size: the first `max_batches * batch_size` of the split
+(all of it when `max_batches` is null), rank r taking every world_size-th from the r-th, so an
+elastic resize compares figures over the same samples. The sums are reduced in one all-reduce.
+
+An interruption notice is heard by one rank (per node); every rank must stop at once, not when
+its own split ends. So every rank runs the same number of rounds (the most any rank has, known
+without communication: rank 0's), a rank whose share has run out computes nothing, and each
+round the ranks agree on a stop in a one-integer all-reduce that runs while the batch computes:
+a notice heard during a batch stops every rank after the next one.
+A stop drops the figures (they would cover part of the split); the loop then takes the
+emergency checkpoint at the step boundary it is at.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from spot.checkpoint import rng
 from spot.checkpoint.state import unwrap
 from spot.distributed.world import World
 from spot.failpoints import failpoint
@@ -36,38 +47,76 @@ def evaluate(
     interrupted: Callable[[], bool],
 ) -> dict[str, float] | None:
     """The mean of each figure `batch_fn` sums over a batch ({"loss": ..., "accuracy": ...}),
-    over the validation split of every rank: per `count` if `batch_fn` gives one (targets, for a
-    per-token loss), else per sample; None if an interruption stopped it."""
+    over the validation subset: per `count` if `batch_fn` gives one (targets, for a per-token
+    loss), else per sample; None if an interruption notice (on any rank) stopped it."""
     began = time.perf_counter()
-    limit = len(dataset) if max_batches is None else max_batches * batch_size * world.world_size
-    indices = list(range(world.rank, min(limit, len(dataset)), world.world_size))
+    indices, rounds = share(len(dataset), batch_size, max_batches, world)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=indices, num_workers=0)
-    module = unwrap(model)
-    was_training = module.training
     sums: dict[str, torch.Tensor] = {}
-    stopped = False
-    devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=devices), torch.no_grad():
-        module.eval()
-        try:
-            for batch in loader:
-                if interrupted():
-                    stopped = True
-                    break
-                failpoint("eval.batch", world.rank)
+    with evaluating(model) as module:
+        batches = iter(loader)  # draws its base seed from torch's generator
+        for i in range(rounds):
+            heard = bool(interrupted())
+            agreed = world.agree_later(heard)  # in flight while this batch computes
+            batch = None if heard else next(batches, None)
+            if batch is not None:
+                failpoint("eval.batch", i, rank=world.rank)
+                # .cpu() waits for the batch on a GPU: a stop waits for one, not a queue.
                 for name, value in batch_fn(module, batch).items():
                     sums[name] = sums.get(name, 0) + value.detach().double().cpu()
-        finally:
-            module.train(was_training)
-    # The figures' names are rank 0's (a rank whose shard is empty, or that stopped before its
-    # first batch, has none), so every rank reduces the same list.
+            if agreed():
+                return None  # every rank returns here, at the same round
+    # The figures' names are rank 0's (a rank whose share is empty has none; rank 0's is not,
+    # unless the split is), so every rank reduces the same list.
     names = world.share(sorted(sums))
-    totals = [float(sums.get(n, 0.0)) for n in names] + [len(indices), float(stopped)]
-    totals = world.sums(totals)
-    if totals[-1] or not totals[-2]:
+    totals = world.sums([float(sums.get(n, 0.0)) for n in names] + [len(indices)])
+    samples = totals[-1]
+    if not samples:
         return None
-    samples = totals[-2]
     sums_all = dict(zip(names, totals, strict=False))
     count = sums_all.pop("count", samples)
     figures = {n: v / count for n, v in sums_all.items()}
     return {**figures, "samples": int(samples), "seconds": round(time.perf_counter() - began, 6)}
+
+
+def share(
+    length: int, batch_size: int, max_batches: int | None, world: World
+) -> tuple[list[int], int]:
+    """This rank's indices of the validation subset, and the number of rounds every rank runs
+    (rank 0's batches: it has the most). `max_batches` counts batches of `batch_size` over all
+    ranks, so the subset does not depend on the world size."""
+    limit = length if max_batches is None else min(length, max_batches * batch_size)
+    indices = list(range(world.rank, limit, world.world_size))
+    return indices, math.ceil(math.ceil(limit / world.world_size) / batch_size)
+
+
+def figure_names(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    batch_fn: Callable[[torch.nn.Module, object], dict[str, torch.Tensor]],
+    batch_size: int,
+) -> list[str]:
+    """The figures evaluation reports, as metrics name them (`val/<name>`: the keys `batch_fn`
+    returns, less `count`). Only running it tells: `batch_fn` on the split's first batch, with
+    training untouched (before the first step, to check checkpoint.keep_best's metric)."""
+    first = DataLoader(dataset, batch_size=batch_size, sampler=range(min(batch_size, len(dataset))))
+    with evaluating(model) as module:
+        keys = list(batch_fn(module, next(iter(first))))
+    return sorted(f"val/{k}" for k in keys if k != "count")
+
+
+@contextlib.contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """The bare module in eval mode, without gradients; on the way out, its mode and every
+    generator a checkpoint captures are as they were (a validation set may crop or add noise
+    with Python's `random` or numpy)."""
+    module = unwrap(model)
+    was_training = module.training
+    state = rng.capture()
+    try:
+        with torch.no_grad():
+            module.eval()
+            yield module
+    finally:
+        module.train(was_training)
+        rng.restore(state)

@@ -38,7 +38,7 @@ from spot.distributed import elastic, membership, recovery
 from spot.distributed import world as distributed
 from spot.distributed.ledger import Ledger, truncate_ledgers
 from spot.distributed.sampler import ResumableBatchSampler
-from spot.evaluation import evaluate
+from spot.evaluation import evaluate, figure_names
 from spot.fsutil import atomic_write_bytes
 from spot.interruption import InterruptionMonitor
 from spot.job import Job
@@ -369,19 +369,22 @@ class Session(contextlib.ExitStack):
         every = self.s.eval.every_steps
         return bool(every) and (self.state.step % every == 0 or self.finished())
 
+    def check_keep_best(self, model, dataset, batch_fn, amp=None) -> None:
+        """Before the first step: checkpoint.keep_best's metric must be a figure evaluation
+        reports (only `batch_fn` on a validation batch tells), else one line and exit 2 now
+        rather than at the first evaluation."""
+        if self.best.metric is not None:
+            batch_size = self.s.eval.batch_size or self.s.trainer.batch_size
+            self.best.check(figure_names(model, dataset, _in(amp, batch_fn), batch_size))
+
     def evaluate(self, model, dataset, batch_fn, amp=None) -> None:
         """Validation figures, reduced over all ranks, as an `eval` event (val/* metrics).
         An interruption notice stops it at once: no figures, the loop stops at this step."""
         e = self.s.eval
-
-        def in_precision(module, batch):
-            with amp.autocast() if amp else contextlib.nullcontext():
-                return batch_fn(module, batch)
-
         figures = evaluate(
             model,
             dataset,
-            in_precision,
+            _in(amp, batch_fn),
             self.world,
             batch_size=e.batch_size or self.s.trainer.batch_size,
             max_batches=e.max_batches,
@@ -449,3 +452,13 @@ class Session(contextlib.ExitStack):
             atomic_write_bytes(self.paths.complete, f"{state.step}\n".encode())
             self.events.emit("complete", step=state.step, epoch=state.epoch)
             log.info("run complete at step %d: %s", state.step, self.paths.dir)
+
+
+def _in(amp, batch_fn):
+    """`batch_fn` under the run's autocast (trainer.precision), as training computes."""
+
+    def in_precision(module, batch):
+        with amp.autocast() if amp else contextlib.nullcontext():
+            return batch_fn(module, batch)
+
+    return in_precision

@@ -59,9 +59,9 @@ def restore(state: dict) -> None:
     # clone(): a restored state may be a slice of a larger buffer, and set_rng_state reads the
     # storage from its start (it crashes on a view with an offset).
     torch.set_rng_state(state["torch"].clone())
-    if torch.cuda.is_available():
+    if state.get("cuda") is not None and torch.cuda.is_available():  # a CPU run: no CUDA context
         device = torch.cuda.current_device()
-        own = own_cuda_state(state.get("cuda"), device)
+        own = own_cuda_state(state["cuda"], device)
         if own is not None:
             torch.cuda.set_rng_state(own.clone(), device)
 

@@ -18,6 +18,7 @@ it listens only on the address the config names (`bound_store`): loopback for on
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import logging
 import socket
@@ -105,10 +106,12 @@ def bound_store(address: str, port: int, **options):
 
 
 def _c10d_handler(params):
-    """torch's c10d handler (its registry's `_create_c10d_handler`), the agent-hosted store bound
-    to the endpoint's address. As torch's `_create_tcp_store` otherwise: `is_host`, or inferred
-    from the endpoint naming this machine; inferred, a port already taken on this machine (an
-    agent beside it hosts the store) makes this one a client."""
+    """torch's c10d handler (its registry's `_create_c10d_handler`), the agent-hosted store
+    listening on the endpoint's address alone. Who hosts it, unless `is_host` says: the agent
+    that can listen on that address (one of this machine's, not yet taken: an agent beside it
+    may host it already); torch guesses from the machine's name instead, and where the name is
+    this machine's but its address is not (NAT), or the name maps to loopback here
+    (`listen_address`), torch's own handler hosts it on every interface."""
     from torch.distributed import TCPStore
     from torch.distributed.elastic.rendezvous import RendezvousConnectionError
     from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import C10dRendezvousBackend
@@ -121,9 +124,7 @@ def _c10d_handler(params):
 
     host, port = parse_rendezvous_endpoint(params.endpoint, default_port=29400)
     is_host = params.get_as_bool("is_host")
-    inferred = is_host is None
-    hosting = _matches_machine_hostname(host) if inferred else is_host
-    address = listen_address(host) if hosting else None
+    address = listen_address(host) if is_host is not False else None
     if params.get("store_type", "tcp").strip().lower() != "tcp" or address is None:
         return get_rendezvous_handler(params)  # a client, a file store, or every interface
     timeout = timedelta(seconds=params.get_as_int("read_timeout", 60))
@@ -131,11 +132,14 @@ def _c10d_handler(params):
         store = bound_store(address, port, multi_tenant=True, timeout=timeout)
         log.info("hosting the rendezvous store on %s:%d", address, store.port)
     except (OSError, RuntimeError) as exc:
-        if not inferred:
+        if is_host:
             raise RendezvousConnectionError(
                 f"cannot host the rendezvous store on {address}:{port}: {exc}"
             ) from exc
-        try:
+        not_here = isinstance(exc, OSError) and exc.errno == errno.EADDRNOTAVAIL
+        if not_here and _matches_machine_hostname(host):
+            return get_rendezvous_handler(params)
+        try:  # another machine's address, or an agent on this one hosts it
             store = TCPStore(host, port, is_master=False, multi_tenant=True, timeout=timeout)
         except (ValueError, RuntimeError, TimeoutError) as exc:
             raise RendezvousConnectionError(

@@ -19,6 +19,7 @@ import signal
 import socket
 import sys
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, NoReturn
@@ -81,6 +82,20 @@ class World:
         tensor = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int32)
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.control)
         return tuple(bool(v) for v in tensor.tolist())
+
+    def agree_later(self, flag: bool) -> Callable[[], bool]:
+        """`agree` for one flag, started now and answered by the call returned (which waits):
+        the all-reduce runs in gloo's thread, so what the caller computes meanwhile hides it."""
+        if not self.distributed:
+            return lambda: bool(flag)
+        tensor = torch.tensor([int(bool(flag))], dtype=torch.int32)
+        work = dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.control, async_op=True)
+
+        def answer() -> bool:
+            work.wait()
+            return bool(tensor.item())
+
+        return answer
 
     def sum(self, value: float) -> float:
         return self.sums([value])[0]

@@ -91,7 +91,8 @@ def test_the_best_outlives_both_retentions_a_kill_and_the_restart(
 def test_a_metric_evaluation_never_reports_is_refused_before_the_first_step(tmp_path):
     """val/acc is not a figure (eval_batch reports loss and accuracy): one line naming the key
     and the figures there are, exit 2, before a step is trained or a checkpoint written."""
-    args = [*ARGS, "checkpoint.keep_best={metric: val/acc}", f"run.root={tmp_path}"]
+    args = [*ARGS, "checkpoint.keep_best={metric: val/acc}", "eval.every_steps=25"]
+    args.append(f"run.root={tmp_path}")  # (found at step 25, it would find 10 and 20 saved)
     result = run_train(args)
     assert result.returncode == EXIT_BAD_CONFIG, result.stderr
     (line,) = result.stderr.strip().splitlines()

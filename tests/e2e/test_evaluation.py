@@ -184,10 +184,11 @@ def _bench_worker(rank: int, world_size: int, port: int, out: str, repeats: int)
 
     torch.set_num_threads(1)  # a core per rank
     world = join(rank, world_size, port)
+    overlapped = world.agree_later
     variants = {
-        "agreed": evaluation._agree_on_stop,
-        "blocking": _blocking_agreement,
-        "none": _no_agreement,
+        "agreed": overlapped,
+        "blocking": lambda heard: _blocking_agreement(world, heard),
+        "none": lambda heard: _no_agreement(world, heard),
     }
     seconds: dict = {}
     for case, (m, data, size, fn) in _bench_cases().items():
@@ -196,7 +197,7 @@ def _bench_worker(rank: int, world_size: int, port: int, out: str, repeats: int)
         for repeat in range(repeats):
             names = list(variants)
             for name in names[repeat % 3 :] + names[: repeat % 3]:  # side by side, rotated
-                evaluation._agree_on_stop = variants[name]
+                world.agree_later = variants[name]  # this World only, in this process
                 world.agree(False)  # start together
                 began = time.perf_counter()
                 evaluate(

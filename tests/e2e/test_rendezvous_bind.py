@@ -19,8 +19,6 @@ from datetime import timedelta
 import pytest
 from torch.distributed import TCPStore
 
-from spot.distributed.rendezvous import listen_address
-
 from ..helpers import FAST, REPO, await_marker, start_armed, train_env
 from .cluster import free_port
 
@@ -161,6 +159,8 @@ def test_it_listens_on_loopback_only_unless_told_and_then_warns():
 
 
 def test_a_name_is_bound_at_its_address_and_a_name_this_machine_maps_to_loopback_nowhere():
+    from spot.distributed.rendezvous import listen_address
+
     assert listen_address("127.0.0.1") == "127.0.0.1"
     assert listen_address("[::1]") == "::1"
     assert listen_address("localhost") == "127.0.0.1"

@@ -169,45 +169,6 @@ def test_a_notice_to_one_rank_during_evaluation_stops_both_and_commits_at_once(t
     assert emergency["seconds"] < 10, emergency  # the split alone sleeps 512 * 0.1 = 51.2 s
 
 
-def test_the_best_checkpoint_outlives_retention_and_a_resume(tmp_path, markers):
-    """keep_best by the highest validation loss (the first evaluation's, at step 20: so the
-    best is old) with keep_last=2: step 20 survives retention, a kill and the resume, and
-    `python -m spot list` marks it."""
-    import subprocess
-    import sys
-
-    from spot.checkpoint.manager import list_step_dirs
-    from tests.helpers import REPO
-
-    args = [
-        *ARGS,
-        *EVAL,
-        "checkpoint.every_steps=10",
-        "checkpoint.keep_last=2",
-        "checkpoint.keep_best={metric: val/loss, mode: max}",
-        f"run.root={tmp_path}",
-    ]
-    assert run_until_failpoint(args, "train.step@step=55", markers) == 55
-    run_dir = run_dir_of(tmp_path)
-    assert 20 in [s for s, _ in list_step_dirs(run_dir / "checkpoints")]
-    assert run_train(args).returncode == 0
-    steps = sorted(s for s, _ in list_step_dirs(run_dir / "checkpoints"))
-    assert steps == [20, 60, 70]  # keep_last=2 and the best
-    best = final_state(run_dir)["trainer"]["best"]
-    figures = eval_figures(run_dir)
-    assert best["step"] == 20 and best["value"] == figures[20][0] == max(
-        f[0] for f in figures.values()
-    )
-    listing = subprocess.run(
-        [sys.executable, "-m", "spot", "list", str(run_dir)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    ).stdout
-    (marked,) = [line for line in listing.splitlines() if "best" in line]
-    assert marked.split()[0] == "20" and "val/loss" in marked
-
-
 @pytest.mark.parametrize("optimizer", [False, True])
 def test_a_new_run_starts_from_another_runs_weights_only_when_it_has_none(
     optimizer, tmp_path, markers
