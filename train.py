@@ -120,11 +120,10 @@ def train(job: Job) -> int:
     # The run directory, event log, checkpoints and metrics: closed on every way out.
     with Session(job, world, device) as run:
         restored = run.restore()  # the newest verified checkpoint, on every rank; or None
-        sampler, length = run.plan(len(dataset), restored)  # batch and length at this world size
+        plan = run.plan(len(dataset), restored)  # data order, batch and length at this world size
+        sampler, length = plan.sampler, plan.length
         scheduler = build_scheduler(instantiate(cfg.scheduler), optimizer, length.schedule_steps)
-        state = run.resume(
-            model, optimizer, scheduler, sampler, length, restored, amp, data_ids["data.dataset"]
-        )
+        state = run.resume(model, optimizer, scheduler, plan, amp, data_ids["data.dataset"])
         checkpointer, monitor = run.checkpointer, run.monitor
         loss_fn, eval_fn = partial(compute_loss, device=device), partial(eval_batch, device=device)
         if val_dataset is not None:  # keep_best's metric is one eval_batch reports, or exit 2

@@ -7,8 +7,8 @@ each chapter, so that the story stays short and a forker edits only the story:
     world = join(job)                        # this worker's process group (or a world of one)
     with Session(job, world, device) as run: # directory, config, events, checkpoints, metrics
         restored = run.restore()             # the newest verified checkpoint, on every rank
-        sampler, length = run.plan(len(dataset), restored)
-        state = run.resume(model, optimizer, scheduler, sampler, length, restored)
+        plan = run.plan(len(dataset), restored)   # each step needs what the one before returns
+        state = run.resume(model, optimizer, scheduler, plan, amp, data_identity)
         ... the loop: run.checkpointer, run.monitor, run.record(...), run.log(...)
         run.finish() or run.stop()
 
@@ -58,6 +58,18 @@ class Restored:
     step: int
     path: str
     state: dict
+
+
+@dataclass(frozen=True)
+class Plan:
+    """This attempt at this world size: the data order and batch, the run's length, the world
+    size the config's LR and batch are meant for; and the checkpoint it resumes from, if any."""
+
+    sampler: ResumableBatchSampler
+    length: TrainingLength
+    reference_world_size: int
+    max_steps: int  # the progress line's total
+    restored: Restored | None
 
 
 @dataclass(frozen=True)
@@ -153,8 +165,9 @@ class Session(contextlib.ExitStack):
             # Uploads start after the restore: what it moved aside or could not download is
             # neither queued nor counted as uploaded.
             self.uploader = self.checkpoints.start_uploads()
-            if self.s.data.ledger and not (outcome and outcome[0] == "error"):
-                truncate_ledgers(self.paths, outcome[1] if outcome[0] == "resume" else 0)
+            kind = outcome[0] if outcome else None
+            if self.s.data.ledger and kind != "error":
+                truncate_ledgers(self.paths, outcome[1] if kind == "resume" else 0)
         outcome = self.world.share(outcome)
         if outcome is None:
             return None
@@ -182,13 +195,13 @@ class Session(contextlib.ExitStack):
         keep = ("model", "optimizer") if init.optimizer else ("model",)
         return ("init", where, loaded.step, {k: loaded.state[k] for k in keep})
 
-    def plan(self, dataset_size: int, restored: Restored | None):
-        """The data order, batch and run length at this world size: (sampler, TrainingLength).
+    def plan(self, dataset_size: int, restored: Restored | None) -> Plan:
+        """The data order, batch and run length at this world size, from what restore() found.
         The reference world size (for which the config's LR and batch are meant) is the config's,
         else the one the run started with."""
         s, world = self.s, self.world
         saved = restored.state["trainer"] if restored else {}
-        self.reference = (
+        reference = (
             s.elastic.reference_world_size or saved.get("reference_world_size") or world.world_size
         )
         sampler = ResumableBatchSampler(
@@ -202,7 +215,7 @@ class Session(contextlib.ExitStack):
                 s.elastic.batch_policy,
                 s.trainer.batch_size,
                 world.world_size,
-                self.reference,
+                reference,
                 s.trainer.global_batch_size,
             ),
         )
@@ -210,21 +223,21 @@ class Session(contextlib.ExitStack):
         # the progress bar's total. Training stops on the configured bounds, and the LR schedule
         # follows the share of training done (TrainingLength), not this estimate.
         epoch_steps = s.trainer.max_epochs and s.trainer.max_epochs * sampler.steps_per_epoch()
-        self.max_steps = min(x for x in (s.trainer.max_steps, epoch_steps) if x)
+        max_steps = min(x for x in (s.trainer.max_steps, epoch_steps) if x)
         length = TrainingLength(
             s.trainer.max_steps,
             s.trainer.max_epochs,
             dataset_size,
-            schedule_steps=saved.get("schedule_steps") or self.max_steps,
+            schedule_steps=saved.get("schedule_steps") or max_steps,
         )
-        return sampler, length
+        return Plan(sampler, length, reference, max_steps, restored)
 
-    def resume(
-        self, model, optimizer, scheduler, sampler, length, restored, amp=None, data_identity=None
-    ):
-        """The training state, loaded from `restored` if any, with the LR scaled to this world
-        size; the tracker started; `resume`, `world_size_change` and `start` events emitted."""
+    def resume(self, model, optimizer, scheduler, plan: Plan, amp=None, data_identity=None):
+        """The training state, loaded from the planned checkpoint if any, with the LR scaled to
+        this world size; the tracker started; `resume`, `world_size_change` and `start` events
+        emitted."""
         s, world, events = self.s, self.world, self.events
+        restored, sampler, reference = plan.restored, plan.sampler, plan.reference_world_size
         saved = restored.state["trainer"] if restored else {}
         # Metrics follow the events; the tracker's run is the one the checkpoint names.
         tracker_run_id = saved.get("tracker_run_id") or f"{s.run.name}-{self.job.run_id}"
@@ -246,9 +259,9 @@ class Session(contextlib.ExitStack):
             seed=s.seed,
             rank=world.rank,
             world_size=world.world_size,
-            reference_world_size=self.reference,
+            reference_world_size=reference,
             tracker_run_id=tracker_run_id,
-            schedule_steps=length.schedule_steps,
+            schedule_steps=plan.length.schedule_steps,
             precision=amp,
             best=self.best,
             data_identity=data_identity,  # a resume on other data is refused
@@ -278,7 +291,7 @@ class Session(contextlib.ExitStack):
             log.info("resumed from %s (step %d, epoch %d)", restored.path, state.step, state.epoch)
         # From the config's base LRs after every load: never compounded across changes.
         fixed = s.trainer.global_batch_size
-        lr_scale = elastic.lr_scale(s.elastic, world.world_size, self.reference, fixed)
+        lr_scale = elastic.lr_scale(s.elastic, world.world_size, reference, fixed)
         elastic.apply_lr_scale(scheduler, config_lrs, lr_scale)
         split = elastic.describe_split(sampler)
         if restored and state.saved_world_size != world.world_size:
@@ -288,7 +301,7 @@ class Session(contextlib.ExitStack):
                 previous=state.saved_world_size,
                 world_size=world.world_size,
                 batch_policy=s.elastic.batch_policy,
-                reference_world_size=self.reference,
+                reference_world_size=reference,
                 lr_scale=lr_scale,
                 **split,
             )
@@ -316,7 +329,7 @@ class Session(contextlib.ExitStack):
             **split,
         )
         log.info("run directory: %s (%s)", self.paths.dir, split["text"])
-        self._start(state)
+        self._start(state, plan.max_steps)
         self._resumed_at = time.time()
         # torch.compile compiles at the first forward and backward (lazily: compiling ahead would
         # draw from the RNG and touch buffers): the first step's time is the compilation's, which
@@ -324,7 +337,7 @@ class Session(contextlib.ExitStack):
         self._compiling_since = time.perf_counter() if s.trainer.compile else None
         return state
 
-    def _start(self, state: TrainingState) -> None:
+    def _start(self, state: TrainingState, max_steps: int) -> None:
         """What the loop talks to: the checkpointer, the interruption monitor, the ledger and
         the progress line."""
         s, world = self.s, self.world
@@ -346,7 +359,7 @@ class Session(contextlib.ExitStack):
             best=self.best,
         )
         self.callback(self.checkpointer.close)
-        self.progress = Progress(self.max_steps, state.step) if world.is_leader else None
+        self.progress = Progress(max_steps, state.step) if world.is_leader else None
         if self.progress is not None:
             self.events.subscribe(self.progress.on_event)
         self.callback(self._end_progress)

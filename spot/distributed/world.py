@@ -257,40 +257,37 @@ def _loopback_interface() -> str | None:
 
 
 def _process_group_store(world: World, timeout: timedelta) -> dist.Store | None:
-    """The process group's store, as torch's env:// makes it (rank 0 hosts it at MASTER_ADDR:
+    """The process group's store as torch's env:// makes it (rank 0 hosts it at MASTER_ADDR:
     MASTER_PORT, the others connect), but listening on one address, not on every interface as
-    torch's TCPStore server does: loopback when every rank is on this node (and gloo's own
-    sockets too, GLOO_SOCKET_IFNAME, unless set); else MASTER_ADDR's address (spot.distributed.
-    rendezvous.listen_address), or every interface where it names none (or one that is not this
-    machine's). None where torch's agent hosts it (TORCHELASTIC_USE_AGENT_STORE: an outside
-    torchrun that shares its store): env:// then."""
+    torch's TCPStore server does: loopback when every rank is on this node (gloo's sockets too,
+    GLOO_SOCKET_IFNAME, unless set); else MASTER_ADDR's address (`elastic.local_addr`, resolved
+    by spot.distributed.rendezvous.listen_address), or every interface where that names none or
+    one that is not this machine's. None where torch's agent hosts the store (an outside
+    torchrun that shares its own, TORCHELASTIC_USE_AGENT_STORE): env:// then."""
     from spot.distributed.rendezvous import bound_store, listen_address
 
     env = os.environ
-    if env.get("TORCHELASTIC_USE_AGENT_STORE") == "True" or not {
-        "MASTER_ADDR",
-        "MASTER_PORT",
-    } <= set(env):
-        return None
-    port = int(env["MASTER_PORT"])
     one_node = env.get("LOCAL_WORLD_SIZE") == str(world.world_size)
-    if one_node and _loopback_interface():
-        env.setdefault("GLOO_SOCKET_IFNAME", _loopback_interface())
-    host = "127.0.0.1" if one_node else env["MASTER_ADDR"]
+    loopback = _loopback_interface() if one_node else None
+    if loopback is not None:
+        env.setdefault("GLOO_SOCKET_IFNAME", loopback)
+    agent_hosts = env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    if agent_hosts or "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
+        return None
+    host, port = ("127.0.0.1" if one_node else env["MASTER_ADDR"]), int(env["MASTER_PORT"])
     options = {"world_size": world.world_size, "timeout": timeout, "multi_tenant": True}
-    if world.is_leader:
-        address = "127.0.0.1" if one_node else listen_address(host)
-        if address is not None:
-            try:
-                return dist.PrefixStore("default_pg", bound_store(address, port, **options))
-            except OSError as exc:
-                log.warning(
-                    "cannot listen on %s:%d only (%s): the process group's store listens on "
-                    "every interface",
-                    address,
-                    port,
-                    exc,
-                )
+    address = listen_address(host) if world.is_leader else None
+    if address is not None:
+        try:
+            return dist.PrefixStore("default_pg", bound_store(address, port, **options))
+        except OSError as exc:
+            log.warning(
+                "cannot listen on %s:%d alone (%s): the process group's store listens on every "
+                "interface",
+                address,
+                port,
+                exc,
+            )
     store = dist.TCPStore(host, port, is_master=world.is_leader, **options)
     return dist.PrefixStore("default_pg", store)
 

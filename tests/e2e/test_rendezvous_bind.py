@@ -218,3 +218,47 @@ def test_the_agent_hosted_store_listens_on_the_endpoints_address(tmp_path):
     assert (agent, outside, port) in sockets, sockets
     assert {address for _, address, _ in sockets} == {outside, "127.0.0.1"}, sockets
     assert {address for pid, address, _ in sockets if pid != agent} == {"127.0.0.1"}, sockets
+
+
+def test_the_kubernetes_recipe_lets_only_trainers_reach_the_store_and_each_other():
+    """Across nodes the stores, gloo and NCCL must listen where other nodes reach them, with no
+    authentication: the recipe's NetworkPolicies admit the trainer pods of both recipes alone,
+    to the store's port and to each other (tests/e2e/test_deploy.py validates their schema)."""
+    import yaml
+
+    k8s = REPO / "docker" / "k8s"
+    docs = {
+        p.relative_to(k8s).as_posix(): yaml.safe_load(p.read_text()) for p in k8s.rglob("*.yaml")
+    }
+    store = docs["common/rendezvous-deployment.yaml"]["spec"]["template"]
+    (store_port,) = store["spec"]["containers"][0]["ports"]
+    trainers = [
+        docs["job.yaml"]["spec"]["template"]["metadata"]["labels"],
+        docs["pytorchjob.yaml"]["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["metadata"][
+            "labels"
+        ],
+    ]
+    policies = [doc["spec"] for doc in docs.values() if doc["kind"] == "NetworkPolicy"]
+
+    def selects(selector: dict, labels: dict) -> bool:
+        return (
+            set(selector) == {"matchLabels"} and selector["matchLabels"].items() <= labels.items()
+        )
+
+    def only_trainers(rule: dict) -> bool:
+        return all(set(peer) == {"podSelector"} for peer in rule["from"]) and all(
+            any(selects(peer["podSelector"], labels) for peer in rule["from"])
+            for labels in trainers
+        )
+
+    for pod, ports in [(store["metadata"]["labels"], [store_port["containerPort"]])] + [
+        (labels, None) for labels in trainers
+    ]:
+        (policy,) = [p for p in policies if selects(p["podSelector"], pod)]
+        assert policy["policyTypes"] == ["Ingress"]
+        (rule,) = policy["ingress"]
+        assert only_trainers(rule), rule
+        assert not any(
+            selects(peer["podSelector"], store["metadata"]["labels"]) for peer in rule["from"]
+        )
+        assert [p["port"] for p in rule.get("ports", [])] == (ports or []), rule
