@@ -25,7 +25,7 @@ def test_the_rendezvous_torch_builds_has_the_configured_keep_alive():
     config = launch_config(cfg, CloudConfig(), "keepalive-unit")
     params = RendezvousParameters(
         backend=config.rdzv_backend,
-        endpoint=config.rdzv_endpoint,  # one node: localhost:0, a private store on a free port
+        endpoint=config.rdzv_endpoint,  # one node: 127.0.0.1:0, a private store on a free loopback port
         run_id=config.run_id,
         min_nodes=config.min_nodes,
         max_nodes=config.max_nodes,
