@@ -7,7 +7,7 @@ exception in the middle of training). `name@sleep=S` slows every pass by S secon
 training that must still be running while agents come and go). `name@step=N@until=other` holds
 the thread that reaches `name` at step N until another thread of the process reaches `other`
 (a background write kept in flight until the loop asks for the next one, whatever the timing;
-with `@raise` too, it then raises). A failpoint fires once: while its
+with `@raise` too, it then raises); it writes no marker and holds every time it is reached. A failpoint fires once: while its
 marker exists it is disarmed, so a worker restarted by the elastic agent runs past it. Unset
 (always, in production), `failpoint()` is one dict lookup.
 """

@@ -81,6 +81,26 @@ class Initial:
     state: dict
 
 
+@dataclass(frozen=True)
+class Unusable:
+    """The newest checkpoint (or init.checkpoint) cannot be used: the run stops with exit 3."""
+
+    reason: str
+
+
+_FOUND = {kind.__name__: kind for kind in (Restored, Initial, Unusable)}
+
+
+def _send(found) -> tuple | None:
+    """What rank 0 found, for World.share: its fields as a dict, whose tensors travel as raw
+    buffers (a dataclass would be pickled whole)."""
+    return None if found is None else (type(found).__name__, dict(vars(found)))
+
+
+def _receive(sent: tuple | None):
+    return None if sent is None else _FOUND[sent[0]](**sent[1])
+
+
 class Session(contextlib.ExitStack):
     """One attempt at a run on one rank: opened by `with`, closed on every way out."""
 
@@ -109,7 +129,8 @@ class Session(contextlib.ExitStack):
         self.events = EventLog(self.paths.events if leader else None)
         self.callback(self.events.close)
         # What "the best checkpoint" is, before anything can upload or delete one.
-        self.best = BestCheckpoint(s.checkpoint.keep_best, self.events)
+        places = ("disk", "bucket") if job.remote else ("disk",)
+        self.best = BestCheckpoint(s.checkpoint.keep_best, self.events, places)
         separate_disk = membership.separate_disk(self.world, self.paths.dir)
         if leader:
             atomic_write_bytes(self.paths.config, OmegaConf.to_yaml(job.cfg, resolve=True).encode())
@@ -150,50 +171,50 @@ class Session(contextlib.ExitStack):
         self._began = time.perf_counter()
         # After a membership change: when each node stopped, regrouped and started (recovery).
         self._notes = self.world.gather(recovery.take_node_notes(self.world.local_rank))
-        outcome = None  # rank 0's, sent to every rank: ("resume" | "init" | "error", ...)
-        if self.checkpoints is not None:
-            try:
-                loaded = self.checkpoints.load_latest(self.job.digest, self.job.training_config)
-                if loaded is not None:
-                    outcome = ("resume", loaded.step, str(loaded.path), loaded.state)
-            except CheckpointUnusable as exc:
-                outcome = ("error", str(exc))
-            if outcome is None and self.s.init.checkpoint:
-                outcome = self._initial_weights()
-            if outcome and outcome[0] == "resume":  # retention must know the best before
-                self.best.restore(outcome[3]["trainer"].get("best"))  # uploads start
-            # Uploads start after the restore: what it moved aside or could not download is
-            # neither queued nor counted as uploaded.
-            self.uploader = self.checkpoints.start_uploads()
-            kind = outcome[0] if outcome else None
-            if self.s.data.ledger and kind != "error":
-                truncate_ledgers(self.paths, outcome[1] if kind == "resume" else 0)
-        outcome = self.world.share(outcome)
-        if outcome is None:
+        found = self._find() if self.checkpoints is not None else None
+        if self.checkpoints is not None and not isinstance(found, Unusable):
+            self._start_uploads(found)
+        found = _receive(self.world.share(_send(found)))
+        if isinstance(found, Unusable):
+            self.events.emit("checkpoint_unusable", reason=found.reason)
+            raise CheckpointUnusable(found.reason)
+        if isinstance(found, Initial):  # weights to start from, not a run to resume
+            self.initial = found
             return None
-        kind, *parts = outcome
-        if kind == "error":
-            self.events.emit("checkpoint_unusable", reason=parts[0])
-            raise CheckpointUnusable(parts[0])
-        if kind == "init":  # weights to start from, not a run to resume
-            self.initial = Initial(*parts)
-            return None
-        restored = Restored(*parts)
-        if self.checkpoints is None:
-            self.best.restore(restored.state["trainer"].get("best"))
-        return restored
+        if found is not None and self.checkpoints is None:  # rank 0's knows it already
+            self.best.restore(found.state["trainer"].get("best"))
+        return found
 
-    def _initial_weights(self) -> tuple:
-        """init.checkpoint: another run's verified weights (and optimizer state, with
-        init.optimizer) for a run with no checkpoint of its own: ("init", source, step, state),
-        or ("error", why)."""
+    def _find(self) -> Restored | Initial | Unusable | None:
+        """Rank 0: what this attempt starts from."""
+        try:
+            loaded = self.checkpoints.load_latest(self.job.digest, self.job.training_config)
+        except CheckpointUnusable as exc:
+            return Unusable(str(exc))
+        if loaded is not None:
+            return Restored(loaded.step, str(loaded.path), loaded.state)
+        if not self.s.init.checkpoint:
+            return None
         init = self.s.init
         try:
-            loaded, where = load_named(init.checkpoint, self.s.storage.endpoint_url)
+            source, where = load_named(init.checkpoint, self.s.storage.endpoint_url)
         except (CorruptCheckpoint, storage.RemoteError) as exc:
-            return ("error", f"init.checkpoint {init.checkpoint}: {one_line(exc)}")
+            return Unusable(f"init.checkpoint {init.checkpoint}: {one_line(exc)}")
         keep = ("model", "optimizer") if init.optimizer else ("model",)
-        return ("init", where, loaded.step, {k: loaded.state[k] for k in keep})
+        return Initial(where, source.step, {k: source.state[k] for k in keep})
+
+    def _start_uploads(self, found: Restored | Initial | None) -> None:
+        """Rank 0, once it knows what it restores: retention learns the best first, then
+        uploads start (what the restore moved aside or could not download is neither queued
+        nor counted), and the ledgers lose what the restored step had not reached."""
+        restored = found if isinstance(found, Restored) else None
+        if restored is not None:
+            self.best.restore(restored.state["trainer"].get("best"))
+        self.uploader = self.checkpoints.start_uploads()
+        if self.uploader is not None:  # closed on every way out, also before the checkpointer's
+            self.callback(self.uploader.close)
+        if self.s.data.ledger:
+            truncate_ledgers(self.paths, restored.step if restored else 0)
 
     def plan(self, dataset_size: int, restored: Restored | None) -> Plan:
         """The data order, batch and run length at this world size, from what restore() found.

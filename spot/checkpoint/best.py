@@ -1,18 +1,21 @@
 """`checkpoint.keep_best`: the one owner of "the best checkpoint".
 
 It holds the rule (which validation figure, lower or higher is better), the record of the best
-so far (`{metric, mode, step, value, previous}`), and answers the one question both retentions
-ask, local and in the bucket: which steps must stay, given the steps already there. It is
-created before anything can upload or delete, and the session gives it the restored record
-before uploads start, so no retention ever runs without knowing the best.
+so far, and answers the one question every retention asks (this disk's, the bucket's): which
+steps must stay, given the steps already there. It is created before anything can upload or
+delete, and the session gives it the restored record before uploads start, so no retention ever
+runs without knowing the best.
 
-A new best replaces the record at once, but the previous best stays spared in each place until
-the new one is there (committed on this disk; committed in the bucket): a kill in between never
-leaves a place without a best. `previous` is part of the record, so that holds across restarts.
+A new best replaces the record at once, but in each place the newest earlier best that is there
+stays until the new one is there too (committed on this disk; verified in the bucket): however
+many new bests come while uploads lag or a process is killed, no place is ever without a best.
+The record keeps the earlier bests a place may still need (`earlier`, trimmed once every place
+has a newer one), so that holds across restarts.
 
 A resume whose rule differs from the one the checkpoint recorded (another metric or mode) starts
-a new record (a `keep_best_changed` event): figures of another rule cannot be compared. The old
-best stays spared, as a previous one, until the new rule's first best is committed.
+a new record (a `keep_best_changed` event): figures of another rule cannot be compared. Until
+the new rule's first best, the record has no step, and the old best is an earlier one: kept
+until that first best is there. keep_best turned off spares nothing.
 """
 
 from __future__ import annotations
@@ -24,35 +27,43 @@ from spot.run.events import EventLog
 
 
 class BestCheckpoint:
-    def __init__(self, rule, events: EventLog):
-        """`rule`: checkpoint.keep_best ({metric, mode}), or None when it is off."""
+    def __init__(self, rule, events: EventLog, places: Collection[str] = ("disk",)):
+        """`rule`: checkpoint.keep_best ({metric, mode}), or None when it is off. `places`:
+        where checkpoints are kept and retention asks (the disk; the bucket too with one)."""
         self.metric = rule.metric if rule is not None else None
         self.mode = str(rule.mode) if rule is not None else None
         self.events = events
+        self.places = tuple(places)
         # Replaced whole, never changed in place: the upload and checkpoint threads read it.
         self._record: dict | None = None
-        self._carried: int | None = None  # the best of a rule no longer in force, spared
+        self._there: dict[str, int] = {}  # place -> the newest best step found there
 
     @property
     def record(self) -> dict | None:
-        """What checkpoints store (and `python -m spot list` marks)."""
-        return self._record
+        """What checkpoints store: {metric, mode, step, value, earlier}; step is None until the
+        rule's first best. `python -m spot list` marks the step."""
+        record = self._record
+        if record is None or len(self._there) < len(self.places):
+            return record
+        everywhere = min(self._there[p] for p in self.places)  # each place has this or newer
+        return {**record, "earlier": [s for s in record["earlier"] if s >= everywhere]}
 
     def restore(self, saved: dict | None) -> None:
         """The record of the checkpoint the run resumes from (None: a new run, or none kept)."""
         if saved is None:
             return
         if (saved.get("metric"), saved.get("mode")) == (self.metric, self.mode):
-            self._record = saved
+            self._record = {"earlier": [], **saved}
             return
-        # Another rule (or none): figures of the old one cannot be compared with the new one's.
-        self._carried = saved["step"] if self.metric is not None else None
         self.events.emit(
             "keep_best_changed",
-            step=saved["step"],
+            step=saved.get("step"),
             previous={"metric": saved.get("metric"), "mode": saved.get("mode")},
             now={"metric": self.metric, "mode": self.mode} if self.metric else None,
         )
+        if self.metric is not None:  # the old rule's bests are earlier ones of the new record
+            steps = [*saved.get("earlier", []), saved.get("step")]
+            self._record = self._new(None, None, [s for s in steps if s is not None])
 
     def check(self, figures: Collection[str]) -> None:
         """Before training: the metric must be one evaluation reports (`val/<name>`)."""
@@ -68,28 +79,34 @@ class BestCheckpoint:
         if self.metric is None:
             return False
         self.check(figures)
-        value, best = figures[self.metric], self._record
-        if best is not None and (
-            value >= best["value"] if self.mode == "min" else value <= best["value"]
-        ):
+        value, best = figures[self.metric], self.record
+        if best is not None and best["step"] is not None and not self._better(value, best):
             return False
-        previous = best["step"] if best is not None else self._carried
-        self._record = {
+        earlier = [] if best is None else [*best["earlier"], best["step"]]
+        self._record = self._new(step, value, [s for s in earlier if s is not None])
+        return True
+
+    def spared(self, present: Collection[int], place: str = "disk") -> set[int]:
+        """The steps a retention in `place` keeps whatever keep_last says, given the steps
+        `present` there: the best, and the newest earlier best that is there until the best is."""
+        record = self._record
+        if record is None:
+            return set()
+        keep = {record["step"]} if record["step"] is not None else set()
+        there = [s for s in (*record["earlier"], record["step"]) if s in present]
+        if there:
+            self._there[place] = there[-1]  # (one writer per place: a dict item is atomic)
+            keep.add(there[-1])
+        return keep
+
+    def _better(self, value: float, best: dict) -> bool:
+        return value < best["value"] if self.mode == "min" else value > best["value"]
+
+    def _new(self, step: int | None, value: float | None, earlier: list[int]) -> dict:
+        return {
             "metric": self.metric,
             "mode": self.mode,
             "step": step,
             "value": value,
-            "previous": previous,
+            "earlier": earlier,
         }
-        return True
-
-    def spared(self, present: Collection[int]) -> set[int]:
-        """The steps a retention must keep whatever keep_last says, given the steps `present`
-        where it deletes: the best, and the one before it until the best is there too."""
-        record = self._record
-        if record is None:
-            return {self._carried} if self._carried is not None else set()
-        previous = record.get("previous")
-        if previous is None or record["step"] in present:
-            return {record["step"]}
-        return {record["step"], previous}

@@ -24,7 +24,7 @@ import logging
 from spot.checkpoint import rng, storage
 from spot.checkpoint.best import BestCheckpoint
 from spot.checkpoint.interval import CheckpointSchedule
-from spot.checkpoint.manager import CheckpointManager, CheckpointWriteError
+from spot.checkpoint.manager import CheckpointManager, CheckpointWriteError, SaveKind
 from spot.checkpoint.state import TrainingState, unwrap
 from spot.distributed.world import World
 from spot.interruption import previous_commit_seconds, record_emergency, warn_if_window_at_risk
@@ -102,19 +102,20 @@ class Checkpointer:
         """After an evaluation (the same figures on every rank): a new best by
         checkpoint.keep_best is checkpointed now, and kept whatever keep_last says."""
         if self.best.consider(figures, self.state.step):
-            self._save("best", must_commit=True)
+            self._save("best", SaveKind.MUST_COMMIT)
 
     def save(self, reason: str) -> None:
         """A checkpoint the loop asked for (`interval`, `rebalance`), on every rank together:
         skipped if the one before is still being written and checkpoint.when_busy=skip."""
-        self._save(reason, must_commit=False)
+        self._save(reason, SaveKind.MAY_SKIP)
 
     def _save(
-        self, reason: str, must_commit: bool, replicated: bool = False, keep_here: bool = False
+        self, reason: str, kind: SaveKind, replicated: bool = False, keep_here: bool = False
     ) -> None:
         """Checkpoint the state at this step, on every rank together (each hands over its RNG).
         `replicated`: replicas may commit this checkpoint, so every rank builds rank 0's bytes;
-        `keep_here`: this rank's replica (if any) does."""
+        `keep_here`: this rank's replica (if any) does. A best checkpoint is waited for: the
+        record that names it goes into every later checkpoint, so it must exist."""
         state = self.state
         rng_states = self.world.gather(rng.capture())  # every rank's RNG goes into the checkpoint
         snapshot = None
@@ -134,11 +135,11 @@ class Checkpointer:
                 info["init"] = state.init
             snapshot = snapshot or state.state_dict(rng_states)
             for manager in managers:
-                saved = manager.save(
-                    state.step, snapshot, info, must_commit=must_commit, defer=self._defer
-                )
+                saved = manager.save(state.step, snapshot, info, kind=kind, defer=self._defer)
                 if saved is not None and manager is self.manager:  # None: skipped, busy
                     self.schedule.saved(state.step)
+            if kind is SaveKind.MUST_COMMIT and self.manager is not None:
+                self.manager.wait()
         # A save can block rank 0 (synchronous, or waiting for the one in flight) for longer
         # than the collective timeout: the others wait for it here, on the group whose timeout
         # is for rank 0's checkpoint I/O, rather than in the next all-reduce.
@@ -158,7 +159,7 @@ class Checkpointer:
         manager = self.manager
         needed = manager is not None and manager.last_committed_step != self.state.step
         if self.world.agree(needed)[0]:
-            self._save("final", must_commit=True)
+            self._save("final", SaveKind.LAST)
         self._closed = True
         if manager is not None:
             manager.close()
@@ -168,6 +169,7 @@ class Checkpointer:
                     f"the final checkpoint (step {self.state.step}) is committed locally but not "
                     f"uploaded to {self.uploader.store.url} in {self.final_upload_timeout_seconds:g} s"
                 )
+            self.uploader.retain_remote()  # once more: the last one may have failed, untried since
             self.uploader.close()
             storage.mark_remote_complete(self.uploader.store, self.state.step)
 
@@ -176,7 +178,7 @@ class Checkpointer:
         checkpoint, upload it in the time the notice leaves, and say how long it all took.
         `keep_here`: this node stays, so its replica (if any) commits the checkpoint too, and
         the next rank 0 here restores it without a download."""
-        self._save("emergency", True, replicated=self._replicated, keep_here=keep_here)
+        self._save("emergency", SaveKind.LAST, replicated=self._replicated, keep_here=keep_here)
         self._closed = True
         if self.replica is not None:
             self.replica.close()

@@ -11,6 +11,7 @@ fsyncing and committing happen in one background thread, at most one checkpoint 
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 import os
 import threading
@@ -111,6 +112,14 @@ def check_state_dict_compatible(saved: dict, live: dict, what: str = "model") ->
         raise CheckpointUnusable(f"checkpoint {what} does not fit this {what}: {detail}")
 
 
+class SaveKind(enum.Enum):
+    """What a save may do when the one before is still being written, or failed."""
+
+    MAY_SKIP = "may skip"  # the interval's, a rebalance's: skipped while busy (when_busy=skip)
+    MUST_COMMIT = "must commit"  # a best: never skipped; its own failure raised
+    LAST = "last"  # final, emergency: must commit, and tried whatever became of the one before
+
+
 class CheckpointManager:
     def __init__(
         self,
@@ -124,7 +133,7 @@ class CheckpointManager:
         on_error: str = "stop",
         when_busy: str = "wait",
         remote=None,
-        spared: Callable[[Collection[int]], set[int]] = lambda _present: set(),
+        spared: Callable[[Collection[int], str], set[int]] = lambda _present, _place: set(),
     ):
         """meta (config_digest, training_config, world_size, run) goes into every manifest.
         remote: a spot.checkpoint.storage.RemoteCheckpoints (a restore looks there too, commits
@@ -132,9 +141,9 @@ class CheckpointManager:
 
         on_error: "stop" raises a failed save's error in the training loop; "continue" logs it,
         counts it and goes on (the previous checkpoint stays the newest). when_busy: "wait" makes a
-        new checkpoint wait for the one in flight; "skip" skips it instead. spared: the steps
-        both retentions keep whatever keep_last says, given the steps present where they delete
-        (spot.checkpoint.best.BestCheckpoint.spared).
+        new checkpoint wait for the one in flight; "skip" skips it instead. spared(present, place):
+        the steps a retention ("disk", "bucket") keeps whatever keep_last says, given the steps
+        present there (spot.checkpoint.best.BestCheckpoint.spared).
         """
         self.root = Path(root)
         self.keep_last = keep_last
@@ -174,7 +183,7 @@ class CheckpointManager:
         state: dict[str, Any],
         info: dict[str, Any],
         *,
-        must_commit: bool = False,
+        kind: SaveKind = SaveKind.MAY_SKIP,
         defer: Collection[str] = (),
     ) -> float | None:
         """Checkpoint `state` at `step`; return the seconds the caller was blocked so far, or
@@ -184,18 +193,17 @@ class CheckpointManager:
         persist in the background. Components named in `defer` (state that does not change until
         the next optimizer step) are copied in the background too, while training goes on: the
         caller must call `before_update()` before it changes them. Synchronous: persist before
-        returning.
-
-        `must_commit` (a final, emergency or best checkpoint): never skipped, always attempted
-        whatever became of the save before it (that one's failure is counted, and is no reason
-        to lose the work since: on_error does not apply to it here), and its own failure is
-        always raised.
+        returning. `kind`: see SaveKind (a save that must commit is never skipped; its own
+        failure is raised when it is collected: `wait()`).
         """
         start = time.perf_counter()
+        must_commit = kind is not SaveKind.MAY_SKIP
         if must_commit:
             failpoint("checkpoint.must_commit", step)
-            self._collect(strict=False, report_only=True)
-            if step == self.last_committed_step:  # an interval save at the last step stands
+            # The one before: its failure is counted, and stops the run by on_error, except
+            # before a last save (the work since the last good checkpoint is still to save).
+            self._collect(raise_it=kind is SaveKind.MUST_COMMIT and self.on_error == "stop")
+            if step == self.last_committed_step:  # an interval save at this step stands
                 return 0.0
         elif step == self._newest_step():  # one commit per step: the one in flight stands
             return 0.0
@@ -207,13 +215,13 @@ class CheckpointManager:
                     "checkpoint_skipped", step=step, reason="previous still being written"
                 )
                 return None
-            self._collect(strict=False)
+            self._collect(raise_it=self.on_error == "stop")
         info = {**info, "requested_at": round(time.time(), 6)}
         if self._executor is None:
             try:
                 self._persist(step, tensorfile.direct(state), info, start)
             except CheckpointWriteError as exc:
-                self._failed(step, exc, strict=must_commit)
+                self._failed(step, exc, raise_it=must_commit or self.on_error == "stop")
             return time.perf_counter() - start
         components, copy_deferred = self._buffer.capture(state, defer=() if must_commit else defer)
         copied = threading.Event()
@@ -262,14 +270,14 @@ class CheckpointManager:
 
     def wait(self) -> None:
         """Block until any background save has committed; its failure is always raised."""
-        self._collect(strict=True)
+        self._collect(raise_it=True)
 
     def poll(self) -> None:
         """Handle a finished background save's failure now, without waiting for a running one."""
         if self._pending is not None and self._pending[1].done():
-            self._collect(strict=False)
+            self._collect(raise_it=self.on_error == "stop")
 
-    def _collect(self, strict: bool, report_only: bool = False) -> None:
+    def _collect(self, raise_it: bool) -> None:
         pending, self._pending = self._pending, None
         if pending is None:
             return
@@ -277,18 +285,16 @@ class CheckpointManager:
         try:
             future.result()
         except CheckpointWriteError as exc:
-            self._failed(step, exc, strict, report_only)
+            self._failed(step, exc, raise_it)
 
-    def _failed(
-        self, step: int, exc: CheckpointWriteError, strict: bool, report_only: bool = False
-    ) -> None:
-        """Count and report a failed save; raise it if `strict` or on_error=stop, unless
-        `report_only` (a checkpoint that must commit comes next)."""
+    def _failed(self, step: int, exc: CheckpointWriteError, raise_it: bool) -> None:
+        """Count and report a failed save; raise it (the caller decides: on_error, or a save
+        that must commit) or go on with the next one."""
         self.failures += 1
         self.events.emit("checkpoint_failed", step=step, error=str(exc), failures=self.failures)
-        if not report_only and (strict or self.on_error == "stop"):
+        if raise_it:
             raise exc
-        log.warning("%s (the next checkpoint is tried all the same)", exc)
+        log.warning("%s (training goes on; the next checkpoint is tried all the same)", exc)
 
     def close(self) -> None:
         try:
@@ -376,7 +382,7 @@ class CheckpointManager:
             limit = committed[0][0]  # only ever delete ones older than the newest committed
             if self.remote is not None:
                 limit = min(limit, self.remote.newest_uploaded() or -1)
-            spared = self.spared({step for step, _ in committed})
+            spared = self.spared({step for step, _ in committed}, "disk")
             for step, path in committed[self.keep_last :]:
                 if step < limit and step not in spared:
                     remove_tree(path)

@@ -38,9 +38,8 @@ class TrainingState:
     saved_world_size: int | None = None  # of the checkpoint loaded, if any
     tracker_run_id: str | None = None  # the metrics tracker's run (W&B), kept across restarts
     schedule_steps: int | None = None  # the length the LR schedule was built for
-    precision: Any = (
-        None  # a spot.precision.MixedPrecision: fp16's gradient scaler is saved with it
-    )
+    # A spot.precision.MixedPrecision: fp16's gradient scaler is saved with it.
+    precision: Any = None
     best: Any = None  # checkpoint.keep_best's owner (spot.checkpoint.best): its record is saved
     init: dict | None = None  # init.checkpoint: {source, step} the run's weights started from
     data_identity: str | None = None  # the training set's (spot/run/data_identity.py)

@@ -384,7 +384,7 @@ class RemoteCheckpoints:
         root: Path,
         keep_last: int,
         on_uploaded: Callable[[int], None],
-        spared: Callable[[Collection[int]], set[int]],
+        spared: Callable[[Collection[int], str], set[int]],
     ) -> Uploader:
         """Claim the run and start uploading. Call it after the restore: a corrupt local
         checkpoint the restore moved aside is then never queued, and a remote one whose download
@@ -395,13 +395,18 @@ class RemoteCheckpoints:
             self.store, root, self.events, keep_last, self.alert_after, on_uploaded, spared
         )
         self.uploader = uploader
+        found = []
         try:
-            uploader.look()
+            found = uploader.look()
         except (ClientError, BotoCoreError) as exc:  # then count none: local copies are all kept
             log.warning("could not check the checkpoints in %s: %s", self.url, one_line(exc))
         newest = uploader.newest_uploaded
+        in_bucket = {c.step for c in found if c.committed}
+        # The best (checkpoint.keep_best) goes too if the bucket lacks it, however old it is: it
+        # may have been committed here just before a kill, behind newer uploads.
+        best = spared(uploader.verified, "bucket") - in_bucket
         for step, _path in committed_checkpoints(root):
-            if newest is None or step > newest:
+            if newest is None or step > newest or step in best:
                 uploader.submit(step)
         return uploader
 

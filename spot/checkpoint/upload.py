@@ -203,10 +203,10 @@ class Uploader:
         keep_last: int,
         alert_after: int = 3,
         on_uploaded: Callable[[int], None] | None = None,
-        spared: Callable[[Collection[int]], set[int]] = lambda _present: set(),
+        spared: Callable[[Collection[int], str], set[int]] = lambda _present, _place: set(),
     ):
-        """`spared`: the steps retention keeps whatever keep_last says, given the steps in the
-        bucket (spot.checkpoint.best.BestCheckpoint.spared)."""
+        """`spared(present, "bucket")`: the steps retention keeps whatever keep_last says, given
+        the verified steps in the bucket (spot.checkpoint.best.BestCheckpoint.spared)."""
         self.store = store  # a spot.checkpoint.storage.S3Store
         self.local_root = local_root
         self.events = events
@@ -272,7 +272,11 @@ class Uploader:
                     return
                 self._pending.discard(newest)
                 self._current = newest
-            retry = self._attempt(newest)
+            try:
+                retry = self._attempt(newest)
+            except Exception as exc:  # never the thread's end: drain() would wait for good
+                log.warning("uploading checkpoint %d failed: %s", newest, exc)
+                retry = True
             with self._cond:
                 self._current = None
                 if retry:
@@ -292,7 +296,7 @@ class Uploader:
             self._skip(step, "already in the bucket, verified")
             return False
         newer = sum(1 for s in verified if s > step)
-        if newer >= self.keep_last and step not in self.spared(verified):
+        if newer >= self.keep_last and step not in self.spared(verified, "bucket"):
             self._skip(step, f"superseded: {newer} newer verified checkpoints in the bucket")
             return False
         attempts = self._attempts[step] = self._attempts.get(step, 0) + 1
@@ -364,8 +368,14 @@ class Uploader:
             kept = sorted(self.verified)
             if len(kept) < self.keep_last:
                 return
-            spared = self.spared(self.verified | {c.step for c in found if c.committed})
-            stale = [c.step for c in found if c.step < kept[0] and c.step not in spared]
+            # Older than the kept ones: the bests retention spares, if they verify (a best that
+            # does not must not spare the one before it), and what is to be deleted.
+            older = [c for c in found if c.step < kept[0]]
+            present = set(self.verified) | {
+                c.step for c in older if c.committed and remote_problem(self.store, c) is None
+            }
+            spared = self.spared(present, "bucket")
+            stale = [c.step for c in older if c.step not in spared]
             if stale and self.store.owns():
                 for step in stale:
                     self.store.delete(step)

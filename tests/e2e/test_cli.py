@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import boto3
 import pytest
 
 from spot.run.events import read_events
+from tests.e2e import test_s3
 from tests.helpers import (
     CREDENTIALS,
     FAST,
@@ -137,18 +137,7 @@ def test_every_tool_is_an_argparse_subcommand_with_its_own_arguments(capsys):
         assert done.value.code == 2 and key in error, error
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    """moto's S3 server on loopback (as test_s3.py starts it), with one bucket for this file."""
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
+s3_endpoint = test_s3.s3_endpoint  # its fixture: moto's S3 server on loopback, per module
 
 
 def spot_tool(*argv: str) -> subprocess.CompletedProcess:

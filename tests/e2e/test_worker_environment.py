@@ -4,29 +4,17 @@ forkserver they are forked from starts as soon as the command line composes, bef
 
 from __future__ import annotations
 
-import socket
-
 import boto3
 import pytest
 
 from spot.checkpoint.manifest import step_dir_name
+from tests.e2e import test_s3
 from tests.helpers import CREDENTIALS, FAST, run_dir_of, run_train, train_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    """moto's S3 server on loopback, as test_s3.py starts it."""
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
+s3_endpoint = test_s3.s3_endpoint  # its fixture: moto's S3 server on loopback, per module
 
 
 def test_forkserver_workers_get_the_credentials_set_by_hydra_env_set(s3_endpoint, tmp_path):

@@ -13,7 +13,12 @@ import torch
 from torch import nn
 
 from spot.checkpoint import tensorfile
-from spot.checkpoint.manager import CheckpointManager, CheckpointWriteError, list_step_dirs
+from spot.checkpoint.manager import (
+    CheckpointManager,
+    CheckpointWriteError,
+    SaveKind,
+    list_step_dirs,
+)
 from spot.checkpoint.manifest import verify
 from spot.run.events import EventLog, read_events
 from tests.helpers import assert_bitwise_equal
@@ -140,7 +145,7 @@ def test_a_checkpoint_that_must_commit_is_tried_after_the_one_before_failed(on_e
     try:
         m.save(1, state, {})
         m.save(2, state, {})
-        m.save(3, state, {}, must_commit=True)
+        m.save(3, state, {}, kind=SaveKind.LAST)
         m.close()
     finally:
         arm("")
@@ -151,6 +156,25 @@ def test_a_checkpoint_that_must_commit_is_tried_after_the_one_before_failed(on_e
         if e["event"] == "checkpoint_failed"
     ]
     assert failed == [2] and m.failures == 1
+
+
+def test_a_best_checkpoint_after_a_failed_one_keeps_on_error_stop(tmp_path):
+    """A best checkpoint must commit too, but it is not the last one: with on_error=stop, the
+    failure of the save before it stops the run there, as at any other step boundary."""
+    from spot.failpoints import arm
+
+    state = {"model": {"w": torch.ones(10)}, "optimizer": {}, "scheduler": {}, "trainer": {}}
+    m = manager(tmp_path / "ck", on_error="stop")
+    arm("checkpoint.persist@step=2@until=checkpoint.must_commit@raise")
+    try:
+        m.save(1, state, {})
+        m.save(2, state, {})
+        with pytest.raises(CheckpointWriteError, match="step 2"):
+            m.save(3, state, {}, kind=SaveKind.MUST_COMMIT)
+        m.close()
+    finally:
+        arm("")
+    assert sorted(s for s, _ in list_step_dirs(tmp_path / "ck")) == [1]
 
 
 @pytest.mark.parametrize("on_error", ["stop", "continue"])
@@ -175,7 +199,7 @@ def test_background_failure_surfaces_by_policy(on_error, tmp_path):
     assert m.failures == 1
     assert (raised is not None) == (on_error == "stop")
     with pytest.raises(CheckpointWriteError, match="step 3"):
-        m.save(3, state, {}, must_commit=True)  # a final checkpoint's failure is always raised
+        m.save(3, state, {}, kind=SaveKind.LAST)  # a final checkpoint's failure is always raised
         m.wait()
     failed = [
         e["step"]

@@ -18,20 +18,34 @@ def owner(tmp_path, metric="val/loss", mode="min") -> BestCheckpoint:
     return BestCheckpoint(BestConfig(metric=metric, mode=mode), EventLog(tmp_path / "e.jsonl"))
 
 
-def test_a_new_best_spares_the_previous_one_until_it_is_there(tmp_path):
+def test_a_new_best_spares_the_newest_earlier_one_there_until_it_is_there(tmp_path):
     best = owner(tmp_path)
     assert best.consider({"val/loss": 2.0}, 10) and best.spared({10}) == {10}
     assert not best.consider({"val/loss": 2.5}, 20)  # worse: the record stands
     assert best.consider({"val/loss": 1.5}, 30)
-    assert best.spared({10, 20}) == {10, 30}  # 30 is not in this place yet: 10 stays
-    assert best.spared({10, 20, 30}) == {30}
+    assert best.consider({"val/loss": 1.2}, 40)  # two new bests before either is anywhere
+    assert best.spared({10, 20}) == {10, 40}  # 10 is this place's newest best: it stays
+    assert best.spared({10, 20, 30}) == {30, 40}
+    assert best.spared({10, 20, 30, 40}) == {40}
     assert best.record == {
         "metric": "val/loss",
         "mode": "min",
-        "step": 30,
-        "value": 1.5,
-        "previous": 10,
+        "step": 40,
+        "value": 1.2,
+        "earlier": [],  # every place (the disk) has 40 now: no earlier one is needed
     }
+
+
+def test_earlier_bests_are_kept_in_the_record_until_every_place_has_a_newer_one(tmp_path):
+    best = BestCheckpoint(BestConfig(), EventLog(tmp_path / "e.jsonl"), ("disk", "bucket"))
+    best.consider({"val/loss": 2.0}, 10)
+    best.consider({"val/loss": 1.0}, 20)
+    best.spared({10, 20}, "disk")
+    assert best.record["earlier"] == [10]  # the bucket has not been asked: 10 may be its best
+    best.spared({10}, "bucket")
+    assert best.record["earlier"] == [10]
+    best.spared({10, 20}, "bucket")
+    assert best.record["earlier"] == []
 
 
 def test_the_record_resumes_with_its_rule_and_restarts_when_the_rule_changes(tmp_path):
@@ -42,10 +56,14 @@ def test_the_record_resumes_with_its_rule_and_restarts_when_the_rule_changes(tmp
     assert not same.consider({"val/loss": 2.1}, 20)  # compared with the restored record
     changed = owner(tmp_path, "val/accuracy", "max")
     changed.restore(saved.record)
-    assert changed.record is None and changed.spared(set()) == {10}  # the old best kept...
-    assert changed.consider({"val/loss": 2.1, "val/accuracy": 0.1}, 20)  # a new record
-    assert changed.spared({20}) == {20}  # ...until the new rule's first best is there
-    (event,) = [e for e in read_events(tmp_path / "e.jsonl") if e["event"] == "keep_best_changed"]
+    assert changed.record["step"] is None and changed.spared({10}) == {10}  # the old best...
+    again = owner(tmp_path, "val/accuracy", "max")  # killed before the new rule's first best:
+    again.restore(changed.record)  # the record it saved still names the old best
+    assert again.spared({10}) == {10}
+    assert again.consider({"val/loss": 2.1, "val/accuracy": 0.1}, 20)  # a new record
+    assert again.spared({10, 20}) == {20}  # ...kept until the new rule's first best is there
+    events = read_events(tmp_path / "e.jsonl")
+    (event,) = [e for e in events if e["event"] == "keep_best_changed"]
     assert event["previous"] == {"metric": "val/loss", "mode": "min"}
     assert event["now"] == {"metric": "val/accuracy", "mode": "max"}
 

@@ -15,7 +15,7 @@ import torch
 
 from spot.checkpoint import rng
 from spot.checkpoint.interval import CheckpointSchedule
-from spot.checkpoint.manager import CheckpointManager
+from spot.checkpoint.manager import CheckpointManager, SaveKind
 from spot.checkpoint.manifest import verify
 from spot.distributed.sampler import ResumableBatchSampler
 from spot.run.config import CheckpointConfig
@@ -47,7 +47,7 @@ def test_saving_a_step_again_keeps_the_one_committed(tmp_path, async_save):
     root = tmp_path / "ck"
     first = manager(root, async_save=async_save)
     first.save(5, STATE, {})
-    first.save(5, {**STATE, "model": {"w": torch.zeros(8)}}, {}, must_commit=True)
+    first.save(5, {**STATE, "model": {"w": torch.zeros(8)}}, {}, kind=SaveKind.LAST)
     first.close()
     assert committed_steps(tmp_path / "events.jsonl") == [5]
     committed = root / "step-000000005"
@@ -55,7 +55,7 @@ def test_saving_a_step_again_keeps_the_one_committed(tmp_path, async_save):
     assert torch.equal(CheckpointManager.load(committed).state["model"]["w"], torch.arange(8.0))
 
     again = manager(root, async_save=async_save)  # another process, same step
-    again.save(5, {**STATE, "model": {"w": torch.zeros(8)}}, {}, must_commit=True)
+    again.save(5, {**STATE, "model": {"w": torch.zeros(8)}}, {}, kind=SaveKind.LAST)
     again.close()
     assert committed.stat().st_ino == inode  # never renamed away, never replaced
     assert torch.equal(CheckpointManager.load(committed).state["model"]["w"], torch.arange(8.0))

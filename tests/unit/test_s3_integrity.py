@@ -203,7 +203,7 @@ def _best(events, record=None):
     from spot.checkpoint.best import BestCheckpoint
     from spot.run.config import BestConfig
 
-    best = BestCheckpoint(BestConfig(metric="val/loss", mode="min"), events)
+    best = BestCheckpoint(BestConfig(metric="val/loss", mode="min"), events, ("disk", "bucket"))
     best.restore(record)
     return best
 
@@ -275,3 +275,70 @@ def test_the_old_best_stays_in_the_bucket_until_the_new_one_is_there(s3_endpoint
     assert in_bucket_at_40 == [[20, 40, 50]]
     assert sorted(store.committed_steps()) == [40, 50]
     assert sorted(s for s, _ in list_step_dirs(tmp_path / "ck")) == [40, 50]
+
+
+def test_two_new_bests_before_either_is_uploaded_leave_the_old_one_in_the_bucket(
+    s3_endpoint, bucket, tmp_path
+):
+    """20 (the best) is in the bucket; 40 and 50 are new bests in a row, committed here while
+    uploads are stopped, then 60; the next process uploads newest first (60, then 50): 20 is in
+    the bucket until 50 is, and the bucket always holds a best."""
+    client, name = bucket
+    events = EventLog(tmp_path / "events.jsonl")
+    store = S3Store(name, "runs/r/1", endpoint_url=s3_endpoint)
+    first = _best(events)
+    local = manager(tmp_path / "ck", events, keep_last=1, store=store, best=first)
+    uploader = local.start_uploads()
+    first.consider({"val/loss": 1.0}, 20)
+    local.save(20, state(20), {})
+    assert uploader.drain(30)
+    uploader.close()
+    for step, loss in ((40, 0.9), (50, 0.8)):
+        first.consider({"val/loss": loss}, step)
+        local.save(step, state(step), {})
+    local.save(60, state(60), {})
+
+    seen: list[list[int]] = []
+    listener = EventLog(tmp_path / "restart.jsonl")
+    listener.subscribe(
+        lambda e: e["event"] == "upload" and seen.append(sorted(store.committed_steps()))
+    )
+    restarted = manager(
+        tmp_path / "ck", listener, keep_last=1, store=store, best=_best(listener, first.record)
+    )
+    uploader = restarted.start_uploads()
+    try:
+        assert uploader.drain(30)
+    finally:
+        uploader.close()
+    # At each upload, before its retention: 20 stays until 50 (the best) is in the bucket.
+    assert seen == [[20, 60], [20, 50, 60]]
+    assert sorted(store.committed_steps()) == [50, 60]
+
+
+def test_a_best_committed_behind_newer_uploads_is_uploaded_after_a_restart(
+    s3_endpoint, bucket, tmp_path
+):
+    """20, the best, is committed here while uploads are stopped, then 30 and 40; 30 and 40 reach
+    the bucket (another uploader, as a newest-first backlog would), and the process dies. The
+    next one must upload 20, although it is older than every step in the bucket."""
+    client, name = bucket
+    events = EventLog(tmp_path / "events.jsonl")
+    store = S3Store(name, "runs/r/1", endpoint_url=s3_endpoint)
+    best = _best(events)
+    local = manager(tmp_path / "ck", events, keep_last=2, store=store, best=best)
+    best.consider({"val/loss": 1.0}, 20)
+    for step in (20, 30, 40):
+        local.save(step, state(step), {})
+    store.claim()
+    for step in (30, 40):
+        store.upload(tmp_path / "ck" / step_dir_name(step), step)
+    restarted = manager(
+        tmp_path / "ck", events, keep_last=2, store=store, best=_best(events, best.record)
+    )
+    uploader = restarted.start_uploads()
+    try:
+        uploader.drain(30)  # (its answer is about 20, the newest submitted: not kept as such)
+    finally:
+        uploader.close()
+    assert sorted(store.committed_steps()) == [20, 30, 40]
