@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 # from it starts with that environment, not the agent's when it starts them (see `handed_down`).
 _forkserver_environment: dict[str, str] | None = None
 # What torch's agent sets for each worker itself (local_elastic_agent._start_workers): its value,
-# not the agent process's, is the worker's.
+# not the agent process's, is the worker's. (CUDA_VISIBLE_DEVICES is not: torch sets it only with
+# virtual local ranks, which this launcher never asks for, so a user's value is handed down.)
 _TORCH_WORKER_KEYS = frozenset(
     (
         "RANK",
@@ -48,7 +49,6 @@ _TORCH_WORKER_KEYS = frozenset(
         "ROLE_WORLD_SIZE",
         "MASTER_ADDR",
         "MASTER_PORT",
-        "CUDA_VISIBLE_DEVICES",
         "OMP_NUM_THREADS",
         "TORCH_NCCL_ASYNC_ERROR_HANDLING",
     )

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -97,3 +99,20 @@ def test_accumulated_micro_batches_give_the_full_batch_gradient():
     for p, g in zip(model.parameters(), full, strict=True):
         torch.testing.assert_close(p.grad, g, rtol=1e-6, atol=1e-7)
     assert float(total) / 5 == pytest.approx(loss_fn(model, (inputs, targets)).item(), rel=1e-6)
+
+
+def test_the_environment_handed_to_forked_workers(monkeypatch):
+    """What the agent set or removed since its forkserver started (hydra.job.env_set, a user's
+    CUDA_VISIBLE_DEVICES) reaches its forked workers; torch's per-worker keys stay torch's."""
+    from spot.distributed import launch
+
+    monkeypatch.setenv("KEPT_AWAY", "1")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(launch, "_forkserver_environment", dict(os.environ))
+    monkeypatch.setenv("NCCL_SOCKET_IFNAME", "lo")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,0")
+    monkeypatch.setenv("RANK", "7")
+    monkeypatch.delenv("KEPT_AWAY")
+    handed = launch.handed_down()
+    assert handed["NCCL_SOCKET_IFNAME"] == "lo" and handed["CUDA_VISIBLE_DEVICES"] == "1,0"
+    assert handed["KEPT_AWAY"] is None and "RANK" not in handed
