@@ -21,7 +21,6 @@ import contextlib
 import logging
 import os
 import time
-from dataclasses import dataclass
 
 import torch
 from omegaconf import OmegaConf
@@ -47,58 +46,9 @@ from spot.run.events import EventLog
 from spot.run.metrics import make_tracker, subscribe_metrics
 from spot.run.progress import Progress
 from spot.run.schedule import TrainingLength
+from spot.run.start import Initial, Plan, Restored, Unusable, receive, send
 
 log = logging.getLogger("train")
-
-
-@dataclass(frozen=True)
-class Restored:
-    """The checkpoint this attempt resumes from, the same on every rank."""
-
-    step: int
-    path: str
-    state: dict
-
-
-@dataclass(frozen=True)
-class Plan:
-    """This attempt at this world size: the data order and batch, the run's length, the world
-    size the config's LR and batch are meant for; and the checkpoint it resumes from, if any."""
-
-    sampler: ResumableBatchSampler
-    length: TrainingLength
-    reference_world_size: int
-    max_steps: int  # the progress line's total
-    restored: Restored | None
-
-
-@dataclass(frozen=True)
-class Initial:
-    """init.checkpoint: another run's verified weights, for a run with no checkpoint of its own."""
-
-    source: str
-    step: int
-    state: dict
-
-
-@dataclass(frozen=True)
-class Unusable:
-    """The newest checkpoint (or init.checkpoint) cannot be used: the run stops with exit 3."""
-
-    reason: str
-
-
-_FOUND = {kind.__name__: kind for kind in (Restored, Initial, Unusable)}
-
-
-def _send(found) -> tuple | None:
-    """What rank 0 found, for World.share: its fields as a dict, whose tensors travel as raw
-    buffers (a dataclass would be pickled whole)."""
-    return None if found is None else (type(found).__name__, dict(vars(found)))
-
-
-def _receive(sent: tuple | None):
-    return None if sent is None else _FOUND[sent[0]](**sent[1])
 
 
 class Session(contextlib.ExitStack):
@@ -174,7 +124,7 @@ class Session(contextlib.ExitStack):
         found = self._find() if self.checkpoints is not None else None
         if self.checkpoints is not None and not isinstance(found, Unusable):
             self._start_uploads(found)
-        found = _receive(self.world.share(_send(found)))
+        found = receive(self.world.share(send(found)))
         if isinstance(found, Unusable):
             self.events.emit("checkpoint_unusable", reason=found.reason)
             raise CheckpointUnusable(found.reason)
