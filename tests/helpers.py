@@ -245,3 +245,28 @@ def verifies(store, step: int, into: Path) -> bool:
         return True
     except manifest.CorruptCheckpoint:
         return False
+
+
+def free_port() -> int:
+    """A free TCP port on loopback (for a test's own process group or server)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def gloo_world(rank: int, world_size: int, port: int):
+    """In a test's spawned process: join a real gloo group of `world_size` on loopback, as a
+    torchrun worker would (spot.distributed.world.join)."""
+    from spot.distributed import world as distributed
+
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        TORCHELASTIC_RUN_ID="test",
+    )
+    return distributed.join(10, 30, cuda=False)

@@ -4,7 +4,6 @@ a resume on other data under the same config is refused with one line and exit 3
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -16,8 +15,15 @@ from spot.run.config import ConfigError
 from spot.run.data_identity import check_same_data
 from spot.run.events import read_events
 from spot.run.exitcodes import EXIT_CHECKPOINT_UNUSABLE
-from tests.e2e.test_distributed import free_port
-from tests.helpers import FAST, run_dir_of, run_train, run_until_failpoint, train_env
+from tests.helpers import (
+    FAST,
+    free_port,
+    gloo_world,
+    run_dir_of,
+    run_train,
+    run_until_failpoint,
+    train_env,
+)
 
 
 class Declared:
@@ -26,15 +32,7 @@ class Declared:
 
 
 def _worker(rank: int, world_size: int, port: int, out: str) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        TORCHELASTIC_RUN_ID="test",
-    )
-    world = distributed.join(10, 30, cuda=False)
+    world = gloo_world(rank, world_size, port)
     results = {"same": check_same_data(world, {"data.dataset": Declared("v1"), "data.val": None})}
     try:  # the validation set differs on the last rank
         val = Declared("v1" if rank < world_size - 1 else "v2")

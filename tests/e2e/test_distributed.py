@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -15,26 +13,13 @@ import torch.multiprocessing as mp
 
 from spot.distributed import elastic
 from spot.distributed import world as distributed
+from tests.helpers import free_port, gloo_world
 
 # ---- real process groups --------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, world_size: int, port: int, out: str) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        TORCHELASTIC_RUN_ID="test",
-    )
-    world = distributed.join(10, 30, cuda=False)
+    world = gloo_world(rank, world_size, port)
     results = {"rank": world.rank, "world_size": world.world_size}
 
     # share(): the leader's state on every rank, views of one storage included.

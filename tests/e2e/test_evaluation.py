@@ -8,8 +8,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
-import socket
 import time
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from data.synthetic import SyntheticVectors
 from spot.distributed import world as distributed
 from spot.distributed.world import World
 from spot.evaluation import evaluate
+from tests.helpers import free_port, gloo_world
 from tests.unit.test_evaluation import VAL, batch_fn, model
 
 # name: (data set, batch size, max_batches); figures over the same samples at any world size.
@@ -76,26 +75,8 @@ def stopped_by_a_notice(world: World, length: int) -> dict:
     return {"figures": result, "batches": next(evaluated)}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def join(rank: int, world_size: int, port: int) -> World:
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        TORCHELASTIC_RUN_ID="test",
-    )
-    return distributed.join(10, 30, cuda=False)
-
-
 def _worker(rank: int, world_size: int, port: int, out: str) -> None:
-    world = join(rank, world_size, port)
+    world = gloo_world(rank, world_size, port)
     results = {"figures": figures(world)}
     results["stopped"] = {n: stopped_by_a_notice(world, n) for n in LONG}
     Path(out, f"rank-{rank}.json").write_text(json.dumps(results))
@@ -183,7 +164,7 @@ def _bench_worker(rank: int, world_size: int, port: int, out: str, repeats: int)
     from spot import evaluation
 
     torch.set_num_threads(1)  # a core per rank
-    world = join(rank, world_size, port)
+    world = gloo_world(rank, world_size, port)
     overlapped = world.agree_later
     variants = {
         "agreed": overlapped,

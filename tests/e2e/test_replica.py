@@ -6,7 +6,6 @@ own disk (a node that stays) must hold the same bytes in every file."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -23,21 +22,13 @@ from spot.distributed import world as distributed
 from spot.distributed.sampler import ResumableBatchSampler
 from spot.run.config import CheckpointConfig, CloudConfig
 from spot.run.events import EventLog
-from tests.e2e.test_distributed import free_port
+from tests.helpers import free_port, gloo_world
 
 
 def _rank(rank: int, port: int, out: str) -> None:
     from models.cnn import SmallCNN
 
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE="2",
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        TORCHELASTIC_RUN_ID="replica",
-    )
-    world = distributed.join(10, 30, cuda=False)
+    world = gloo_world(rank, 2, port)
     torch.manual_seed(0)
     model = world.wrap(SmallCNN(in_channels=1, num_classes=3, dropout=0.0), torch.device("cpu"))
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
