@@ -132,7 +132,7 @@ class Session(contextlib.ExitStack):
             self.initial = found
             return None
         if found is not None and self.checkpoints is None:  # rank 0's knows it already
-            self.best.restore(found.state["trainer"].get("best"))
+            self.best.restore(found.best)
         return found
 
     def _find(self) -> Restored | Initial | Unusable | None:
@@ -142,7 +142,8 @@ class Session(contextlib.ExitStack):
         except CheckpointUnusable as exc:
             return Unusable(str(exc))
         if loaded is not None:
-            return Restored(loaded.step, str(loaded.path), loaded.state)
+            best = loaded.manifest.get("best") or loaded.state["trainer"].get("best")
+            return Restored(loaded.step, str(loaded.path), loaded.state, best)
         if not self.s.init.checkpoint:
             return None
         init = self.s.init
@@ -159,7 +160,7 @@ class Session(contextlib.ExitStack):
         nor counted), and the ledgers lose what the restored step had not reached."""
         restored = found if isinstance(found, Restored) else None
         if restored is not None:
-            self.best.restore(restored.state["trainer"].get("best"))
+            self.best.restore(restored.best)
         self.uploader = self.checkpoints.start_uploads()
         if self.uploader is not None:  # closed on every way out, also before the checkpointer's
             self.callback(self.uploader.close)

@@ -40,8 +40,16 @@ class BestCheckpoint:
 
     @property
     def record(self) -> dict | None:
-        """What checkpoints store: {metric, mode, step, value, earlier}; step is None until the
-        rule's first best. `python -m spot list` marks the step."""
+        """The best so far, as the trainer state holds it: {metric, mode, step, value}; step is
+        None until the rule's first best. The same at a step whether the run was interrupted or
+        not (what retention has seen is not in it)."""
+        record = self._record
+        return None if record is None else {k: v for k, v in record.items() if k != "earlier"}
+
+    @property
+    def retention_record(self) -> dict | None:
+        """The record with the earlier bests a place may still need (`earlier`, trimmed once
+        every place has a newer best): what manifests hold, and a restart restores."""
         record = self._record
         if record is None or len(self._there) < len(self.places):
             return record
@@ -49,7 +57,8 @@ class BestCheckpoint:
         return {**record, "earlier": [s for s in record["earlier"] if s >= everywhere]}
 
     def restore(self, saved: dict | None) -> None:
-        """The record of the checkpoint the run resumes from (None: a new run, or none kept)."""
+        """The record of the checkpoint the run resumes from, from its manifest (with `earlier`)
+        or its trainer state (None: a new run, or none kept)."""
         if saved is None:
             return
         if (saved.get("metric"), saved.get("mode")) == (self.metric, self.mode):
@@ -79,7 +88,7 @@ class BestCheckpoint:
         if self.metric is None:
             return False
         self.check(figures)
-        value, best = figures[self.metric], self.record
+        value, best = figures[self.metric], self.retention_record
         if best is not None and best["step"] is not None and not self._better(value, best):
             return False
         earlier = [] if best is None else [*best["earlier"], best["step"]]

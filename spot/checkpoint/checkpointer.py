@@ -129,8 +129,8 @@ class Checkpointer:
                 "epoch": state.epoch,
                 "samples_in_epoch": state.sampler.consumed,
             }
-            if self.best.record:  # `python -m spot list` marks it
-                info["best"] = self.best.record
+            if self.best.record:  # `python -m spot list` marks it; a restart restores it
+                info["best"] = self.best.retention_record
             if state.init:  # where the run's weights started
                 info["init"] = state.init
             snapshot = snapshot or state.state_dict(rng_states)

@@ -17,6 +17,9 @@ class Restored:
     step: int
     path: str
     state: dict
+    best: dict | None = (
+        None  # checkpoint.keep_best's record, from the manifest (spot.checkpoint.best)
+    )
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ def test_a_new_best_spares_the_newest_earlier_one_there_until_it_is_there(tmp_pa
     assert best.spared({10, 20}) == {10, 40}  # 10 is this place's newest best: it stays
     assert best.spared({10, 20, 30}) == {30, 40}
     assert best.spared({10, 20, 30, 40}) == {40}
-    assert best.record == {
+    assert best.retention_record == {
         "metric": "val/loss",
         "mode": "min",
         "step": 40,
@@ -36,16 +36,39 @@ def test_a_new_best_spares_the_newest_earlier_one_there_until_it_is_there(tmp_pa
     }
 
 
+def test_the_trainer_states_record_is_the_same_whatever_retention_saw(tmp_path):
+    """What goes into the trainer state (compared bitwise between an interrupted run and an
+    uninterrupted one) holds no bookkeeping of where which checkpoint is."""
+    seen, unseen = owner(tmp_path), owner(tmp_path)
+    for best in (seen, unseen):
+        best.consider({"val/loss": 2.0}, 10)
+        best.consider({"val/loss": 1.0}, 20)
+    seen.spared({10, 20})
+    assert (
+        seen.record
+        == unseen.record
+        == {
+            "metric": "val/loss",
+            "mode": "min",
+            "step": 20,
+            "value": 1.0,
+        }
+    )
+    assert seen.retention_record["earlier"] == [] and unseen.retention_record["earlier"] == [10]
+
+
 def test_earlier_bests_are_kept_in_the_record_until_every_place_has_a_newer_one(tmp_path):
     best = BestCheckpoint(BestConfig(), EventLog(tmp_path / "e.jsonl"), ("disk", "bucket"))
     best.consider({"val/loss": 2.0}, 10)
     best.consider({"val/loss": 1.0}, 20)
     best.spared({10, 20}, "disk")
-    assert best.record["earlier"] == [10]  # the bucket has not been asked: 10 may be its best
+    assert best.retention_record["earlier"] == [
+        10
+    ]  # the bucket has not been asked: 10 may be its best
     best.spared({10}, "bucket")
-    assert best.record["earlier"] == [10]
+    assert best.retention_record["earlier"] == [10]
     best.spared({10, 20}, "bucket")
-    assert best.record["earlier"] == []
+    assert best.retention_record["earlier"] == []
 
 
 def test_the_record_resumes_with_its_rule_and_restarts_when_the_rule_changes(tmp_path):
@@ -58,7 +81,7 @@ def test_the_record_resumes_with_its_rule_and_restarts_when_the_rule_changes(tmp
     changed.restore(saved.record)
     assert changed.record["step"] is None and changed.spared({10}) == {10}  # the old best...
     again = owner(tmp_path, "val/accuracy", "max")  # killed before the new rule's first best:
-    again.restore(changed.record)  # the record it saved still names the old best
+    again.restore(changed.retention_record)  # what its manifest kept names the old best
     assert again.spared({10}) == {10}
     assert again.consider({"val/loss": 2.1, "val/accuracy": 0.1}, 20)  # a new record
     assert again.spared({10, 20}) == {20}  # ...kept until the new rule's first best is there

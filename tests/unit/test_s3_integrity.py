@@ -265,7 +265,11 @@ def test_the_old_best_stays_in_the_bucket_until_the_new_one_is_there(s3_endpoint
         )
     )
     restarted = manager(
-        tmp_path / "ck", listener, keep_last=1, store=store, best=_best(listener, first.record)
+        tmp_path / "ck",
+        listener,
+        keep_last=1,
+        store=store,
+        best=_best(listener, first.retention_record),
     )
     uploader = restarted.start_uploads()
     try:
@@ -304,7 +308,11 @@ def test_two_new_bests_before_either_is_uploaded_leave_the_old_one_in_the_bucket
         lambda e: e["event"] == "upload" and seen.append(sorted(store.committed_steps()))
     )
     restarted = manager(
-        tmp_path / "ck", listener, keep_last=1, store=store, best=_best(listener, first.record)
+        tmp_path / "ck",
+        listener,
+        keep_last=1,
+        store=store,
+        best=_best(listener, first.retention_record),
     )
     uploader = restarted.start_uploads()
     try:
@@ -334,7 +342,7 @@ def test_a_best_committed_behind_newer_uploads_is_uploaded_after_a_restart(
     for step in (30, 40):
         store.upload(tmp_path / "ck" / step_dir_name(step), step)
     restarted = manager(
-        tmp_path / "ck", events, keep_last=2, store=store, best=_best(events, best.record)
+        tmp_path / "ck", events, keep_last=2, store=store, best=_best(events, best.retention_record)
     )
     uploader = restarted.start_uploads()
     try:
