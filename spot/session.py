@@ -360,7 +360,9 @@ class Session(contextlib.ExitStack):
         rather than at the first evaluation."""
         if self.best.metric is not None:
             batch_size = self.s.eval.batch_size or self.s.trainer.batch_size
-            self.best.check(figure_names(model, dataset, _in(amp, batch_fn), batch_size))
+            self.best.check(
+                figure_names(model, dataset, _under_autocast(amp, batch_fn), batch_size)
+            )
 
     def evaluate(self, model, dataset, batch_fn, amp=None) -> None:
         """Validation figures, reduced over all ranks, as an `eval` event (val/* metrics).
@@ -369,7 +371,7 @@ class Session(contextlib.ExitStack):
         figures = evaluate(
             model,
             dataset,
-            _in(amp, batch_fn),
+            _under_autocast(amp, batch_fn),
             self.world,
             batch_size=e.batch_size or self.s.trainer.batch_size,
             max_batches=e.max_batches,
@@ -439,7 +441,7 @@ class Session(contextlib.ExitStack):
             log.info("run complete at step %d: %s", state.step, self.paths.dir)
 
 
-def _in(amp, batch_fn):
+def _under_autocast(amp, batch_fn):
     """`batch_fn` under the run's autocast (trainer.precision), as training computes."""
 
     def in_precision(module, batch):

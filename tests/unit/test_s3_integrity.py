@@ -208,6 +208,25 @@ def _best(events, record=None):
     return best
 
 
+def _restart_and_upload(tmp_path, store, record) -> dict[int, list[int]]:
+    """A new process (keep_last=1) restores `record` and uploads what this disk holds; for each
+    upload, in order, the steps committed in the bucket when it landed (before its retention)."""
+    seen: dict[int, list[int]] = {}
+    events = EventLog(tmp_path / "restart.jsonl")
+    events.subscribe(
+        lambda e: e["event"] == "upload" and seen.setdefault(e["step"], store.committed_steps())
+    )
+    restarted = manager(
+        tmp_path / "ck", events, keep_last=1, store=store, best=_best(events, record)
+    )
+    uploader = restarted.start_uploads()
+    try:
+        assert uploader.drain(30)
+    finally:
+        uploader.close()
+    return {step: sorted(steps) for step, steps in seen.items()}
+
+
 def test_the_best_checkpoint_is_spared_by_both_retentions(s3_endpoint, bucket, tmp_path):
     """keep_last=1 with step 20 the best: after 30 and 40 commit and upload, 20 is still on
     this disk and in the bucket; once 40 is the best, 20 goes from both."""
@@ -255,28 +274,8 @@ def test_the_old_best_stays_in_the_bucket_until_the_new_one_is_there(s3_endpoint
         local.save(step, state(step), {})
     assert store.committed_steps() == [20]
 
-    in_bucket_at_40: list[list[int]] = []
-    listener = EventLog(tmp_path / "restart.jsonl")
-    listener.subscribe(
-        lambda e: (
-            e["event"] == "upload"
-            and e["step"] == 40
-            and in_bucket_at_40.append(sorted(store.committed_steps()))
-        )
-    )
-    restarted = manager(
-        tmp_path / "ck",
-        listener,
-        keep_last=1,
-        store=store,
-        best=_best(listener, first.retention_record),
-    )
-    uploader = restarted.start_uploads()
-    try:
-        assert uploader.drain(30)
-    finally:
-        uploader.close()
-    assert in_bucket_at_40 == [[20, 40, 50]]
+    seen = _restart_and_upload(tmp_path, store, first.retention_record)
+    assert seen[40] == [20, 40, 50]
     assert sorted(store.committed_steps()) == [40, 50]
     assert sorted(s for s, _ in list_step_dirs(tmp_path / "ck")) == [40, 50]
 
@@ -302,25 +301,9 @@ def test_two_new_bests_before_either_is_uploaded_leave_the_old_one_in_the_bucket
         local.save(step, state(step), {})
     local.save(60, state(60), {})
 
-    seen: list[list[int]] = []
-    listener = EventLog(tmp_path / "restart.jsonl")
-    listener.subscribe(
-        lambda e: e["event"] == "upload" and seen.append(sorted(store.committed_steps()))
-    )
-    restarted = manager(
-        tmp_path / "ck",
-        listener,
-        keep_last=1,
-        store=store,
-        best=_best(listener, first.retention_record),
-    )
-    uploader = restarted.start_uploads()
-    try:
-        assert uploader.drain(30)
-    finally:
-        uploader.close()
+    seen = _restart_and_upload(tmp_path, store, first.retention_record)
     # At each upload, before its retention: 20 stays until 50 (the best) is in the bucket.
-    assert seen == [[20, 60], [20, 50, 60]]
+    assert list(seen.items()) == [(60, [20, 60]), (50, [20, 50, 60])]
     assert sorted(store.committed_steps()) == [50, 60]
 
 
