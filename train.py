@@ -111,7 +111,7 @@ def train(job: Job) -> int:
     data_ids = check_same_data(world, {"data.dataset": dataset, "data.val": val_dataset})
     model = build(cfg.model, "model").to(device)
     seed_rank(s.seed, world.rank)  # after the weights: each rank its own dropout masks
-    model = world.wrap(model, device)
+    model = world.wrap(model, device, s.trainer)  # DDP, or FSDP2's shards
     if s.trainer.compile:  # checkpoints hold the same keys compiled or not (state.unwrap)
         model = torch.compile(model)
     optimizer = instantiate(cfg.optimizer)(model.parameters())

@@ -18,6 +18,10 @@ round the ranks agree on a stop in a one-integer all-reduce that runs while the 
 a notice heard during a batch stops every rank after the next one.
 A stop drops the figures (they would cover part of the split); the loop then takes the
 emergency checkpoint at the step boundary it is at.
+
+A sharded model (trainer.strategy=fsdp) gathers its parameters from every rank in each forward:
+there every rank runs a forward in every round, a rank without a batch of its own (or one that
+heard the notice) on a stand-in whose figures are dropped.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from spot.checkpoint import rng
 from spot.checkpoint.state import unwrap
+from spot.distributed.fsdp import is_sharded
 from spot.distributed.world import World
 from spot.failpoints import failpoint
 
@@ -54,12 +59,15 @@ def evaluate(
     loader = DataLoader(dataset, batch_size=batch_size, sampler=indices, num_workers=0)
     sums: dict[str, torch.Tensor] = {}
     with evaluating(model) as module:
+        every_rank_computes = is_sharded(module)
         batches = iter(loader)  # draws its base seed from torch's generator
         for i in range(rounds):
             heard = bool(interrupted())
             agreed = world.agree_later(heard)  # in flight while this batch computes
             batch = None if heard else next(batches, None)
-            if batch is not None:
+            if batch is None and every_rank_computes:  # the others' forward needs this rank's
+                batch_fn(module, first_batch(dataset, batch_size))  # shards: computed, dropped
+            elif batch is not None:
                 failpoint("eval.batch", i, rank=world.rank)
                 # .cpu() waits for the batch on a GPU: a stop waits for one, not a queue.
                 for name, value in batch_fn(module, batch).items():
@@ -99,10 +107,15 @@ def figure_names(
     """The figures evaluation reports, as metrics name them (`val/<name>`: the keys `batch_fn`
     returns, less `count`). Only running it tells: `batch_fn` on the split's first batch, with
     training untouched (before the first step, to check checkpoint.keep_best's metric)."""
-    first = DataLoader(dataset, batch_size=batch_size, sampler=range(min(batch_size, len(dataset))))
     with evaluating(model) as module:
-        keys = list(batch_fn(module, next(iter(first))))
+        keys = list(batch_fn(module, first_batch(dataset, batch_size)))
     return sorted(f"val/{k}" for k in keys if k != "count")
+
+
+def first_batch(dataset: Dataset, batch_size: int):
+    """The split's first batch (drawing from no generator)."""
+    first = range(min(batch_size, len(dataset)))
+    return next(iter(DataLoader(dataset, batch_size=batch_size, sampler=first)))
 
 
 @contextlib.contextmanager

@@ -28,6 +28,16 @@ def digest_bytes(data: bytes | memoryview) -> str:
     return hasher.hexdigest()
 
 
+def digest_file(path: Path, chunk: int = 8 * 2**20) -> tuple[int, str]:
+    """A file's size and digest, read in chunks (a shard of many GiB is never held whole)."""
+    hasher, size = new_hasher(), 0
+    with open(path, "rb", buffering=0) as f:
+        while block := f.read(chunk):
+            hasher.update(block)
+            size += len(block)
+    return size, hasher.hexdigest()
+
+
 def lower_priority() -> None:
     """Make the calling thread yield the CPU to the training loop (Linux: per-thread nice)."""
     with contextlib.suppress(AttributeError, OSError):

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import os
 import time
+from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
@@ -31,6 +32,7 @@ from spot.checkpoint.checkpointer import Checkpointer
 from spot.checkpoint.interval import CheckpointSchedule
 from spot.checkpoint.manager import CheckpointManager, CheckpointUnusable
 from spot.checkpoint.manifest import CorruptCheckpoint
+from spot.checkpoint.sharded import ShardGroup
 from spot.checkpoint.source import load_named
 from spot.checkpoint.state import TrainingState
 from spot.distributed import elastic, membership, recovery
@@ -41,7 +43,7 @@ from spot.evaluation import evaluate, figure_names
 from spot.fsutil import atomic_write_bytes
 from spot.interruption import InterruptionMonitor
 from spot.job import Job
-from spot.run.config import one_line
+from spot.run.config import ConfigError, one_line
 from spot.run.events import EventLog
 from spot.run.metrics import make_tracker, subscribe_metrics
 from spot.run.progress import Progress
@@ -60,6 +62,8 @@ class Session(contextlib.ExitStack):
         self.paths = job.paths
         self.checkpoints: CheckpointManager | None = None  # rank 0's: the others hold replicas
         self.replica: CheckpointManager | None = None  # a node-local disk's emergency copies
+        self.shard_writer: CheckpointManager | None = None  # fsdp, ranks > 0: their shards
+        self.shards: ShardGroup | None = None  # fsdp: the ranks writing and reading shards
         self.uploader = None  # rank 0's, with storage=s3: started after the restore
         self.initial: Initial | None = None  # init.checkpoint's weights, for a run with none
         self.reclaimed = False  # the cloud takes this node: its agent must not restart workers
@@ -89,11 +93,22 @@ class Session(contextlib.ExitStack):
             and job.remote
             and storage.RemoteCheckpoints(job.remote, self.events, s.storage.alert_after_failures)
         )
-        if leader or separate_disk:
+        if s.trainer.strategy == "fsdp":
+            if separate_disk:
+                raise ConfigError(
+                    "trainer.strategy",
+                    f"fsdp writes every rank's shards into one checkpoint directory, and "
+                    f"{self.paths.dir} is not the same directory on every node; use a shared "
+                    "file system for run.root (node-local disks: not yet with fsdp)",
+                )
+            self.shards = ShardGroup(
+                self.world.background_group(), self.world.rank, self.world.share
+            )
+        if leader or separate_disk or self.shards is not None:
             manager = CheckpointManager(
                 self.paths.checkpoints,
                 keep_last=s.checkpoint.keep_last,
-                async_save=s.checkpoint.async_save and leader,
+                async_save=s.checkpoint.async_save and (leader or self.shards is not None),
                 on_corrupt=s.checkpoint.on_corrupt,
                 on_error=s.checkpoint.on_error,
                 when_busy=s.checkpoint.when_busy,
@@ -106,11 +121,15 @@ class Session(contextlib.ExitStack):
                 },
                 remote=remote or None,
                 spared=self.best.spared,
+                shards=self.shards,
             )
-            manager.remove_stale()
             if leader:
+                manager.remove_stale()
                 self.checkpoints = manager
+            elif self.shards is not None:
+                self.shard_writer = manager
             else:
+                manager.remove_stale()
                 self.replica = manager
 
     def restore(self) -> Restored | None:
@@ -143,7 +162,9 @@ class Session(contextlib.ExitStack):
             return Unusable(str(exc))
         if loaded is not None:
             best = loaded.manifest.get("best") or loaded.state["trainer"].get("best")
-            return Restored(loaded.step, str(loaded.path), loaded.state, best)
+            return Restored(
+                loaded.step, str(loaded.path), loaded.state, best, loaded.manifest.sharded
+            )
         if not self.s.init.checkpoint:
             return None
         init = self.s.init
@@ -237,11 +258,14 @@ class Session(contextlib.ExitStack):
             precision=amp,
             best=self.best,
             data_identity=data_identity,  # a resume on other data is refused
+            sharded=s.trainer.strategy == "fsdp",
         )
         if restored or self.initial:
             try:  # refuses one that does not fit
                 if restored:
-                    state.load_state_dict(restored.state)
+                    shards = Path(restored.path) if restored.sharded else None
+                    group = self.shards and self.shards.group
+                    state.load_state_dict(restored.state, shards, group)
                 else:
                     source = {"source": self.initial.source, "step": self.initial.step}
                     state.load_weights(self.initial.state, source)
@@ -325,6 +349,7 @@ class Session(contextlib.ExitStack):
             s.cloud,
             manager=self.checkpoints,
             replica=self.replica,
+            shard_writer=self.shard_writer,
             uploader=self.uploader,
             final_upload_timeout_seconds=s.storage.final_upload_timeout_seconds,
             overlap=s.checkpoint.overlap,

@@ -136,11 +136,12 @@ def run_dir_of(root: Path) -> Path:
 
 
 def final_state(run_dir: Path) -> dict:
-    """The newest checkpoint's components, verified, as loaded tensors."""
+    """The newest checkpoint's components, verified, as loaded tensors (a sharded checkpoint's
+    model and optimizer gathered whole)."""
     from spot.checkpoint.manager import CheckpointManager, list_step_dirs
 
     step, path = list_step_dirs(run_dir / "checkpoints")[0]
-    return CheckpointManager.load(path).state
+    return CheckpointManager.load(path, whole=True).state
 
 
 def assert_bitwise_equal(a, b, where: str = "") -> None:

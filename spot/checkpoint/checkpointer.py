@@ -1,7 +1,8 @@
 """The one checkpoint component the training loop talks to.
 
-It owns what a step boundary needs from checkpointing: the manager that writes and commits (rank 0
-only: the model and optimizer are replicas, so the other ranks only hand over their RNG states),
+It owns what a step boundary needs from checkpointing: the manager that writes and commits (rank 0;
+with DDP the model and optimizer are replicas, so the other ranks only hand over their RNG
+states; with FSDP every rank's shard writer writes its shards into the checkpoint rank 0 commits),
 the interval schedule, the uploader, the notice-window warning, and the rule that every rank
 waits for rank 0's save on the long-timeout group. The loop calls it around each optimizer step:
 
@@ -44,6 +45,7 @@ class Checkpointer:
         *,
         manager: CheckpointManager | None,
         replica: CheckpointManager | None = None,
+        shard_writer: CheckpointManager | None = None,
         uploader=None,
         final_upload_timeout_seconds: float = 600.0,
         overlap: bool = True,
@@ -53,7 +55,9 @@ class Checkpointer:
         first rank of a node whose disk is not rank 0's, a manager of that disk's checkpoints,
         where emergency checkpoints are committed too (None elsewhere). `uploader`: rank 0's
         spot.checkpoint.upload.Uploader when checkpoints also go to a bucket, else None.
-        `best`: checkpoint.keep_best's owner (the one the manager's retention asks)."""
+        `best`: checkpoint.keep_best's owner (the one the manager's retention asks).
+        `shard_writer`: with sharded checkpoints (trainer.strategy=fsdp), on a rank other than 0,
+        the manager that writes this rank's shards into each checkpoint rank 0 commits."""
         self.world = world
         self.state = state
         self.schedule = schedule
@@ -61,6 +65,7 @@ class Checkpointer:
         self.cloud = cloud
         self.manager = manager
         self.replica = replica
+        self.shard_writer = shard_writer
         # Whether any rank keeps copies: then emergency saves hand every rank all RNG states.
         self._replicated = world.agree(replica is not None)[0]
         self.uploader = uploader
@@ -79,19 +84,22 @@ class Checkpointer:
 
     def before_update(self) -> None:
         """Call before the optimizer changes the state: a background copy of it finishes first."""
-        if self.manager is not None:
-            self.manager.before_update()
+        for manager in (self.manager, self.shard_writer):
+            if manager is not None:
+                manager.before_update()
 
     def after_update(self) -> bool:
         """Call once the step is done: handles a finished background save, allocates the
         snapshot after the first step, re-estimates the interval. Returns this rank's vote for a
         checkpoint now (rank 0 decides; the loop agrees on it with the other ranks)."""
-        manager = self.manager
+        manager = self.manager or self.shard_writer
         if manager is None:
             return False
         manager.poll()
         if self.state.step == self._first_step + 1:  # the state's layout is known now
             manager.prepare(self.state.state_dict([rng.capture()] * self.world.world_size))
+        if self.manager is None:  # a shard writer: rank 0 votes
+            return False
         for step, stall, persist in manager.measurements():
             self.schedule.measured(stall, persist, step)
             if not self._window_warned:
@@ -122,7 +130,7 @@ class Checkpointer:
         if replicated:
             rng_states = self.world.share(rng_states)
             snapshot = self._as_on_leader(state.state_dict(rng_states))
-        managers = [m for m in (self.manager, keep_here and self.replica) if m]
+        managers = [m for m in (self.manager, keep_here and self.replica, self.shard_writer) if m]
         if managers:
             info = {
                 "reason": reason,
@@ -161,8 +169,9 @@ class Checkpointer:
         if self.world.agree(needed)[0]:
             self._save("final", SaveKind.LAST)
         self._closed = True
-        if manager is not None:
-            manager.close()
+        for writer in (manager, self.shard_writer):
+            if writer is not None:
+                writer.close()
         if self.uploader is not None:
             if not self.uploader.drain(self.final_upload_timeout_seconds):
                 raise CheckpointWriteError(
@@ -180,8 +189,9 @@ class Checkpointer:
         the next rank 0 here restores it without a download."""
         self._save("emergency", SaveKind.LAST, replicated=self._replicated, keep_here=keep_here)
         self._closed = True
-        if self.replica is not None:
-            self.replica.close()
+        for writer in (self.replica, self.shard_writer):
+            if writer is not None:
+                writer.close()
         if self.manager is not None:
             self.manager.close()
             record_emergency(
@@ -195,7 +205,7 @@ class Checkpointer:
             return
         self._closed = True
         try:
-            for manager in (self.replica, self.manager):
+            for manager in (self.replica, self.shard_writer, self.manager):
                 if manager is not None:
                     manager.close()
         except CheckpointWriteError as exc:

@@ -26,8 +26,9 @@ from typing import Any
 
 import torch
 
-from spot.checkpoint import manifest, tensorfile
+from spot.checkpoint import manifest, sharded, tensorfile
 from spot.checkpoint.manifest import MANIFEST, STEP_DIR, CorruptCheckpoint, Manifest, step_dir_name
+from spot.checkpoint.sharded import SHARDED
 from spot.checkpoint.tensorfile import SnapshotBuffer
 from spot.failpoints import failpoint
 from spot.fsutil import fsync_dir, lower_priority, remove_tree, write_file_durably
@@ -134,6 +135,7 @@ class CheckpointManager:
         when_busy: str = "wait",
         remote=None,
         spared: Callable[[Collection[int], str], set[int]] = lambda _present, _place: set(),
+        shards: sharded.ShardGroup | None = None,
     ):
         """meta (config_digest, training_config, world_size, run) goes into every manifest.
         remote: a spot.checkpoint.storage.RemoteCheckpoints (a restore looks there too, commits
@@ -169,6 +171,9 @@ class CheckpointManager:
         self.remote = remote
         self._retain_lock = threading.Lock()
         self.spared = spared
+        # Sharded checkpoints (trainer.strategy=fsdp): a manager on every rank, each writing its
+        # own shards into the step's directory; rank 0's alone commits it.
+        self.shards = shards
 
     @property
     def snapshot_bytes(self) -> int:
@@ -198,28 +203,27 @@ class CheckpointManager:
         """
         start = time.perf_counter()
         must_commit = kind is not SaveKind.MAY_SKIP
-        if must_commit:
-            failpoint("checkpoint.must_commit", step)
-            # The one before: its failure is counted, and stops the run by on_error, except
-            # before a last save (the work since the last good checkpoint is still to save).
-            self._collect(raise_it=kind is SaveKind.MUST_COMMIT and self.on_error == "stop")
-            if step == self.last_committed_step:  # an interval save at this step stands
-                return 0.0
-        elif step == self._newest_step():  # one commit per step: the one in flight stands
+        tmp = self.root / f".tmp-{step_dir_name(step)}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        verdict = self._admit(step, kind) if self.commits else None
+        if self.shards is not None:  # every rank writes, or none: rank 0's verdict, its tmp
+            verdict, tmp = self.shards.share((verdict, tmp))
+            if verdict == "write" and not self.commits:  # its own previous write is done
+                self._collect(raise_it=self._raises_previous(kind))
+        if verdict == "skip":
+            return None
+        if verdict == "stands":
             return 0.0
-        else:
-            busy = self._pending is not None and not self._pending[1].done()
-            if busy and self.when_busy == "skip":
-                self.skipped += 1
-                self.events.emit(
-                    "checkpoint_skipped", step=step, reason="previous still being written"
-                )
-                return None
-            self._collect(raise_it=self.on_error == "stop")
         info = {**info, "requested_at": round(time.time(), 6)}
+        state, specs = self._host_view(state)
         if self._executor is None:
             try:
-                self._persist(step, tensorfile.direct(state), info, start)
+                rest = {k: v for k, v in state.items() if specs is None or k not in SHARDED}
+                shards = (
+                    None
+                    if specs is None
+                    else sharded.as_dtensors({k: state[k] for k in SHARDED}, specs)
+                )
+                self._persist(step, tmp, tensorfile.direct(rest), info, start, shards=shards)
             except CheckpointWriteError as exc:
                 self._failed(step, exc, raise_it=must_commit or self.on_error == "stop")
             return time.perf_counter() - start
@@ -233,10 +237,60 @@ class CheckpointManager:
                 copy_deferred()
             finally:
                 copied.set()
-            self._persist(step, components, info, None, stall)
+            shards = None
+            if specs is not None:  # the shards as DTensors again, their data in the snapshot
+                copies = {
+                    k: tensorfile.rebuild(components[k].skeleton, components[k].data)
+                    for k in SHARDED
+                }
+                shards = sharded.as_dtensors(copies, specs)
+            rest = {k: c for k, c in components.items() if shards is None or k not in SHARDED}
+            self._persist(step, tmp, rest, info, None, stall, shards=shards)
 
         self._pending = (step, self._executor.submit(copy_then_persist))
         return stall
+
+    def _admit(self, step: int, kind: SaveKind) -> str:
+        """Rank 0's decision on a save at this step: "write", "skip" (the one before is still
+        being written, when_busy=skip), or "stands" (this step is committed or being written)."""
+        if kind is not SaveKind.MAY_SKIP:
+            failpoint("checkpoint.must_commit", step)
+            self._collect(raise_it=self._raises_previous(kind))
+            if step == self.last_committed_step:  # an interval save at this step stands
+                return "stands"
+            return "write"
+        if step == self._newest_step():  # one commit per step: the one in flight stands
+            return "stands"
+        busy = self._pending is not None and not self._pending[1].done()
+        if busy and self.when_busy == "skip":
+            self.skipped += 1
+            self.events.emit("checkpoint_skipped", step=step, reason="previous still being written")
+            return "skip"
+        self._collect(raise_it=self._raises_previous(kind))
+        return "write"
+
+    def _raises_previous(self, kind: SaveKind) -> bool:
+        """Whether the failure of the save before this one stops the run now: by on_error,
+        except before a last save (the work since the last good checkpoint is still to save)."""
+        if kind is SaveKind.LAST:
+            return False
+        return self.on_error == "stop"
+
+    @property
+    def commits(self) -> bool:
+        """This manager writes manifests (and retains, and uploads): not a shard writer of a
+        rank other than 0."""
+        return self.shards is None or self.shards.commits
+
+    def _host_view(self, state: dict[str, Any]) -> tuple[dict[str, Any], list | None]:
+        """What this manager writes of `state`, and, for a sharded checkpoint, how its local
+        shards become DTensors again (spot.checkpoint.sharded.local_parts): rank 0 writes every
+        component, another rank only its shards."""
+        if self.shards is None:
+            return state, None
+        local, specs = sharded.local_parts({k: state[k] for k in SHARDED})
+        rest = {k: v for k, v in state.items() if k not in SHARDED} if self.commits else {}
+        return {**rest, **local}, specs
 
     def _newest_step(self) -> int | None:
         """The step of the checkpoint being written, else of the last one committed."""
@@ -259,6 +313,7 @@ class CheckpointManager:
     def prepare(self, state: dict[str, Any]) -> None:
         """Allocate the snapshot buffer for this state in the background, before it is needed."""
         if self._executor is not None and self._pending is None:
+            state, _ = self._host_view(state)
             self._pending = (-1, self._executor.submit(self._buffer.reserve, state))
 
     def measurements(self) -> list[tuple[int, float, float]]:
@@ -306,24 +361,34 @@ class CheckpointManager:
     def _persist(
         self,
         step: int,
+        tmp: Path,
         components: dict[str, tensorfile.Component],
         info: dict,
         start: float | None,
         stall: float | None = None,
+        shards: dict[str, Any] | None = None,
     ) -> None:
+        """Write into `tmp`, then commit as step-N: the manifest last. `shards`: the model and
+        optimizer, which every rank writes into the same `tmp` together (rank 0 commits)."""
         began = time.perf_counter()
         final = self.root / step_dir_name(step)
-        tmp = self.root / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
-            failpoint("checkpoint.persist", step)
-            tmp.mkdir(parents=True)
+            rank = self.shards.rank if self.shards is not None else 0
+            failpoint("checkpoint.persist", step, rank=rank)
+            tmp.mkdir(parents=True, exist_ok=shards is not None)
             files = {}
+            if shards is not None:
+                files.update(self.shards.write(tmp, shards))
+                failpoint("checkpoint.shards_written", step, rank=rank)
+                if not self.commits:
+                    return
             for name, component in components.items():
                 files.update(tensorfile.write_component(tmp, name, component))
                 failpoint("checkpoint.component_written", step)
-            body = manifest.build(
-                files, {**self.meta, **info, "step": step, "created": time.time()}
-            )
+            meta = {**self.meta, **info, "step": step, "created": time.time()}
+            if shards is not None:
+                meta["sharded"] = list(SHARDED)
+            body = manifest.build(files, meta)
             write_file_durably(tmp / MANIFEST, body)
             fsync_dir(tmp)
             if final.exists() and self._kept_existing(final, step):
@@ -333,8 +398,9 @@ class CheckpointManager:
             os.replace(tmp, final)
             fsync_dir(self.root)
         except Exception as exc:
-            with contextlib.suppress(OSError):
-                remove_tree(tmp)
+            if self.commits:  # another rank's shards are rank 0's to clear
+                with contextlib.suppress(OSError):
+                    remove_tree(tmp)
             failpoint("checkpoint.write_failed", step)
             raise CheckpointWriteError(f"checkpoint at step {step} failed: {exc}") from exc
         persist = time.perf_counter() - began
@@ -465,10 +531,22 @@ class CheckpointManager:
         return None
 
     @staticmethod
-    def load(path: Path) -> LoadedCheckpoint:
-        """Verify every file against the manifest, then rebuild each component."""
+    def load(path: Path, whole: bool = False) -> LoadedCheckpoint:
+        """Verify every file against the manifest, then rebuild each component. A sharded
+        checkpoint's model and optimizer are left to the ranks that read their shards, unless
+        `whole`: then they are gathered here, unsharded (export, inspect, init.checkpoint)."""
         m = manifest.read(path)
+        for file in m.files:
+            if sharded.is_shard_file(file):
+                manifest.check_file(path, m, file)
         state = {name: manifest.load_component(path, m, name) for name in m.components}
+        if whole and m.sharded:
+            try:
+                state.update(sharded.load_full(path))
+            except Exception as exc:  # checksummed files that still do not load are corrupt
+                raise CorruptCheckpoint(
+                    f"shards do not load: {type(exc).__name__}: {exc}"
+                ) from None
         return LoadedCheckpoint(path=path, manifest=m, state=state)
 
     def _quarantine(self, path: Path) -> None:

@@ -19,7 +19,8 @@ import torch
 
 from spot import __version__
 from spot.checkpoint import tensorfile
-from spot.fsutil import HASH_ALGORITHM, digest_bytes
+from spot.checkpoint.sharded import METADATA, SHARDED, is_shard_file
+from spot.fsutil import HASH_ALGORITHM, digest_bytes, digest_file
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -44,8 +45,9 @@ def _self_digest(body: dict) -> str:
 def build(files: dict[str, dict], meta: dict[str, Any]) -> bytes:
     """files: {"model.bin": {"bytes": n, "digest": hex}, ...}; meta: step, epoch, ...
 
-    The components are the names that have both a .pt and a .bin file."""
-    components = sorted({f.rsplit(".", 1)[0] for f in files})
+    The components are the names that have both a .pt and a .bin file; a sharded checkpoint's
+    model and optimizer are in DCP's files instead (meta's `sharded` names them)."""
+    components = sorted({f.rsplit(".", 1)[0] for f in files if not is_shard_file(f)})
     body = {
         "format": FORMAT_VERSION,
         "library_version": __version__,
@@ -74,6 +76,11 @@ class Manifest:
     @property
     def files(self) -> dict[str, dict]:
         return self.body["files"]
+
+    @property
+    def sharded(self) -> bool:
+        """Written by every rank (trainer.strategy=fsdp): the model and optimizer are DCP's files."""
+        return bool(self.body.get("sharded"))
 
     def __getitem__(self, key: str) -> Any:
         return self.body[key]
@@ -119,7 +126,7 @@ def parse(raw: bytes, dir_name: str, path: Path | None = None) -> Manifest:
     if not isinstance(components, list) or not isinstance(files, dict):
         raise CorruptCheckpoint("manifest has no components or files")
     for file, entry in files.items():
-        if not _SAFE_FILE.match(file) or file == MANIFEST:
+        if not _SAFE_FILE.match(file) or file == MANIFEST or not file.strip("."):
             raise CorruptCheckpoint(f"manifest names an unsafe file {file!r}")
         if (
             not isinstance(entry, dict)
@@ -130,7 +137,13 @@ def parse(raw: bytes, dir_name: str, path: Path | None = None) -> Manifest:
             raise CorruptCheckpoint(f"manifest entry for {file} lacks bytes or digest")
         if entry["bytes"] < 0:  # a buggy writer or a hostile bucket: never an allocation size
             raise CorruptCheckpoint(f"manifest says {file} has {entry['bytes']} bytes")
-    missing = [c for c in REQUIRED_COMPONENTS if c not in components]
+    sharded = body.get("sharded") or []
+    if sharded:
+        if sorted(sharded) != sorted(SHARDED):
+            raise CorruptCheckpoint(f"manifest shards {sharded!r}, expected {list(SHARDED)}")
+        if METADATA not in files or not any(f.endswith(".distcp") for f in files):
+            raise CorruptCheckpoint("sharded manifest names no .metadata or no .distcp file")
+    missing = [c for c in REQUIRED_COMPONENTS if c not in components and c not in sharded]
     if missing:
         raise CorruptCheckpoint(f"manifest lacks component(s): {', '.join(missing)}")
     for name in components:
@@ -184,11 +197,26 @@ def load_component(ckpt_dir: Path, manifest: Manifest, name: str) -> Any:
         raise CorruptCheckpoint(f"{name} does not load: {type(exc).__name__}: {exc}") from None
 
 
+def check_file(ckpt_dir: Path, manifest: Manifest, file: str) -> None:
+    """A file checked against the manifest's size and checksum without holding it (a shard)."""
+    entry = manifest.files[file]
+    try:
+        size, digest = digest_file(ckpt_dir / file)
+    except FileNotFoundError:
+        raise CorruptCheckpoint(f"{file} is missing") from None
+    if size != entry["bytes"]:
+        raise CorruptCheckpoint(f"{file} has {size} bytes, manifest says {entry['bytes']}")
+    if digest != entry["digest"]:
+        raise CorruptCheckpoint(f"{file} fails its {HASH_ALGORITHM} checksum")
+
+
 def verify(ckpt_dir: Path) -> Manifest:
     """Full check: the manifest and every file it names. Raises CorruptCheckpoint."""
     manifest = read(ckpt_dir)
     for file in manifest.files:
-        if file.endswith(".bin"):
+        if is_shard_file(file):
+            check_file(ckpt_dir, manifest, file)
+        elif file.endswith(".bin"):
             read_blob(ckpt_dir, manifest, file)
         else:
             read_file(ckpt_dir, manifest, file)

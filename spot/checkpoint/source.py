@@ -26,11 +26,11 @@ def load_named(spec: str, endpoint_url: str | None = None) -> tuple[LoadedCheckp
     if not path.exists():
         raise CorruptCheckpoint(f"{spec} does not exist")
     if STEP_DIR.match(path.name):
-        return CheckpointManager.load(path), str(path)
+        return CheckpointManager.load(path, whole=True), str(path)
     root = RunPaths.at(path).checkpoints if RunPaths.at(path).checkpoints.is_dir() else path
     for _step, step_dir in list_step_dirs(root):
         try:
-            return CheckpointManager.load(step_dir), str(step_dir)
+            return CheckpointManager.load(step_dir, whole=True), str(step_dir)
         except CorruptCheckpoint as exc:
             log.warning("skipping %s: %s", step_dir, exc)
     raise CorruptCheckpoint(f"no checkpoint in {spec} verifies")
@@ -44,7 +44,7 @@ def _load_remote(url: str, endpoint_url: str | None) -> tuple[LoadedCheckpoint, 
     with tempfile.TemporaryDirectory(prefix="spot-init-") as tmp:
         for step in sorted(store.committed_steps(), reverse=True):
             try:
-                loaded = CheckpointManager.load(store.download(step, Path(tmp)))
+                loaded = CheckpointManager.load(store.download(step, Path(tmp)), whole=True)
             except CorruptCheckpoint as exc:
                 log.warning("skipping %s step %d: %s", url, step, exc)
                 continue

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from spot.checkpoint import rng
+from spot.checkpoint import rng, sharded
 from spot.checkpoint.manager import CheckpointUnusable, check_state_dict_compatible
 from spot.distributed.sampler import ResumableBatchSampler
 from spot.run.data_identity import resume_mismatch
@@ -43,6 +44,7 @@ class TrainingState:
     best: Any = None  # checkpoint.keep_best's owner (spot.checkpoint.best): its record is saved
     init: dict | None = None  # init.checkpoint: {source, step} the run's weights started from
     data_identity: str | None = None  # the training set's (spot/run/data_identity.py)
+    sharded: bool = False  # trainer.strategy=fsdp: model and optimizer by name, as DCP shards
 
     @property
     def epoch(self) -> int:
@@ -51,9 +53,15 @@ class TrainingState:
     def state_dict(self, rng_states: list[dict] | None = None) -> dict[str, Any]:
         """Components of a checkpoint, taken at a step boundary (after the optimizer step).
         `rng_states`: every rank's RNG, in rank order (dropout differs per rank)."""
+        if self.sharded:  # DTensors by parameter name (spot/checkpoint/sharded.py)
+            parts = sharded.state_dicts(unwrap(self.model), self.optimizer)
+        else:
+            parts = {
+                "model": unwrap(self.model).state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+            }
         return {
-            "model": unwrap(self.model).state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            **parts,
             "scheduler": self.scheduler.state_dict(),
             "trainer": {
                 "step": self.step,
@@ -104,10 +112,20 @@ class TrainingState:
                 "checkpoint optimizer has other parameter groups than this one"
             )
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Check everything first, then load: a checkpoint that does not fit is refused whole."""
-        check_state_dict_compatible(state["model"], unwrap(self.model).state_dict())
-        self._check_optimizer(state["optimizer"])
+    def load_state_dict(
+        self, state: dict[str, Any], shards: Path | None = None, group=None
+    ) -> None:
+        """Check everything first, then load: a checkpoint that does not fit is refused whole.
+        `shards`: a sharded checkpoint's directory, whose model and optimizer every rank reads
+        (over `group`, together) rather than finding them in `state`."""
+        if shards is not None:
+            live = sharded.state_dicts(unwrap(self.model), self.optimizer)
+            problem = sharded.mismatch(shards, live)
+            if problem:
+                raise CheckpointUnusable(problem)
+        else:
+            check_state_dict_compatible(state["model"], unwrap(self.model).state_dict())
+            self._check_optimizer(state["optimizer"])
         mismatch = resume_mismatch(state["trainer"].get("data_identity"), self.data_identity)
         if mismatch:
             raise CheckpointUnusable(mismatch)
@@ -115,8 +133,11 @@ class TrainingState:
             self.sampler.load_state_dict(state["trainer"]["sampler"])
         except ValueError as exc:
             raise CheckpointUnusable(str(exc)) from None
-        unwrap(self.model).load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if shards is not None:
+            sharded.load(shards, unwrap(self.model), self.optimizer, group)
+        else:
+            unwrap(self.model).load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.precision is not None:
             self.precision.load_state_dict(state["trainer"].get("grad_scaler") or {})

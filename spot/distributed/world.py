@@ -52,6 +52,7 @@ class World:
     train: Any = None  # gradients (DDP), with the short collective timeout
     control: Any = None  # gloo group for flags and small objects, short timeout
     bulk: Any = None  # the default group, long timeout: start-up and restoring state
+    io_timeout: timedelta | None = None  # the long timeout (elastic.restore_timeout_seconds)
 
     @property
     def is_leader(self) -> bool:
@@ -67,13 +68,31 @@ class World:
             return torch.device("cuda", self.local_rank)
         return requested
 
-    def wrap(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    def wrap(self, model: torch.nn.Module, device: torch.device, trainer=None) -> torch.nn.Module:
+        """The model as trainer.strategy trains it: DDP (a replica per rank) or FSDP2
+        (shards, spot.distributed.fsdp). A world of one rank trains the bare module."""
+        if trainer is not None and trainer.strategy == "fsdp":
+            from spot.distributed import fsdp
+
+            group = self.train if self.distributed else None
+            f = trainer.fsdp
+            return fsdp.shard(
+                model, group, device, f.shard, f.reshard_after_forward, trainer.precision
+            )
         if not self.distributed:
             return model
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [device.index] if device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids, process_group=self.train)
+
+    def background_group(self):
+        """A gloo group of every rank, with the long timeout, for the collectives a background
+        thread runs (every rank writing its shards of a checkpoint) apart from the training
+        loop's. None in a world of one. Every rank must call it, in the same order."""
+        if not self.distributed:
+            return None
+        return dist.new_group(backend="gloo", timeout=self.io_timeout)
 
     def agree(self, *flags: bool) -> tuple[bool, ...]:
         """Each flag is true on every rank if it is true on any rank."""
@@ -327,7 +346,7 @@ def join(collective_timeout_seconds: float, restore_timeout_seconds: float, cuda
             world_size=world.world_size,
             timeout=long_timeout,
         )
-    world.bulk = dist.group.WORLD
+    world.bulk, world.io_timeout = dist.group.WORLD, long_timeout
     world.train = dist.new_group(backend=backend, timeout=timeout)
     world.control = dist.new_group(backend="gloo", timeout=timeout) if cuda else world.train
     log.info(

@@ -59,6 +59,7 @@ BatchPolicy = _choices("BatchPolicy", "scale_lr", "keep_global_batch")
 LoggerBackend = _choices("LoggerBackend", "wandb", "none")
 LoggerMode = _choices("LoggerMode", "offline", "online", "disabled")
 Precision = _choices("Precision", "fp32", "bf16", "fp16")
+Strategy = _choices("Strategy", "ddp", "fsdp")
 Mode = _choices("Mode", "min", "max")
 
 
@@ -203,6 +204,14 @@ class EvalConfig:
 
 
 @dataclass
+class FsdpConfig:
+    # Module class names whose instances are sharded as units (e.g. the GPT's [Block]); the root
+    # module always is. A name that matches no module is an error.
+    shard: list[str] = field(default_factory=list)
+    reshard_after_forward: bool = True  # free the gathered parameters after forward (less memory)
+
+
+@dataclass
 class TrainerConfig:
     max_steps: PositiveInt | None = 200  # stop after this many optimizer steps (null: by epochs)
     max_epochs: PositiveInt | None = None  # and/or after this many epochs
@@ -214,6 +223,10 @@ class TrainerConfig:
     grad_clip: Positive | None = None
     precision: Precision = Precision.fp32  # bf16 | fp16: autocast (fp16 with a gradient scaler)
     compile: bool = False  # torch.compile the model; checkpoints are the same either way
+    # ddp: every rank holds the whole model and optimizer, rank 0 writes the checkpoint. fsdp:
+    # FSDP2 shards parameters, gradients and optimizer state; every rank writes its own shards.
+    strategy: Strategy = Strategy.ddp
+    fsdp: FsdpConfig = field(default_factory=FsdpConfig)
 
 
 @dataclass
@@ -297,6 +310,7 @@ NON_TRAINING_LEAVES = (
     "data.num_workers",
     "trainer.log_every",
     "trainer.compile",
+    "trainer.fsdp",  # which modules are sharded changes memory and communication, not the math
     "data.val",
     "data.cache_dir",  # where a corpus is cached is not what it holds (its digest says that)
     "data.dataset.cache_dir",

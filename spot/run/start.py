@@ -17,9 +17,8 @@ class Restored:
     step: int
     path: str
     state: dict
-    best: dict | None = (
-        None  # checkpoint.keep_best's record, from the manifest (spot.checkpoint.best)
-    )
+    best: dict | None = None  # checkpoint.keep_best's record, from the manifest (checkpoint.best)
+    sharded: bool = False  # every rank reads its model and optimizer shards from `path`
 
 
 @dataclass(frozen=True)

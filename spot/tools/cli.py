@@ -106,7 +106,7 @@ def cmd_remote(url: str, command: str, endpoint_url: str | None) -> int:
 def cmd_inspect(path: Path) -> int:
     for d in _checkpoint_dirs(path):
         try:
-            loaded = CheckpointManager.load(d)
+            loaded = CheckpointManager.load(d, whole=True)
         except CorruptCheckpoint as exc:
             print(f"{d.name}: INVALID: {exc}", file=sys.stderr)
             continue

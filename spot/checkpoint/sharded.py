@@ -1,0 +1,281 @@
+"""Sharded checkpoints (trainer.strategy=fsdp): every rank writes its own shards.
+
+The model and optimizer go through torch.distributed.checkpoint (DCP), so DCP's own tools read
+them and a load reshards them to any world size. A sharded checkpoint's step directory holds
+
+    __<rank>_0.distcp      each rank's shards of the model and optimizer (DCP's format)
+    .metadata              DCP's index of every shard (rank 0, once every rank has written)
+    scheduler.*, trainer.* rank 0's components, as in every checkpoint (spot/checkpoint/tensorfile.py)
+    manifest.json          last, by rank 0, once every rank has reported its files (size, xxh3)
+
+so the commit is the same as for DDP: no manifest, no checkpoint; a file missing or failing its
+checksum, and the checkpoint is skipped as corrupt.
+
+Nothing read back is unpickled freely: `.metadata` goes through an allow-list of DCP's own
+classes, and the non-tensor values (the optimizer's hyper-parameters) load with
+weights_only=True, as every other checkpoint file does.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spot.fsutil import digest_file
+from spot.run.config import one_line
+from spot.tree import map_tensors
+
+SHARDED = ("model", "optimizer")  # the components DCP writes; the others are rank 0's
+METADATA = ".metadata"
+_SHARD_FILE = re.compile(r"^__(\d+)_\d+\.distcp$")
+
+
+class ShardWriteError(Exception):
+    """Some rank could not write its shards; str() names the rank and why."""
+
+
+def is_shard_file(name: str) -> bool:
+    return name == METADATA or bool(_SHARD_FILE.match(name))
+
+
+def state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The model's and optimizer's state as DCP saves and loads it: by parameter name (FQN), each
+    tensor a DTensor of which this rank holds its shard (a plain tensor in a world of one)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optimizer": optimizer_state}
+
+
+# ---- the host copy: a DTensor is its local shard plus how to put it back -----------------------
+
+
+def local_parts(tree: Any) -> tuple[Any, list]:
+    """The tree with each DTensor replaced by this rank's shard (what a snapshot copies), and
+    what `as_dtensors` needs to wrap the copies again, in the tree's order."""
+    from torch.distributed.tensor import DTensor
+
+    specs: list = []
+
+    def local(t: torch.Tensor) -> torch.Tensor:
+        if isinstance(t, DTensor):
+            specs.append((t.device_mesh, t.placements, t.shape, t.stride()))
+            return t.to_local().detach()
+        specs.append(None)
+        return t
+
+    with torch.no_grad():
+        return map_tensors(tree, local), specs
+
+
+def as_dtensors(tree: Any, specs: list) -> Any:
+    """`local_parts` undone on copies of the shards (host memory): DCP plans from the DTensors'
+    global shapes and offsets, and writes the local data it finds in them."""
+    from torch.distributed.tensor import DTensor
+
+    remaining = iter(specs)
+
+    def wrap(t: torch.Tensor) -> torch.Tensor:
+        spec = next(remaining)
+        if spec is None:
+            return t
+        mesh, placements, shape, stride = spec
+        return DTensor.from_local(t, mesh, placements, run_check=False, shape=shape, stride=stride)
+
+    return map_tensors(tree, wrap)
+
+
+# ---- writing ------------------------------------------------------------------------------------
+
+
+class ShardGroup:
+    """The ranks that write a sharded checkpoint together, and the collectives they need for it:
+    `group` a gloo group of every rank (its own, so a write in the background threads never
+    meets the training loop's collectives; None in a world of one), `share` the foreground
+    broadcast of rank 0's decisions (spot.distributed.world.World.share)."""
+
+    def __init__(self, group, rank: int, share: Callable[[Any], Any] = lambda obj: obj):
+        self.group, self.rank, self.share = group, rank, share
+
+    @property
+    def commits(self) -> bool:
+        """Rank 0 writes the manifest: it commits (and retains, and uploads)."""
+        return self.rank == 0
+
+    def write(self, directory: Path, state: dict[str, Any]) -> dict[str, dict]:
+        """Every rank, together: DCP writes `state` into `directory`, each rank its own file,
+        which it then hashes. Returns every rank's files (with size, digest and the rank that
+        wrote it) on rank 0, {} on the others. ShardWriteError on every rank if any failed."""
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint import FileSystemWriter
+
+        mine: dict[str, dict] = {}
+        error = None
+        try:
+            writer = FileSystemWriter(directory, single_file_per_rank=True, sync_files=True)
+            dcp.save(state, storage_writer=writer, process_group=self.group)
+            names = [
+                p.name
+                for p in directory.iterdir()
+                if (m := _SHARD_FILE.match(p.name)) and int(m.group(1)) == self.rank
+            ]
+            if self.commits:
+                names.append(METADATA)
+            for name in sorted(names):
+                size, digest = digest_file(directory / name)
+                mine[name] = {"bytes": size, "digest": digest, "rank": self.rank}
+        except Exception as exc:  # every rank reports, so that none waits for a failed one
+            error = f"rank {self.rank} could not write its shards: {one_line(exc)}"
+        if self.group is None:
+            reports = [(mine, error)]
+        else:
+            reports = [None] * dist.get_world_size(self.group) if self.commits else None
+            dist.gather_object((mine, error), reports, dst=0, group=self.group)
+        if not self.commits:
+            if error:
+                raise ShardWriteError(error)
+            return {}
+        failed = [e for _, e in reports if e]
+        if failed:
+            raise ShardWriteError(failed[0])
+        files: dict[str, dict] = {}
+        for part, _ in reports:
+            files.update(part)
+        return files
+
+
+# ---- reading ------------------------------------------------------------------------------------
+
+_METADATA_CLASSES = {
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "Path"),
+    ("collections", "OrderedDict"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP's `.metadata` is a pickle: only DCP's metadata classes, torch's sizes, dtypes and
+    layouts, and paths may be named in it (a pickle can name any callable)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch.distributed.checkpoint.metadata" or (module, name) in _METADATA_CLASSES:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
+
+
+def read_metadata(directory: Path):
+    """DCP's index of a sharded checkpoint, read through the allow-list. ValueError if it
+    names anything else or does not parse."""
+    try:
+        return _MetadataUnpickler(io.BytesIO((directory / METADATA).read_bytes())).load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as exc:
+        raise ValueError(f"{METADATA} does not load: {one_line(exc)}") from None
+
+
+def _reader(directory: Path):
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any):
+            metadata = read_metadata(Path(self.path))
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(directory)
+
+
+def _safe_bytes(planner_class):
+    """A DCP load planner whose non-tensor values load with weights_only=True (DCP's own
+    default is weights_only=False: any pickle)."""
+    from torch.distributed.checkpoint._nested_dict import set_element
+
+    class SafePlanner(planner_class):
+        def load_bytes(self, read_item, value: io.BytesIO) -> None:
+            obj = torch.load(value, weights_only=True)
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = obj
+
+    return SafePlanner
+
+
+def mismatch(directory: Path, live: dict[str, Any]) -> str | None:
+    """Why the checkpoint's model and optimizer do not fit the live ones (names, global shapes),
+    in one line; None if they do. Checked before anything is loaded."""
+    from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    try:
+        saved = read_metadata(directory).state_dict_metadata
+    except (OSError, ValueError) as exc:
+        return one_line(exc)
+    flat, _ = flatten_state_dict(live)
+    tensors = {k: v for k, v in flat.items() if isinstance(v, torch.Tensor)}
+    saved_tensors = {k for k, v in saved.items() if isinstance(v, TensorStorageMetadata)}
+    missing = sorted(k for k in tensors if k not in saved_tensors)
+    unexpected = sorted(k for k in saved_tensors if k.startswith("model.") and k not in tensors)
+    shapes = [
+        f"{k} {tuple(saved[k].size)} vs {tuple(t.shape)}"
+        for k, t in sorted(tensors.items())
+        if k in saved_tensors and tuple(saved[k].size) != tuple(t.shape)
+    ]
+    parts = [
+        f"missing {missing[:3]}" if missing else "",
+        f"unexpected {unexpected[:3]}" if unexpected else "",
+        f"shape {shapes[0]}" if shapes else "",
+    ]
+    detail = "; ".join(p for p in parts if p)
+    return f"checkpoint model/optimizer does not fit this one: {detail}" if detail else None
+
+
+def load(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, group) -> None:
+    """Every rank, together: the checkpoint's model and optimizer into the live ones, each rank
+    reading the byte ranges of the shards it now holds, whatever the world size that wrote them.
+    Check `mismatch` first."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    state = state_dicts(model, optimizer)
+    dcp.load(
+        state,
+        storage_reader=_reader(directory),
+        planner=_safe_bytes(DefaultLoadPlanner)(),
+        process_group=group,
+    )
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
+    )
+
+
+def load_full(directory: Path) -> dict[str, Any]:
+    """The whole model and optimizer state, unsharded, in this process (no process group):
+    for `python -m spot export` and init.checkpoint. Keys are parameter names."""
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    state: dict[str, Any] = {}
+    _load_state_dict(
+        state,
+        storage_reader=_reader(directory),
+        planner=_safe_bytes(_EmptyStateDictLoadPlanner)(),
+        no_dist=True,
+    )
+    return state

@@ -1,0 +1,151 @@
+"""trainer.strategy=fsdp with real processes: train.py's own elastic agent, gloo on CPU, FSDP2
+shards, every rank writing its own part of each checkpoint; SIGKILLs, world-size changes,
+corrupt shards, a notice."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from spot.checkpoint.manager import CheckpointManager, list_step_dirs
+from spot.distributed.ledger import read_ledger
+from spot.run.events import read_events
+from spot.run.exitcodes import EXIT_PREEMPTED
+
+from ..helpers import (
+    FAST,
+    assert_bitwise_equal,
+    final_state,
+    run_dir_of,
+    run_train,
+    run_until_failpoint,
+    start_train,
+    train_env,
+    wait_for_step,
+)
+
+pytestmark = [pytest.mark.slow]
+
+FSDP = ["trainer.strategy=fsdp", "trainer.fsdp.shard=[Linear]"]
+ARGS = [*FAST, *FSDP, "trainer.max_steps=40", "checkpoint.every_steps=10", "data.ledger=true"]
+
+
+def ranks(n: int) -> list[str]:
+    return [f"elastic.nproc_per_node={n}", "elastic.monitor_interval_seconds=0.1"]
+
+
+def epoch_indices(run_dir, epoch: int) -> list[int]:
+    seen = []
+    for path in sorted((run_dir / "ledger").glob("rank-*.jsonl")):
+        seen += [i for e in read_ledger(path) if e["epoch"] == epoch for i in e["indices"]]
+    return sorted(seen)
+
+
+def test_two_ranks_killed_at_any_moment_end_bitwise_equal(tmp_path, markers):
+    """Killed after a commit, in one rank's write (the other's may be done) and after every
+    rank's shards but before the manifest: each restart resumes from the last commit, and the
+    end is bitwise the uninterrupted run's."""
+    ref_root, root = tmp_path / "ref", tmp_path / "run"
+    reference = run_train([*ARGS, *ranks(2), f"run.root={ref_root}"], timeout=240)
+    assert reference.returncode == 0, reference.stdout[-3000:] + reference.stderr[-3000:]
+
+    args = [*ARGS, *ranks(2), f"run.root={root}"]
+    for point in (
+        "checkpoint.committed@step=10",
+        "checkpoint.persist@step=20@rank=1",
+        "checkpoint.shards_written@step=30",
+    ):
+        run_until_failpoint(args, point, markers)
+    result = run_train(args, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_dir, ref_dir = run_dir_of(root), run_dir_of(ref_root)
+    resumed = [e["step"] for e in read_events(run_dir / "events.jsonl") if e["event"] == "resume"]
+    assert resumed == [10, 10, 20]
+    newest = list_step_dirs(run_dir / "checkpoints")[0][1]
+    files = CheckpointManager.load(newest).manifest.files
+    assert {f for f in files if f.endswith(".distcp")} == {"__0_0.distcp", "__1_0.distcp"}
+    assert {files["__0_0.distcp"]["rank"], files["__1_0.distcp"]["rank"]} == {0, 1}
+    assert_bitwise_equal(final_state(run_dir), final_state(ref_dir))
+    for rank in (0, 1):
+        assert read_ledger(run_dir / f"ledger/rank-{rank}.jsonl") == read_ledger(
+            ref_dir / f"ledger/rank-{rank}.jsonl"
+        )
+
+
+def test_two_three_one_ranks_every_sample_once(tmp_path, markers):
+    """An epoch trained at 2, then 3, then 1 rank, killed after a checkpoint each time: the
+    shards are read back resharded, every sample of the epoch exactly once, and it completes."""
+    args = [
+        *FAST,
+        *FSDP,
+        "trainer.max_steps=null",
+        "trainer.max_epochs=1",
+        "checkpoint.every_steps=5",
+        "data.ledger=true",
+        f"run.root={tmp_path}",
+    ]
+    run_until_failpoint([*args, *ranks(2)], "checkpoint.committed@step=10", markers)
+    run_until_failpoint([*args, *ranks(3)], "checkpoint.committed@step=20", markers)
+    result = run_train(args, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_dir = run_dir_of(tmp_path)
+    events = read_events(run_dir / "events.jsonl")
+    changes = [
+        (e["previous"], e["world_size"]) for e in events if e["event"] == "world_size_change"
+    ]
+    assert changes == [(2, 3), (3, 1)]
+    assert epoch_indices(run_dir, 0) == list(range(4096))
+    assert [e for e in events if e["event"] == "complete"]
+
+
+def test_a_corrupt_or_foreign_shard_makes_the_checkpoint_skipped(tmp_path, markers):
+    """The newest checkpoint with one rank's shard missing, truncated, flipped or from another
+    step: skipped (moved aside), the one before resumed, and the run completes."""
+    args = [*ARGS, *ranks(2), f"run.root={tmp_path}", "checkpoint.keep_last=3"]
+    run_until_failpoint(args, "checkpoint.committed@step=30", markers)
+    ckpts = run_dir_of(tmp_path) / "checkpoints"
+    newest, older = (p for _, p in list_step_dirs(ckpts)[:2])
+    shard = newest / "__1_0.distcp"
+    shard.write_bytes((older / "__1_0.distcp").read_bytes())  # another step's shard
+    result = run_train(args, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    events = read_events(run_dir_of(tmp_path) / "events.jsonl")
+    (skipped,) = [e for e in events if e["event"] == "corrupt_checkpoint_skipped"]
+    assert skipped["step"] == 30 and "__1_0.distcp" in skipped["reason"]
+    assert [e["step"] for e in events if e["event"] == "resume"] == [20]
+
+
+def test_a_notice_commits_every_ranks_shards_and_the_run_resumes(tmp_path):
+    """SIGUSR1 to rank 1 alone: both ranks stop at the same step, the emergency checkpoint holds
+    both ranks' shards and is committed before exit 75; the next attempt resumes from it."""
+    args = [
+        *ARGS,
+        *ranks(2),
+        f"run.root={tmp_path}",
+        "trainer.max_steps=400",
+        "trainer.log_every=5",
+    ]
+    proc = start_train(args, {**train_env(), "SPOT_FAILPOINTS": "train.step@sleep=0.02"})
+    try:
+        wait_for_step(tmp_path, 15, proc)
+        events = read_events(run_dir_of(tmp_path) / "events.jsonl")
+        (start,) = [e for e in events if e["event"] == "start"]
+        os.kill(start["pids"][1], signal.SIGUSR1)
+        assert proc.wait(timeout=60) == EXIT_PREEMPTED, proc.stdout.read()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.stdout.close()
+    run_dir = run_dir_of(tmp_path)
+    events = read_events(run_dir / "events.jsonl")
+    (emergency,) = [e for e in events if e["event"] == "emergency_checkpoint"]
+    newest_step, newest = list_step_dirs(run_dir / "checkpoints")[0]
+    assert newest_step == emergency["step"]
+    files = CheckpointManager.load(newest).manifest.files
+    assert {"__0_0.distcp", "__1_0.distcp"} <= set(files)
+    result = run_train(args, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    resumed = [e["step"] for e in read_events(run_dir / "events.jsonl") if e["event"] == "resume"]
+    assert resumed == [emergency["step"]]
