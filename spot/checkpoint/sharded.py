@@ -265,6 +265,32 @@ def load(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
     )
 
 
+def load_whole(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Whole (unsharded) tensors from another run (init.checkpoint) into this model, sharded
+    or not, and its optimizer if `state` has one, numbered (torch.optim's own) or named (DCP's):
+    the template builds the optimizer over model.parameters(), so the n-th number is the n-th
+    parameter's name. (A ddp run loads a named one as it is: torch.optim maps by position.)"""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    whole = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, state["model"], options=whole)
+    saved = state.get("optimizer")
+    if saved:
+        if not any(isinstance(k, str) for k in saved["state"]):  # numbered: a ddp run's
+            names = [name for name, _ in model.named_parameters()]
+            saved = {
+                "state": {names[i]: v for i, v in saved["state"].items()},
+                "param_groups": [
+                    {**g, "params": [names[i] for i in g["params"]]} for g in saved["param_groups"]
+                ],
+            }
+        set_optimizer_state_dict(model, optimizer, saved, options=whole)
+
+
 def load_full(directory: Path) -> dict[str, Any]:
     """The whole model and optimizer state, unsharded, in this process (no process group):
     for `python -m spot export` and init.checkpoint. Keys are parameter names."""

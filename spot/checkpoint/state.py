@@ -93,16 +93,19 @@ class TrainingState:
         check_state_dict_compatible(state["model"], unwrap(self.model).state_dict())
         if "optimizer" in state:
             self._check_optimizer(state["optimizer"])
-        unwrap(self.model).load_state_dict(state["model"])
-        if "optimizer" in state:
-            # load_state_dict replaces the param groups, settings included: put the config's back
-            configured = [
-                {k: v for k, v in group.items() if k != "params"}
-                for group in self.optimizer.param_groups
-            ]
-            self.optimizer.load_state_dict(state["optimizer"])
-            for group, settings in zip(self.optimizer.param_groups, configured, strict=True):
-                group.update(settings)
+        # load_state_dict replaces the param groups, settings included: the config's go back
+        configured = [
+            {k: v for k, v in group.items() if k != "params"}
+            for group in self.optimizer.param_groups
+        ]
+        if self.sharded:  # whole tensors into shards, each rank keeping its part
+            sharded.load_whole(unwrap(self.model), self.optimizer, state)
+        else:
+            unwrap(self.model).load_state_dict(state["model"])
+            if "optimizer" in state:
+                self.optimizer.load_state_dict(state["optimizer"])
+        for group, settings in zip(self.optimizer.param_groups, configured, strict=True):
+            group.update(settings)
         self.init = source
 
     def _check_optimizer(self, saved: dict) -> None:

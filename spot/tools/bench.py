@@ -357,11 +357,26 @@ def _at_least(convert, low: float, strict: bool = False):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from spot.tools.bench_fsdp import rank_counts
+
     parser.add_argument(
         "--size-gib",
         type=_at_least(float, 0, strict=True),
-        default=1.0,
-        help="state size (default 1.0)",
+        default=None,
+        help="state size (default 1.0; 0.25 with --ranks or --strategy fsdp)",
+    )
+    parser.add_argument(
+        "--strategy",
+        choices=("ddp", "fsdp"),
+        default="ddp",
+        help="fsdp: sharded checkpoints on --ranks gloo processes, beside DCP's async_save; "
+        "ddp with --ranks: rank 0 writing everything beside every rank writing 1/N",
+    )
+    parser.add_argument(
+        "--ranks",
+        type=rank_counts,
+        default=None,
+        help="rank counts to spawn, one after the other, e.g. 1,2,4 (default 2 with fsdp)",
     )
     parser.add_argument("--repeats", type=_at_least(int, 1), default=5)
     parser.add_argument(
@@ -387,6 +402,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def command(args: argparse.Namespace) -> int:
+    if args.strategy == "fsdp" or args.ranks:  # several ranks: spot/tools/bench_fsdp.py
+        from spot.tools import bench_fsdp
+
+        return bench_fsdp.command(args)
+    args.size_gib = 1.0 if args.size_gib is None else args.size_gib
     model, optimizer = build_state(int(args.size_gib * 2**30))
     base = args.dir or Path.cwd()
     base.mkdir(parents=True, exist_ok=True)

@@ -149,3 +149,43 @@ def test_a_notice_commits_every_ranks_shards_and_the_run_resumes(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     resumed = [e["step"] for e in read_events(run_dir / "events.jsonl") if e["event"] == "resume"]
     assert resumed == [emergency["step"]]
+
+
+def test_a_module_class_that_matches_nothing_is_one_line_and_exit_2(tmp_path):
+    """trainer.fsdp.shard names a class the model does not have: one line naming it and the
+    classes there are, exit 2, before any run directory exists."""
+    result = run_train(
+        [*FAST, "trainer.strategy=fsdp", "trainer.fsdp.shard=[Linear,Blok]", f"run.root={tmp_path}"]
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    (line,) = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert line.startswith("config error: trainer.fsdp.shard: Blok matches no module of MLP")
+    assert "Linear" in line and not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("source,target", [("fsdp", "ddp"), ("ddp", "fsdp")])
+def test_init_checkpoint_moves_weights_between_strategies(tmp_path, source, target):
+    """init.checkpoint (with its optimizer state) from an fsdp run into a ddp one and back:
+    the whole weights arrive (LR 0: the one step taken leaves them as they came)."""
+    strategy = {"fsdp": [*FSDP, *ranks(2)], "ddp": []}
+    first = run_train(
+        [*FAST, *strategy[source], "trainer.max_steps=20", f"run.root={tmp_path / 'a'}"]
+    )
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    args = [
+        *FAST,
+        *strategy[target],
+        "trainer.max_steps=1",
+        "run.name=finetune",
+        f"init.checkpoint={run_dir_of(tmp_path / 'a')}",
+        "init.optimizer=true",
+        "optimizer.lr=0",
+        "optimizer.weight_decay=0",
+        f"run.root={tmp_path / 'b'}",
+    ]
+    second = run_train(args)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert_bitwise_equal(
+        final_state(run_dir_of(tmp_path / "a"))["model"],
+        final_state(run_dir_of(tmp_path / "b"))["model"],
+    )

@@ -429,3 +429,48 @@ def test_a_new_run_starts_from_the_weights_of_a_run_in_a_bucket(s3_endpoint, buc
     assert init["source"] == f"{url}/step-{STEPS:09d}" and init["step"] == STEPS
     source_model = final_state(run_dir_of(tmp_path / "a"))["model"]
     assert_bitwise_equal(source_model, final_state(run_dir)["model"], "model")
+
+
+def test_sharded_checkpoints_go_up_whole_and_a_fresh_machine_resumes_at_another_world_size(
+    s3_endpoint, bucket, tmp_path, markers
+):
+    """trainer.strategy=fsdp at 2 ranks with storage=s3. Held between the files and the manifest
+    of step 40: every rank's shard is in the bucket and no manifest (a checkpoint there is the
+    manifest). The machine is then gone: a fresh one with 3 ranks resumes from the bucket's
+    newest committed checkpoint, resharded; `spot export` gathers the whole model from it."""
+    from safetensors.torch import load_file
+
+    client, name = bucket
+    args = [
+        *s3_args(s3_endpoint, name, tmp_path),
+        "trainer.strategy=fsdp",
+        "elastic.nproc_per_node=2",
+        "trainer.max_steps=60",
+    ]
+    run_until_failpoint(args, held("upload.file_uploaded", 40), markers, env=env())
+    run_dir = run_dir_of(tmp_path)
+    prefix = f"checkpoints/default/{run_dir.name}/step-000000040/"
+    sent = {k[len(prefix) :] for k in keys(client, name) if k.startswith(prefix)}
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "trainer.bin"} <= sent
+    assert "manifest.json" not in sent
+    shutil.rmtree(tmp_path)
+
+    result = run_train([*args[:-2], "elastic.nproc_per_node=3", "trainer.max_steps=60"], env=env())
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_dir = run_dir_of(tmp_path)
+    events = read_events(run_dir / "events.jsonl")
+    assert [e["step"] for e in events if e["event"] == "download"] == [20]
+    assert [e["step"] for e in events if e["event"] == "resume"] == [20]
+    assert [
+        (e["previous"], e["world_size"]) for e in events if e["event"] == "world_size_change"
+    ] == [(2, 3)]
+    url = f"s3://{name}/checkpoints/default/{run_dir.name}"
+    verified = spot_cli("verify", url, s3_endpoint)
+    assert verified.returncode == 0 and "60  valid" in verified.stdout, verified.stdout
+    out = tmp_path / "model.safetensors"
+    exported = subprocess.run(
+        [sys.executable, "-m", "spot", "export", url, str(out), "--endpoint-url", s3_endpoint],
+        cwd=REPO, env=env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert exported.returncode == 0, exported.stderr
+    assert_bitwise_equal(load_file(out), final_state(run_dir)["model"])
