@@ -5,9 +5,11 @@ the way out, and the other two train on at world size 2 from that checkpoint: no
 twice, every sample seen once. A node started later brings the group back to three.
 
 Set-ups: the external rendezvous store (the recommended one) with the notice to the node whose
-worker is rank 0 (the checkpoint writer), on a shared disk and on node-local disks with S3; the
-agent-hosted store with a GCP notice to a node that holds neither rank 0 nor the store; and
-`min_nodes=3`, where the same notice stops every node (75) and the job resumes when started again.
+worker is rank 0 (the checkpoint writer), on a shared disk and on node-local disks with S3, and
+with trainer.strategy=fsdp on a shared disk (every node writes its shards of the emergency
+checkpoint); the agent-hosted store with a GCP notice to a node that holds neither rank 0 nor the
+store; and `min_nodes=3`, where the same notice stops every node (75) and the job resumes when
+started again.
 
 The keep-alive is 10 s x 3: a survivor that waited for the departing node's heartbeat to expire
 would regroup at least 20 s after it left (its last heartbeat is at most 10 s old); the tests
@@ -39,19 +41,21 @@ def rank0_node(cluster: Cluster, start: dict) -> str:
 
 
 SETUPS = {
-    # name: (store, cloud, node-local disks with S3, who gets the notice)
-    "external-aws-rank0": ("external", "aws", False, "rank0"),
-    "external-aws-rank0-local-disks-s3": ("external", "aws", True, "rank0"),
-    "agent-store-gcp-other-node": ("agent", "gcp", False, "other"),
+    # name: (store, cloud, node-local disks with S3, who gets the notice, more arguments)
+    "external-aws-rank0": ("external", "aws", False, "rank0", []),
+    "external-aws-rank0-local-disks-s3": ("external", "aws", True, "rank0", []),
+    "agent-store-gcp-other-node": ("agent", "gcp", False, "other", []),
+    # every rank writes its shards of the emergency checkpoint, the leaving one too
+    "external-aws-rank0-fsdp": ("external", "aws", False, "rank0", ["trainer.strategy=fsdp"]),
 }
 
 
 @pytest.mark.parametrize("setup", list(SETUPS))
 def test_a_notice_to_one_node_costs_that_node_only(setup, tmp_path, request):
-    store, cloud, local_disks, victim_is = SETUPS[setup]
+    store, cloud, local_disks, victim_is, more = SETUPS[setup]
     env = train_env(**CREDENTIALS)
     cluster = Cluster(tmp_path, env)
-    args = elastic_args(cluster.port, STEPS, store=store) + KEEP_ALIVE
+    args = elastic_args(cluster.port, STEPS, store=store) + KEEP_ALIVE + more
     if local_disks:
         endpoint = request.getfixturevalue("s3_endpoint")
         bucket = _bucket(endpoint, setup)
