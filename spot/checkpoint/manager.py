@@ -543,10 +543,8 @@ class CheckpointManager:
         if whole and m.sharded:
             try:
                 state.update(sharded.load_full(path))
-            except Exception as exc:  # checksummed files that still do not load are corrupt
-                raise CorruptCheckpoint(
-                    f"shards do not load: {type(exc).__name__}: {exc}"
-                ) from None
+            except sharded.ShardReadError as exc:  # checksummed files that do not load: corrupt
+                raise CorruptCheckpoint(str(exc)) from None
         return LoadedCheckpoint(path=path, manifest=m, state=state)
 
     def _quarantine(self, path: Path) -> None:

@@ -40,6 +40,18 @@ class ShardWriteError(Exception):
     """Some rank could not write its shards; str() names the rank and why."""
 
 
+class ShardReadError(Exception):
+    """Shards that verified but do not load; str() says why in one line."""
+
+
+def _dcp_failure():
+    """DCP's CheckpointException, which derives from BaseException: `except Exception` misses
+    it, so every DCP call here catches it by name."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return CheckpointException
+
+
 def is_shard_file(name: str) -> bool:
     return name == METADATA or bool(_SHARD_FILE.match(name))
 
@@ -131,7 +143,7 @@ class ShardGroup:
             for name in sorted(names):
                 size, digest = digest_file(directory / name)
                 mine[name] = {"bytes": size, "digest": digest, "rank": self.rank}
-        except Exception as exc:  # every rank reports, so that none waits for a failed one
+        except (Exception, _dcp_failure()) as exc:  # every rank reports: none waits for one
             error = f"rank {self.rank} could not write its shards: {one_line(exc)}"
         if self.group is None:
             reports = [(mine, error)]
@@ -254,12 +266,15 @@ def load(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     state = state_dicts(model, optimizer)
-    dcp.load(
-        state,
-        storage_reader=_reader(directory),
-        planner=_safe_bytes(DefaultLoadPlanner)(),
-        process_group=group,
-    )
+    try:
+        dcp.load(
+            state,
+            storage_reader=_reader(directory),
+            planner=_safe_bytes(DefaultLoadPlanner)(),
+            process_group=group,
+        )
+    except (Exception, _dcp_failure()) as exc:
+        raise ShardReadError(f"shards do not load: {one_line(exc)}") from None
     set_state_dict(
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
     )
@@ -298,10 +313,13 @@ def load_full(directory: Path) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     state: dict[str, Any] = {}
-    _load_state_dict(
-        state,
-        storage_reader=_reader(directory),
-        planner=_safe_bytes(_EmptyStateDictLoadPlanner)(),
-        no_dist=True,
-    )
+    try:
+        _load_state_dict(
+            state,
+            storage_reader=_reader(directory),
+            planner=_safe_bytes(_EmptyStateDictLoadPlanner)(),
+            no_dist=True,
+        )
+    except (Exception, _dcp_failure()) as exc:
+        raise ShardReadError(f"shards do not load: {one_line(exc)}") from None
     return state

@@ -137,7 +137,10 @@ class TrainingState:
         except ValueError as exc:
             raise CheckpointUnusable(str(exc)) from None
         if shards is not None:
-            sharded.load(shards, unwrap(self.model), self.optimizer, group)
+            try:
+                sharded.load(shards, unwrap(self.model), self.optimizer, group)
+            except sharded.ShardReadError as exc:  # verified, yet not loadable: say so
+                raise CheckpointUnusable(f"checkpoint {shards}: {exc}") from None
         else:
             unwrap(self.model).load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])

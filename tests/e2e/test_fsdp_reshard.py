@@ -27,7 +27,11 @@ from spot.run.events import EventLog
 from spot.tree import first_difference
 from tests.helpers import assert_bitwise_equal, free_port, gloo_world
 
-pytestmark = [pytest.mark.slow]
+pytestmark = [
+    pytest.mark.slow,
+    # torch.distributed.checkpoint says so on every save and load without a process group
+    pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning"),
+]
 
 SIZES = {"vocab_size": 256, "block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 32}
 STEP = 3  # the step every checkpoint here is saved at
@@ -39,8 +43,10 @@ def gpt(seed: int) -> GPT:
     return GPT(**SIZES, dropout=0.0)
 
 
-def training_state(model, rank: int, world_size: int) -> TrainingState:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
+def training_state(model, rank: int, world_size: int, lr: float = 0.01) -> TrainingState:
+    """lr: a fresh one's other than the saved one's, so a load that left the optimizer's
+    hyper-parameters (param_groups) behind would show."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=lr * 10)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     sampler = ResumableBatchSampler(DATASET, BATCH, seed=0, rank=rank, world_size=world_size)
     return TrainingState(
@@ -127,7 +133,7 @@ def _three_ranks(world, out: Path) -> dict:
     """A fresh model (another init) loads the 2-rank checkpoint; gathered, it is the saved
     state. Then it is saved again, by these 3 ranks."""
     model = fsdp.shard(gpt(1), world.train, torch.device("cpu"), ["Block"], True, "32")
-    state = training_state(model, world.rank, 3)
+    state = training_state(model, world.rank, 3, lr=0.02)
     saved = torch.load(out / "saved.pt", weights_only=True) if world.is_leader else None
     before = full_state(model, state.optimizer)
     (_, path), *_ = list_step_dirs(out / "two")
@@ -190,7 +196,7 @@ def test_resume_at_two_three_one_ranks_loads_the_saved_state_bitwise(tmp_path):
 
     # 1 rank: no process group at all; the plain module loads the 3 ranks' shards
     assert not torch.distributed.is_initialized()
-    state = training_state(gpt(2), 0, 1)
+    state = training_state(gpt(2), 0, 1, lr=0.03)
     assert first_difference(saved, full_state(state.model, state.optimizer)) is not None
     load(state, None, path)
     assert_bitwise_equal(saved, full_state(state.model, state.optimizer), "at 1 rank")
@@ -206,6 +212,6 @@ def test_resume_at_two_three_one_ranks_loads_the_saved_state_bitwise(tmp_path):
     checkpoints.save(STEP, state.state_dict(), {"reason": "test"})
     checkpoints.wait()
     (_, path), *_ = list_step_dirs(root)
-    again = training_state(gpt(3), 0, 1)
+    again = training_state(gpt(3), 0, 1, lr=0.04)
     load(again, None, path)
     assert_bitwise_equal(saved, full_state(again.model, again.optimizer), "1 rank, again")
