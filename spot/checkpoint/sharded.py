@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import pickle
 import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,8 @@ from spot.run.config import one_line
 from spot.tree import map_tensors
 
 SHARDED = ("model", "optimizer")  # the components DCP writes; the others are rank 0's
+# A world of one saves and loads with no process group, as intended: DCP says so at each call.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
 METADATA = ".metadata"
 _SHARD_FILE = re.compile(r"^__(\d+)_\d+\.distcp$")
 
@@ -86,6 +89,19 @@ def local_parts(tree: Any) -> tuple[Any, list]:
         return map_tensors(tree, local), specs
 
 
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """The same memory as a tensor whose storage is exactly its own: DCP's writer clones every
+    tensor with a larger storage (to not save the rest of it), and a snapshot's tensors are
+    slices of one buffer. Aliased, not copied."""
+    if t.device.type != "cpu" or not t.is_contiguous() or not t.numel():
+        return t
+    raw = t.reshape(-1).view(torch.uint8)
+    if raw.untyped_storage().nbytes() == raw.numel():
+        return t
+    own = torch.frombuffer(memoryview(raw.numpy()), dtype=torch.uint8)
+    return own.view(t.dtype).reshape(t.shape)
+
+
 def as_dtensors(tree: Any, specs: list) -> Any:
     """`local_parts` undone on copies of the shards (host memory): DCP plans from the DTensors'
     global shapes and offsets, and writes the local data it finds in them."""
@@ -95,6 +111,7 @@ def as_dtensors(tree: Any, specs: list) -> Any:
 
     def wrap(t: torch.Tensor) -> torch.Tensor:
         spec = next(remaining)
+        t = _own_storage(t)
         if spec is None:
             return t
         mesh, placements, shape, stride = spec
