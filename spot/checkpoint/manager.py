@@ -324,7 +324,9 @@ class CheckpointManager:
         return done
 
     def wait(self) -> None:
-        """Block until any background save has committed; its failure is always raised."""
+        """Block until any background save has committed; its failure is always raised. (A
+        shard writer of a rank other than 0: until its shards are written and reported; rank 0
+        commits after that.)"""
         self._collect(raise_it=True)
 
     def poll(self) -> None:

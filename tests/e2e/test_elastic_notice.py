@@ -19,6 +19,7 @@ show it does not wait.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -90,6 +91,9 @@ def test_a_notice_to_one_node_costs_that_node_only(setup, tmp_path, request):
         (emergency,) = [e for e in saves if e["time"] > noticed_at]
         resume = [e for e in events if e["event"] == "resume" and e["time"] > noticed_at][0]
         assert resume["step"] == emergency["step"] == two["step"]  # from the emergency checkpoint
+        if "trainer.strategy=fsdp" in more:  # every node's rank wrote its part, the leaving one's
+            files = CheckpointManager.load(Path(resume["checkpoint"])).manifest.files
+            assert {files[f]["rank"] for f in files if f.endswith(".distcp")} == {0, 1, 2}
         trained = [e["step"] for e in events if e["event"] == "train"]
         assert len(trained) == len(set(trained)), "a step was trained twice"
         change = [e for e in events if e["event"] == "world_size_change"][-1]
