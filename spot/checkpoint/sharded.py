@@ -278,20 +278,11 @@ def load(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
     """Every rank, together: the checkpoint's model and optimizer into the live ones, each rank
     reading the byte ranges of the shards it now holds, whatever the world size that wrote them.
     Check `mismatch` first."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import DefaultLoadPlanner
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     state = state_dicts(model, optimizer)
-    try:
-        dcp.load(
-            state,
-            storage_reader=_reader(directory),
-            planner=_safe_bytes(DefaultLoadPlanner)(),
-            process_group=group,
-        )
-    except (Exception, _dcp_failure()) as exc:
-        raise ShardReadError(f"shards do not load: {one_line(exc)}") from None
+    _read(directory, state, DefaultLoadPlanner, group)
     set_state_dict(
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
     )
@@ -327,16 +318,25 @@ def load_full(directory: Path) -> dict[str, Any]:
     """The whole model and optimizer state, unsharded, in this process (no process group):
     for `python -m spot export` and init.checkpoint. Keys are parameter names."""
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     state: dict[str, Any] = {}
+    _read(directory, state, _EmptyStateDictLoadPlanner, group=None)
+    return state
+
+
+def _read(directory: Path, state: dict, planner_class, group) -> None:
+    """DCP's load into `state`, through the safe reader and planner: every rank of `group`
+    together, or this process alone (None: also where a process group exists but only this
+    process reads, as init.checkpoint's rank 0 does)."""
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
     try:
         _load_state_dict(
             state,
             storage_reader=_reader(directory),
-            planner=_safe_bytes(_EmptyStateDictLoadPlanner)(),
-            no_dist=True,
+            planner=_safe_bytes(planner_class)(),
+            process_group=group,
+            no_dist=group is None,
         )
     except (Exception, _dcp_failure()) as exc:
         raise ShardReadError(f"shards do not load: {one_line(exc)}") from None
-    return state

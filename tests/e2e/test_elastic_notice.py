@@ -5,9 +5,8 @@ the way out, and the other two train on at world size 2 from that checkpoint: no
 twice, every sample seen once. A node started later brings the group back to three.
 
 Set-ups: the external rendezvous store (the recommended one) with the notice to the node whose
-worker is rank 0 (the checkpoint writer), on a shared disk and on node-local disks with S3, and
-with trainer.strategy=fsdp on a shared disk (every node writes its shards of the emergency
-checkpoint); the agent-hosted store with a GCP notice to a node that holds neither rank 0 nor the
+worker is rank 0 (the checkpoint writer), with trainer.strategy=fsdp on a shared disk (every
+node writes its shards of the emergency checkpoint) and with DDP on node-local disks with S3; the agent-hosted store with a GCP notice to a node that holds neither rank 0 nor the
 store; and `min_nodes=3`, where the same notice stops every node (75) and the job resumes when
 started again.
 
@@ -43,11 +42,11 @@ def rank0_node(cluster: Cluster, start: dict) -> str:
 
 SETUPS = {
     # name: (store, cloud, node-local disks with S3, who gets the notice, more arguments)
-    "external-aws-rank0": ("external", "aws", False, "rank0", []),
+    # fsdp: every rank writes its shards of the emergency checkpoint, the leaving one's too
+    # (ddp's rank 0 leaving is the set-up below; ddp on a shared disk, the third)
+    "external-aws-rank0-fsdp": ("external", "aws", False, "rank0", ["trainer.strategy=fsdp"]),
     "external-aws-rank0-local-disks-s3": ("external", "aws", True, "rank0", []),
     "agent-store-gcp-other-node": ("agent", "gcp", False, "other", []),
-    # every rank writes its shards of the emergency checkpoint, the leaving one too
-    "external-aws-rank0-fsdp": ("external", "aws", False, "rank0", ["trainer.strategy=fsdp"]),
 }
 
 

@@ -37,25 +37,24 @@ def epoch_indices(run_dir, epoch: int) -> list[int]:
 
 
 def test_two_ranks_killed_at_any_moment_end_bitwise_equal(tmp_path, markers):
-    """Killed after a commit, in one rank's write (the other's may be done) and after every
-    rank's shards but before the manifest: each restart resumes from the last commit, and the
-    end is bitwise the uninterrupted run's."""
+    """Killed in one rank's write (the other's may be done), then after every rank's shards but
+    before the manifest: each restart resumes from the last commit, and the end is bitwise the
+    uninterrupted run's."""
     ref_root, root = tmp_path / "ref", tmp_path / "run"
     reference = run_train([*ARGS, *ranks(2), f"run.root={ref_root}"], timeout=240)
     assert reference.returncode == 0, reference.stdout[-3000:] + reference.stderr[-3000:]
 
     args = [*ARGS, *ranks(2), f"run.root={root}"]
     for point in (
-        "checkpoint.committed@step=10",
         "checkpoint.persist@step=20@rank=1",
-        "checkpoint.shards_written@step=30",
+        "checkpoint.shards_written@step=30@rank=0",  # rank 1 past it: only 0 commits
     ):
         run_until_failpoint(args, point, markers)
     result = run_train(args, timeout=240)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     run_dir, ref_dir = run_dir_of(root), run_dir_of(ref_root)
     resumed = [e["step"] for e in read_events(run_dir / "events.jsonl") if e["event"] == "resume"]
-    assert resumed == [10, 10, 20]
+    assert resumed == [10, 20]
     newest = list_step_dirs(run_dir / "checkpoints")[0][1]
     files = CheckpointManager.load(newest).manifest.files
     assert {f for f in files if f.endswith(".distcp")} == {"__0_0.distcp", "__1_0.distcp"}
@@ -93,23 +92,6 @@ def test_two_three_one_ranks_every_sample_once(tmp_path, markers):
     assert [e for e in events if e["event"] == "complete"]
 
 
-def test_a_corrupt_or_foreign_shard_makes_the_checkpoint_skipped(tmp_path, markers):
-    """The newest checkpoint with one rank's shard missing, truncated, flipped or from another
-    step: skipped (moved aside), the one before resumed, and the run completes."""
-    args = [*ARGS, *ranks(2), f"run.root={tmp_path}", "checkpoint.keep_last=3"]
-    run_until_failpoint(args, "checkpoint.committed@step=30", markers)
-    ckpts = run_dir_of(tmp_path) / "checkpoints"
-    newest, older = (p for _, p in list_step_dirs(ckpts)[:2])
-    shard = newest / "__1_0.distcp"
-    shard.write_bytes((older / "__1_0.distcp").read_bytes())  # another step's shard
-    result = run_train(args, timeout=240)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    events = read_events(run_dir_of(tmp_path) / "events.jsonl")
-    (skipped,) = [e for e in events if e["event"] == "corrupt_checkpoint_skipped"]
-    assert skipped["step"] == 30 and "__1_0.distcp" in skipped["reason"]
-    assert [e["step"] for e in events if e["event"] == "resume"] == [20]
-
-
 def test_a_module_class_that_matches_nothing_is_one_line_and_exit_2(tmp_path):
     """trainer.fsdp.shard names a class the model does not have: one line naming it and the
     classes there are, exit 2, before any run directory exists."""
@@ -122,10 +104,11 @@ def test_a_module_class_that_matches_nothing_is_one_line_and_exit_2(tmp_path):
     assert "Linear" in line and not any(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("source,target", [("fsdp", "ddp"), ("ddp", "fsdp")])
+@pytest.mark.parametrize("source,target", [("ddp", "fsdp")])
 def test_init_checkpoint_moves_weights_between_strategies(tmp_path, source, target):
-    """init.checkpoint (with its optimizer state) from an fsdp run into a ddp one and back:
-    the whole weights arrive (LR 0: the one step taken leaves them as they came)."""
+    """init.checkpoint (with its optimizer state) from a ddp run into an fsdp one: the whole
+    weights arrive, each rank keeping its shards (LR 0: the one step taken leaves them as they
+    came). (fsdp -> ddp: export's and inspect's whole load, tests/unit/test_sharded.py.)"""
     strategy = {"fsdp": [*FSDP, *ranks(2)], "ddp": []}
     first = run_train(
         [*FAST, *strategy[source], "trainer.max_steps=5", f"run.root={tmp_path / 'a'}"]

@@ -12,7 +12,7 @@ import pytest
 from tests.helpers import REPO, train_env
 
 
-@pytest.mark.serial
+@pytest.mark.slow  # spawns ranks: not a unit test; measures nothing it asserts: not serial
 def test_fsdp_bench_reports_ours_beside_dcp_at_two_ranks(tmp_path):
     result = subprocess.run(
         [
