@@ -390,6 +390,9 @@ class CheckpointManager:
             meta = {**self.meta, **info, "step": step, "created": time.time()}
             if shards is not None:
                 meta["sharded"] = list(SHARDED)
+                problem = sharded.layout_problem(tmp, files, meta["world_size"])
+                if problem:  # never a manifest for a checkpoint without every rank's part
+                    raise sharded.ShardWriteError(problem)
             body = manifest.build(files, meta)
             write_file_durably(tmp / MANIFEST, body)
             fsync_dir(tmp)
@@ -541,6 +544,8 @@ class CheckpointManager:
         for file in m.files:
             if sharded.is_shard_file(file):
                 manifest.check_file(path, m, file)
+        if m.sharded and (problem := sharded.layout_problem(path, m.files, m["world_size"])):
+            raise CorruptCheckpoint(problem)
         state = {name: manifest.load_component(path, m, name) for name in m.components}
         if whole and m.sharded:
             try:

@@ -139,7 +139,7 @@ def parse(raw: bytes, dir_name: str, path: Path | None = None) -> Manifest:
             raise CorruptCheckpoint(f"manifest says {file} has {entry['bytes']} bytes")
     sharded = body.get("sharded") or []
     if sharded:
-        if sorted(sharded) != sorted(SHARDED):
+        if not isinstance(sharded, list) or sorted(map(str, sharded)) != sorted(SHARDED):
             raise CorruptCheckpoint(f"manifest shards {sharded!r}, expected {list(SHARDED)}")
         if METADATA not in files or not any(f.endswith(".distcp") for f in files):
             raise CorruptCheckpoint("sharded manifest names no .metadata or no .distcp file")

@@ -183,6 +183,19 @@ class ShardGroup:
 # ---- reading ------------------------------------------------------------------------------------
 
 _METADATA_CLASSES = {
+    *(
+        ("torch.distributed.checkpoint.metadata", name)
+        for name in (
+            "Metadata",
+            "MetadataIndex",
+            "ChunkStorageMetadata",
+            "TensorStorageMetadata",
+            "BytesStorageMetadata",
+            "TensorProperties",
+            "StorageMeta",
+            "_MEM_FORMAT_ENCODING",
+        )
+    ),
     ("torch", "Size"),
     ("torch.serialization", "_get_layout"),
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
@@ -198,20 +211,59 @@ class _MetadataUnpickler(pickle.Unpickler):
     layouts, and paths may be named in it (a pickle can name any callable)."""
 
     def find_class(self, module: str, name: str) -> Any:
-        if module == "torch.distributed.checkpoint.metadata" or (module, name) in _METADATA_CLASSES:
+        # Exact names only: pickle resolves a dotted name attribute by attribute, so an allowed
+        # module's "os.system" would reach whatever that module imported.
+        if (module, name) in _METADATA_CLASSES:
             return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+        if (
+            module == "torch"
+            and "." not in name
+            and isinstance(getattr(torch, name, None), torch.dtype)
+        ):
             return getattr(torch, name)
         raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
 
 
 def read_metadata(directory: Path):
-    """DCP's index of a sharded checkpoint, read through the allow-list. ValueError if it
-    names anything else or does not parse."""
+    """DCP's index of a sharded checkpoint, read through the allow-list, and checked: every
+    byte range it points to lies in a shard file of this directory (DCP's reader would open
+    any path it names: an absolute one, or `../`). ValueError if not, or if it does not parse."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import Metadata
+
     try:
-        return _MetadataUnpickler(io.BytesIO((directory / METADATA).read_bytes())).load()
+        metadata = _MetadataUnpickler(io.BytesIO((directory / METADATA).read_bytes())).load()
     except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as exc:
         raise ValueError(f"{METADATA} does not load: {one_line(exc)}") from None
+    if not isinstance(metadata, Metadata) or not isinstance(metadata.storage_data, dict):
+        raise ValueError(f"{METADATA} is not DCP's metadata")
+    for info in metadata.storage_data.values():
+        where = getattr(info, "relative_path", None)
+        if (
+            not isinstance(info, _StorageInfo)
+            or not isinstance(where, str)
+            or not _SHARD_FILE.match(where)
+            or any(not isinstance(n, int) or n < 0 for n in (info.offset, info.length))
+            or info.transform_descriptors
+        ):
+            raise ValueError(f"{METADATA} points outside this checkpoint's shards ({where!r})")
+    return metadata
+
+
+def layout_problem(directory: Path, files: dict[str, dict], world_size: int) -> str | None:
+    """Why a sharded checkpoint's files are not one per rank of the world that wrote it, each
+    listed in the manifest, with `.metadata` naming no other (one line); None if they are."""
+    listed = {f for f in files if _SHARD_FILE.match(f)}
+    expected = {f"__{rank}_0.distcp" for rank in range(world_size)}
+    if not expected <= listed:
+        return f"no shard file of rank(s) {sorted(expected - listed)} (world size {world_size})"
+    try:
+        named = {info.relative_path for info in read_metadata(directory).storage_data.values()}
+    except (OSError, ValueError) as exc:
+        return one_line(exc)
+    if not named <= listed:
+        return f"{METADATA} names files the manifest does not: {sorted(named - listed)[:3]}"
+    return None
 
 
 def _reader(directory: Path):

@@ -107,7 +107,21 @@ class Opens:
         return open, (str(self.path), "w")
 
 
-FORBIDDEN = ["os.system", "io.open", "builtins.getattr"]
+# The last names an allowed module and a dotted name: pickle would walk it to the os module that
+# module imported (protocol 4's STACK_GLOBAL).
+FORBIDDEN = [
+    "os.system",
+    "io.open",
+    "builtins.getattr",
+    "torch.distributed.checkpoint.metadata.os.system",
+]
+
+
+def _stack_global(module: str, name: str, argument: str) -> bytes:
+    def text(t: str) -> bytes:
+        return b"\x8c" + bytes([len(t)]) + t.encode()
+
+    return b"\x80\x04" + text(module) + text(name) + b"\x93" + text(argument) + b"\x85R."
 
 
 def hostile_metadata(path: Path, callable_name: str, marker: Path) -> None:
@@ -117,6 +131,9 @@ def hostile_metadata(path: Path, callable_name: str, marker: Path) -> None:
         "os.system": f"cos\nsystem\n(S'touch {marker}'\ntR.".encode(),  # GLOBAL os system
         "io.open": pickle.dumps(Opens(marker)),  # builtins.open is io.open
         "builtins.getattr": pickle.dumps(getattr),
+        "torch.distributed.checkpoint.metadata.os.system": _stack_global(
+            "torch.distributed.checkpoint.metadata", "os.system", f"touch {marker}"
+        ),
     }
     (path / METADATA).write_bytes(pickles[callable_name])
 
@@ -138,13 +155,16 @@ def test_metadata_naming_a_forbidden_callable_is_refused(tmp_path, checkpoints, 
     hostile_metadata(path, callable_name, marker)
     with pytest.raises(ValueError, match=rf"{callable_name} is not allowed"):
         sharded.read_metadata(path)
-    loaded = CheckpointManager.load(path)  # consistent: the checksums cannot catch it
+    with pytest.raises(CorruptCheckpoint, match=rf"{callable_name} is not allowed"):
+        CheckpointManager.load(path)  # the checksums agree, yet it is refused: resume falls back
+    m = manifest.read(path)
+    components = {name: manifest.load_component(path, m, name) for name in m.components}
     problem = sharded.mismatch(path, full(training_state(0)))
     assert f"{callable_name} is not allowed" in problem and "\n" not in problem
     live = training_state(seed=5)
     before = full(live)
     with pytest.raises(CheckpointUnusable, match=rf"{callable_name} is not allowed"):
-        live.load_state_dict(loaded.state, shards=path)
+        live.load_state_dict(components, shards=path)
     assert_bitwise_equal(before, full(live))
     with pytest.raises(BaseException, match=rf"{callable_name} is not allowed"):
         CheckpointManager.load(path, whole=True)
@@ -426,3 +446,36 @@ def test_a_failed_shard_write_is_a_checkpoint_write_error(tmp_path):
     with pytest.raises(CheckpointWriteError):
         checkpoints.save(1, components, {"reason": "test"})
     assert checkpoints.failures == 1 and list(root.iterdir()) == []
+
+
+@pytest.mark.parametrize("where", ["../step-000000001/__0_0.distcp", "/etc/hostname", "x.distcp"])
+def test_metadata_pointing_outside_the_shards_is_refused(checkpoints, where):
+    """DCP's reader opens whatever path `.metadata` names (absolute, or `../`): a `.metadata`
+    consistent with its manifest but pointing elsewhere makes the checkpoint corrupt, and
+    nothing is read from there."""
+    root, _ = checkpoints
+    path = root / manifest.step_dir_name(2)
+    metadata = pickle.loads((path / METADATA).read_bytes())  # the genuine one: a trusted read
+    index = next(iter(metadata.storage_data))
+    metadata.storage_data[index].relative_path = where
+    (path / METADATA).write_bytes(pickle.dumps(metadata))
+
+    def restamp(files: dict) -> None:
+        size, digest = digest_file(path / METADATA)
+        files[METADATA] = {**files[METADATA], "bytes": size, "digest": digest}
+
+    rewrite_manifest(path, restamp)
+    with pytest.raises(ValueError, match="points outside this checkpoint's shards"):
+        sharded.read_metadata(path)
+    with pytest.raises(CorruptCheckpoint, match="points outside"):
+        CheckpointManager.load(path)
+
+
+def test_a_checkpoint_without_every_ranks_shard_does_not_exist(checkpoints):
+    """A manifest whose world had two ranks but that names one rank's shard file only (a
+    writer that committed without every rank's part): corrupt."""
+    root, _ = checkpoints
+    path = root / manifest.step_dir_name(2)
+    rewrite_meta(path, world_size=2)
+    with pytest.raises(CorruptCheckpoint, match=r"no shard file of rank\(s\) \['__1_0.distcp'\]"):
+        CheckpointManager.load(path)
