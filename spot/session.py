@@ -94,7 +94,7 @@ class Session(contextlib.ExitStack):
             and storage.RemoteCheckpoints(job.remote, self.events, s.storage.alert_after_failures)
         )
         if s.trainer.strategy == "fsdp":
-            if separate_disk:
+            if self.world.agree(separate_disk)[0]:  # one node knows it: every rank says so
                 raise ConfigError(
                     "trainer.strategy",
                     f"fsdp writes every rank's shards into one checkpoint directory, and "

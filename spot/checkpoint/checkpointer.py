@@ -194,6 +194,11 @@ class Checkpointer:
                 writer.close()
         if self.manager is not None:
             self.manager.close()
+        # No rank leaves before the checkpoint is committed: the next attempt's rank 0 (on a
+        # node that stays) would otherwise start while it is written, clear it as a leftover or
+        # restore the one before.
+        self.world.wait_for_leader()
+        if self.manager is not None:
             record_emergency(
                 notices, self.state.step, self.cloud.notice_seconds, self.uploader, self.events
             )

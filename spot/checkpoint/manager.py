@@ -204,28 +204,29 @@ class CheckpointManager:
         start = time.perf_counter()
         must_commit = kind is not SaveKind.MAY_SKIP
         tmp = self.root / f".tmp-{step_dir_name(step)}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        verdict = self._admit(step, kind) if self.commits else None
-        if self.shards is not None:  # every rank writes, or none: rank 0's verdict, its tmp
-            verdict, tmp = self.shards.share((verdict, tmp))
+        if self.shards is None:
+            verdict = self._admit(step, kind)
+        else:  # every rank writes, or none: rank 0's verdict (a failure too), and its tmp name
+            verdict, tmp = self.shards.share((self._admit_leading(step, kind), tmp))
+            if isinstance(verdict, CheckpointWriteError):
+                raise verdict
             if verdict == "write" and not self.commits:  # its own previous write is done
-                self._collect(raise_it=self._raises_previous(kind))
+                self._collect(raise_it=False)
         if verdict == "skip":
             return None
         if verdict == "stands":
             return 0.0
         info = {**info, "requested_at": round(time.time(), 6)}
         state, specs = self._host_view(state)
+        rest = {k: v for k, v in state.items() if specs is None or k not in SHARDED}
         if self._executor is None:
             try:
-                rest = {k: v for k, v in state.items() if specs is None or k not in SHARDED}
-                shards = (
-                    None
-                    if specs is None
-                    else sharded.as_dtensors({k: state[k] for k in SHARDED}, specs)
-                )
+                live = lambda: sharded.as_dtensors({k: state[k] for k in SHARDED}, specs)  # noqa: E731
+                shards = None if specs is None else live
                 self._persist(step, tmp, tensorfile.direct(rest), info, start, shards=shards)
             except CheckpointWriteError as exc:
-                self._failed(step, exc, raise_it=must_commit or self.on_error == "stop")
+                raise_it = (must_commit or self.on_error == "stop") and self.commits
+                self._failed(step, exc, raise_it=raise_it)
             return time.perf_counter() - start
         components, copy_deferred = self._buffer.capture(state, defer=() if must_commit else defer)
         copied = threading.Event()
@@ -237,14 +238,16 @@ class CheckpointManager:
                 copy_deferred()
             finally:
                 copied.set()
-            shards = None
-            if specs is not None:  # the shards as DTensors again, their data in the snapshot
+
+            def snapshot_shards() -> dict[str, Any]:  # as DTensors again, data in the snapshot
                 copies = {
                     k: tensorfile.rebuild(components[k].skeleton, components[k].data)
                     for k in SHARDED
                 }
-                shards = sharded.as_dtensors(copies, specs)
-            rest = {k: c for k, c in components.items() if shards is None or k not in SHARDED}
+                return sharded.as_dtensors(copies, specs, self.shards.host_mesh)
+
+            shards = None if specs is None else snapshot_shards
+            rest = {k: c for k, c in components.items() if specs is None or k not in SHARDED}
             self._persist(step, tmp, rest, info, None, stall, shards=shards)
 
         self._pending = (step, self._executor.submit(copy_then_persist))
@@ -268,6 +271,17 @@ class CheckpointManager:
             return "skip"
         self._collect(raise_it=self._raises_previous(kind))
         return "write"
+
+    def _admit_leading(self, step: int, kind: SaveKind) -> str | CheckpointWriteError | None:
+        """`_admit` on rank 0 of a sharded save, its failure (the save before failed, with
+        on_error=stop) returned to be shared, so that every rank raises it at this save; None
+        on the other ranks, which follow rank 0."""
+        if not self.commits:
+            return None
+        try:
+            return self._admit(step, kind)
+        except CheckpointWriteError as exc:
+            return exc
 
     def _raises_previous(self, kind: SaveKind) -> bool:
         """Whether the failure of the save before this one stops the run now: by on_error,
@@ -341,8 +355,8 @@ class CheckpointManager:
         step, future = pending
         try:
             future.result()
-        except CheckpointWriteError as exc:
-            self._failed(step, exc, raise_it)
+        except CheckpointWriteError as exc:  # a shard writer's failure reaches rank 0: it decides
+            self._failed(step, exc, raise_it and self.commits)
 
     def _failed(self, step: int, exc: CheckpointWriteError, raise_it: bool) -> None:
         """Count and report a failed save; raise it (the caller decides: on_error, or a save
@@ -368,29 +382,30 @@ class CheckpointManager:
         info: dict,
         start: float | None,
         stall: float | None = None,
-        shards: dict[str, Any] | None = None,
+        shards: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
-        """Write into `tmp`, then commit as step-N: the manifest last. `shards`: the model and
-        optimizer, which every rank writes into the same `tmp` together (rank 0 commits)."""
+        """Write into `tmp`, then commit as step-N: the manifest last. `shards`: makes the model
+        and optimizer, which every rank writes into the same `tmp` together (rank 0 commits)."""
         began = time.perf_counter()
         final = self.root / step_dir_name(step)
         try:
-            rank = self.shards.rank if self.shards is not None else 0
-            failpoint("checkpoint.persist", step, rank=rank)
-            tmp.mkdir(parents=True, exist_ok=shards is not None)
             files = {}
-            if shards is not None:
-                files.update(self.shards.write(tmp, shards))
-                failpoint("checkpoint.shards_written", step, rank=rank)
+            if shards is not None:  # (the persist failpoint and the directory: in write)
+                files.update(self.shards.write(tmp, shards, step))
+                failpoint("checkpoint.shards_written", step, rank=self.shards.rank)
                 if not self.commits:
                     return
+            else:
+                failpoint("checkpoint.persist", step)
+                tmp.mkdir(parents=True)
             for name, component in components.items():
                 files.update(tensorfile.write_component(tmp, name, component))
                 failpoint("checkpoint.component_written", step)
             meta = {**self.meta, **info, "step": step, "created": time.time()}
             if shards is not None:
                 meta["sharded"] = list(SHARDED)
-                problem = sharded.layout_problem(tmp, files, meta["world_size"])
+                meta.setdefault("world_size", self.shards.size)
+                problem = sharded.layout_problem(tmp, files, self.shards.size)
                 if problem:  # never a manifest for a checkpoint without every rank's part
                     raise sharded.ShardWriteError(problem)
             body = manifest.build(files, meta)
@@ -544,7 +559,7 @@ class CheckpointManager:
         for file in m.files:
             if sharded.is_shard_file(file):
                 manifest.check_file(path, m, file)
-        if m.sharded and (problem := sharded.layout_problem(path, m.files, m["world_size"])):
+        if m.sharded and (problem := sharded.layout_problem(path, m.files, m.get("world_size", 1))):
             raise CorruptCheckpoint(problem)
         state = {name: manifest.load_component(path, m, name) for name in m.components}
         if whole and m.sharded:

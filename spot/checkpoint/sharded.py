@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from spot.failpoints import failpoint
 from spot.fsutil import digest_file
 from spot.run.config import one_line
 from spot.tree import map_tensors
@@ -102,9 +103,10 @@ def _own_storage(t: torch.Tensor) -> torch.Tensor:
     return own.view(t.dtype).reshape(t.shape)
 
 
-def as_dtensors(tree: Any, specs: list) -> Any:
+def as_dtensors(tree: Any, specs: list, host_mesh=None) -> Any:
     """`local_parts` undone on copies of the shards (host memory): DCP plans from the DTensors'
-    global shapes and offsets, and writes the local data it finds in them."""
+    global shapes and offsets, and writes the local data it finds in them. `host_mesh`: the
+    mesh for copies in host memory (ShardGroup.host_mesh), where the shards' own is CUDA's."""
     from torch.distributed.tensor import DTensor
 
     remaining = iter(specs)
@@ -115,6 +117,8 @@ def as_dtensors(tree: Any, specs: list) -> Any:
         if spec is None:
             return t
         mesh, placements, shape, stride = spec
+        if host_mesh is not None and mesh.device_type != t.device.type:
+            mesh = host_mesh
         return DTensor.from_local(t, mesh, placements, run_check=False, shape=shape, stride=stride)
 
     return map_tensors(tree, wrap)
@@ -127,57 +131,114 @@ class ShardGroup:
     """The ranks that write a sharded checkpoint together, and the collectives they need for it:
     `group` a gloo group of every rank (its own, so a write in the background threads never
     meets the training loop's collectives; None in a world of one), `share` the foreground
-    broadcast of rank 0's decisions (spot.distributed.world.World.share)."""
+    broadcast of rank 0's decisions (spot.distributed.world.World.share).
+
+    Every rank takes the same collectives whatever fails where: a rank that cannot even start
+    (its directory, a failpoint) says so before DCP's collectives begin, and then no rank
+    enters them; every rank reports to rank 0 after, success or failure."""
 
     def __init__(self, group, rank: int, share: Callable[[Any], Any] = lambda obj: obj):
         self.group, self.rank, self.share = group, rank, share
+        self._host_mesh = None
 
     @property
     def commits(self) -> bool:
         """Rank 0 writes the manifest: it commits (and retains, and uploads)."""
         return self.rank == 0
 
-    def write(self, directory: Path, state: dict[str, Any]) -> dict[str, dict]:
-        """Every rank, together: DCP writes `state` into `directory`, each rank its own file,
-        which it then hashes. Returns every rank's files (with size, digest and the rank that
-        wrote it) on rank 0, {} on the others. ShardWriteError on every rank if any failed."""
+    @property
+    def size(self) -> int:
+        """How many ranks write each checkpoint."""
+        if self.group is None:
+            return 1
         import torch.distributed as dist
+
+        return dist.get_world_size(self.group)
+
+    @property
+    def host_mesh(self):
+        """A CPU mesh over this group, for the DTensors of a host snapshot: on a CUDA mesh,
+        DTensor.from_local would copy each shard back to a GPU. (Both meshes are every rank in
+        order: the same coordinates.) None in a world of one."""
+        if self._host_mesh is None and self.group is not None:
+            from torch.distributed.device_mesh import DeviceMesh
+
+            self._host_mesh = DeviceMesh.from_group(self.group, "cpu")
+        return self._host_mesh
+
+    def write(
+        self, directory: Path, make_state: Callable[[], dict[str, Any]], step: int
+    ) -> dict[str, dict]:
+        """Every rank, together: DCP writes the state `make_state` gives into `directory`, each
+        rank its own file, which it then hashes. Returns every rank's files (with size, digest and the rank that
+        wrote it) on rank 0, {} on the others. ShardWriteError on rank 0 if any rank failed,
+        on another rank if it did."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint import FileSystemWriter
 
         mine: dict[str, dict] = {}
         error = None
         try:
-            writer = FileSystemWriter(directory, single_file_per_rank=True, sync_files=True)
-            dcp.save(state, storage_writer=writer, process_group=self.group)
-            names = [
-                p.name
-                for p in directory.iterdir()
-                if (m := _SHARD_FILE.match(p.name)) and int(m.group(1)) == self.rank
-            ]
-            if self.commits:
-                names.append(METADATA)
-            for name in sorted(names):
-                size, digest = digest_file(directory / name)
-                mine[name] = {"bytes": size, "digest": digest, "rank": self.rank}
-        except (Exception, _dcp_failure()) as exc:  # every rank reports: none waits for one
+            failpoint("checkpoint.persist", step, rank=self.rank)
+            directory.mkdir(parents=True, exist_ok=True)
+            state = make_state()
+        except Exception as exc:
             error = f"rank {self.rank} could not write its shards: {one_line(exc)}"
-        if self.group is None:
-            reports = [(mine, error)]
-        else:
-            reports = [None] * dist.get_world_size(self.group) if self.commits else None
-            dist.gather_object((mine, error), reports, dst=0, group=self.group)
+        if self._every_rank(error is None):
+            try:
+                writer = FileSystemWriter(directory, single_file_per_rank=True, sync_files=True)
+                dcp.save(state, storage_writer=writer, process_group=self.group)
+                names = [
+                    p.name
+                    for p in directory.iterdir()
+                    if (m := _SHARD_FILE.match(p.name)) and int(m.group(1)) == self.rank
+                ]
+                if self.commits:
+                    names.append(METADATA)
+                for name in sorted(names):
+                    size, digest = digest_file(directory / name)
+                    mine[name] = {"bytes": size, "digest": digest, "rank": self.rank}
+            except (Exception, _dcp_failure()) as exc:
+                error = f"rank {self.rank} could not write its shards: {one_line(exc)}"
+        elif error is None:
+            error = "another rank could not start writing its shards"
+        reports = self._to_leader((step, directory.name, mine, error))
         if not self.commits:
             if error:
                 raise ShardWriteError(error)
             return {}
-        failed = [e for _, e in reports if e]
+        failed = [e for *_, e in reports if e and "another rank" not in e] or [
+            e for *_, e in reports if e
+        ]
         if failed:
             raise ShardWriteError(failed[0])
+        strays = [(s, d) for s, d, *_ in reports if (s, d) != (step, directory.name)]
+        if strays:  # a rank out of step with rank 0: never commit such a mix
+            raise ShardWriteError(f"a rank wrote step {strays[0][0]} into {strays[0][1]}")
         files: dict[str, dict] = {}
-        for part, _ in reports:
+        for *_, part, _ in reports:
             files.update(part)
         return files
+
+    def _every_rank(self, ready: bool) -> bool:
+        """Whether every rank is ready (one small all-reduce on the group)."""
+        if self.group is None:
+            return ready
+        import torch.distributed as dist
+
+        flag = torch.tensor([int(ready)], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
+        return bool(flag.item())
+
+    def _to_leader(self, report: tuple) -> list | None:
+        """Every rank's report on rank 0, in rank order (None elsewhere)."""
+        if self.group is None:
+            return [report]
+        import torch.distributed as dist
+
+        reports = [None] * dist.get_world_size(self.group) if self.commits else None
+        dist.gather_object(report, reports, dst=0, group=self.group)
+        return reports
 
 
 # ---- reading ------------------------------------------------------------------------------------
