@@ -211,6 +211,7 @@ class Session(contextlib.ExitStack):
                 reference,
                 s.trainer.global_batch_size,
             ),
+            same_micro_batches=s.trainer.strategy == "fsdp",
         )
         # The length in steps at this world size (an epoch's steps depend on it under scale_lr):
         # the progress bar's total. Training stops on the configured bounds, and the LR schedule

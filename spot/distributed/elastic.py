@@ -105,20 +105,24 @@ def accumulate_gradients(
     amp=None,
 ) -> torch.Tensor:
     """Forward and backward over this rank's micro-batches of one step; gradients synchronize on
-    the last one only. `share_samples` is 0 when the plan is a stand-in (the rank has no samples
-    in the step): it runs with weight 0, only to join the all-reduce. Returns the sum of
+    the last one only (DDP; FSDP2 reduce-scatters in each). The plan's micro-batches after the
+    first `share_samples` samples are stand-ins (all of them when it is 0: the rank has no samples
+    in the step): they run with weight 0, only to join the collectives. Returns the sum of
     per-sample losses on this rank (for logging; on the loss's device, so nothing waits for the
     GPU here). `amp`: a spot.precision.MixedPrecision (autocast for the forward, a scaled backward)."""
     total = torch.zeros(())
+    counted = 0  # the plan's first micro-batches hold the share; stand-ins (if any) follow
     for i, indices in enumerate(plan):
         last = i == len(plan) - 1
+        real = counted < share_samples
+        counted += len(indices) if real else 0
         no_sync = getattr(model, "no_sync", None)
         with nullcontext() if last or no_sync is None else no_sync():
             with amp.autocast() if amp else nullcontext():
                 loss = loss_fn(model, next(batches))
-            weight = len(indices) * world.world_size / step_samples if share_samples else 0.0
+            weight = len(indices) * world.world_size / step_samples if real else 0.0
             weighted = loss if weight == 1 else loss * weight
             (amp.scale(weighted) if amp else weighted).backward()
-        if share_samples:
+        if real:
             total = total.to(loss.device) + loss.detach().float() * len(indices)
     return total

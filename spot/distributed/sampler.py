@@ -32,7 +32,11 @@ class ResumableBatchSampler:
         rank: int = 0,
         world_size: int = 1,
         global_batch: int | None = None,
+        same_micro_batches: bool = False,
     ):
+        """`same_micro_batches`: every rank runs as many micro-batches per step as the rank
+        with the largest share (FSDP2 gathers and reduce-scatters in every forward and backward,
+        so the counts must match; DDP synchronizes once per step, and needs no padding)."""
         if dataset_size < 1 or batch_size < 1:
             raise ValueError(
                 f"dataset_size={dataset_size} and batch_size={batch_size} must be >= 1"
@@ -46,6 +50,7 @@ class ResumableBatchSampler:
         self.rank = rank
         self.world_size = world_size
         self.global_batch = global_batch or world_size * batch_size
+        self.same_micro_batches = same_micro_batches
         self.epoch = 0
         self.consumed = 0
         self._order: tuple[int, torch.Tensor] | None = None
@@ -78,11 +83,16 @@ class ResumableBatchSampler:
         """This rank's micro-batches of the step that starts at `consumed`. A rank with no share
         (fewer samples than ranks in an epoch's short last step) gets the step's first sample as
         a stand-in: it must still run forward and backward to join DDP's all-reduce, and its loss
-        is weighted 0 (`elastic.accumulate_gradients`), so the sample counts once."""
+        is weighted 0 (`elastic.accumulate_gradients`), so the sample counts once. With
+        `same_micro_batches`, stand-ins follow a short share's micro-batches too."""
         share = self.rank_share(order, consumed)
-        if len(share) == 0:
-            return [order[consumed : consumed + 1].tolist()]
-        return self.micro_batches(share)
+        plan = self.micro_batches(share) or [order[consumed : consumed + 1].tolist()]
+        if self.same_micro_batches:  # the largest share's count, stand-ins after this rank's
+            largest = -(-self.step_size(consumed) // self.world_size)
+            plan += [order[consumed : consumed + 1].tolist()] * (
+                -(-largest // self.batch_size) - len(plan)
+            )
+        return plan
 
     def current_plan(self) -> list[list[int]]:
         """This rank's micro-batches of the step the sampler's position is at."""

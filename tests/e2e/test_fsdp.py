@@ -131,3 +131,25 @@ def test_init_checkpoint_moves_weights_between_strategies(tmp_path, source, targ
         final_state(run_dir_of(tmp_path / "a"))["model"],
         final_state(run_dir_of(tmp_path / "b"))["model"],
     )
+
+
+def test_accumulation_with_uneven_shares_runs_the_same_passes_on_every_rank(tmp_path):
+    """A global batch of 65 in micro-batches of 32 over 2 ranks: shares of 33 and 32, i.e. 2 and
+    1 micro-batches. FSDP2 gathers in every forward: the short rank runs a stand-in (weight 0)
+    instead of leaving the other waiting in a collective; every sample counts once."""
+    args = [
+        *FAST,
+        *FSDP,
+        *ranks(2),
+        "trainer.batch_size=32",
+        "trainer.global_batch_size=65",
+        "trainer.max_steps=3",
+        "data.ledger=true",
+        "elastic.collective_timeout_seconds=20",
+        f"run.root={tmp_path}",
+    ]
+    result = run_train(args, timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_dir = run_dir_of(tmp_path)
+    assert [e["step"] for e in read_events(run_dir / "events.jsonl") if e["event"] == "complete"]
+    assert len(epoch_indices(run_dir, 0)) == len(set(epoch_indices(run_dir, 0))) == 3 * 65

@@ -99,3 +99,18 @@ def test_global_batch_larger_than_a_rank_is_split_into_micro_batches():
     s = ResumableBatchSampler(100, 8, seed=0, rank=1, world_size=2, global_batch=40)
     assert [len(b) for b in s.current_plan()] == [7, 7, 6]  # a share of 20, <= 8 each
     assert sorted(i for b in s.current_plan() for i in b) == sorted(s.current_indices())
+
+
+def test_same_micro_batches_pads_a_short_share_with_stand_ins():
+    """FSDP: every rank runs the largest share's count of micro-batches; the stand-ins come after
+    the rank's own samples (which accumulate_gradients weights, the stand-ins 0)."""
+    plans = [
+        ResumableBatchSampler(
+            130, 32, seed=0, rank=r, world_size=2, global_batch=65, same_micro_batches=True
+        ).current_plan()
+        for r in (0, 1)
+    ]
+    assert [len(p) for p in plans] == [2, 2]
+    assert [len(m) for m in plans[0]] == [17, 16] and [len(m) for m in plans[1]] == [32, 1]
+    ddp = ResumableBatchSampler(130, 32, seed=0, rank=1, world_size=2, global_batch=65)
+    assert [len(m) for m in ddp.current_plan()] == [32]
