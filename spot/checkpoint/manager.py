@@ -556,9 +556,10 @@ class CheckpointManager:
         checkpoint's model and optimizer are left to the ranks that read their shards, unless
         `whole`: then they are gathered here, unsharded (export, inspect, init.checkpoint)."""
         m = manifest.read(path)
-        for file in m.files:
-            if sharded.is_shard_file(file):
-                manifest.check_file(path, m, file)
+        shards = [file for file in m.files if sharded.is_shard_file(file)]
+        if shards:  # one reader thread per file (up to 8): the read and xxh3 release the GIL
+            with ThreadPoolExecutor(min(8, len(shards)), thread_name_prefix="verify") as pool:
+                list(pool.map(lambda file: manifest.check_file(path, m, file), shards))
         if m.sharded and (problem := sharded.layout_problem(path, m.files, m.get("world_size", 1))):
             raise CorruptCheckpoint(problem)
         state = {name: manifest.load_component(path, m, name) for name in m.components}
