@@ -117,3 +117,22 @@ def first_difference(a: Any, b: Any, where: str = "") -> str | None:
                 return found
         return None
     return None if a == b else f"{here}: {a!r} != {b!r}"
+
+
+def shape_misfit(saved: dict[str, tuple | None], live: dict[str, tuple | None]) -> str:
+    """How a saved state's names and shapes (None: not a tensor) differ from a live one's, in
+    one line: up to three missing and unexpected names and the first shape that differs; "" if
+    they fit."""
+    missing = sorted(set(live) - set(saved))
+    unexpected = sorted(set(saved) - set(live))
+    shapes = [
+        f"{k} {saved[k]} vs {live[k]}"
+        for k in sorted(set(saved) & set(live))
+        if live[k] is not None and saved[k] != live[k]
+    ]
+    parts = (
+        f"missing {missing[:3]}" if missing else "",
+        f"unexpected {unexpected[:3]}" if unexpected else "",
+        f"shape {shapes[0]}" if shapes else "",
+    )
+    return "; ".join(part for part in parts if part)

@@ -262,12 +262,4 @@ def gloo_world(rank: int, world_size: int, port: int):
     torchrun worker would (spot.distributed.world.join)."""
     from spot.distributed import world as distributed
 
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        TORCHELASTIC_RUN_ID="test",
-    )
-    return distributed.join(10, 30, cuda=False)
+    return distributed.join_on_loopback(rank, world_size, port, 10, 30)

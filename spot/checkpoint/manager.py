@@ -33,6 +33,7 @@ from spot.checkpoint.tensorfile import SnapshotBuffer
 from spot.failpoints import failpoint
 from spot.fsutil import fsync_dir, lower_priority, remove_tree, write_file_durably
 from spot.run.events import EventLog
+from spot.tree import shape_misfit
 
 log = logging.getLogger(__name__)
 
@@ -93,23 +94,14 @@ def config_difference(saved: dict, current: dict, prefix: str = "") -> list[str]
 
 def check_state_dict_compatible(saved: dict, live: dict, what: str = "model") -> None:
     """Refuse (before anything is loaded) a state dict whose keys or shapes differ from the live one."""
-    missing = sorted(set(live) - set(saved))
-    unexpected = sorted(set(saved) - set(live))
-    shapes = [
-        f"{k} {tuple(saved[k].shape)} vs {tuple(live[k].shape)}"
-        for k in sorted(set(saved) & set(live))
-        if isinstance(live[k], torch.Tensor) and tuple(saved[k].shape) != tuple(live[k].shape)
-    ]
-    if missing or unexpected or shapes:
-        detail = "; ".join(
-            part
-            for part in (
-                f"missing {missing[:3]}" if missing else "",
-                f"unexpected {unexpected[:3]}" if unexpected else "",
-                f"shape {shapes[0]}" if shapes else "",
-            )
-            if part
-        )
+
+    def shapes(state: dict) -> dict:
+        return {
+            k: tuple(v.shape) if isinstance(v, torch.Tensor) else None for k, v in state.items()
+        }
+
+    detail = shape_misfit(shapes(saved), shapes(live))
+    if detail:
         raise CheckpointUnusable(f"checkpoint {what} does not fit this {what}: {detail}")
 
 

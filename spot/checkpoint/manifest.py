@@ -158,17 +158,22 @@ def parse(raw: bytes, dir_name: str, path: Path | None = None) -> Manifest:
     return Manifest(path=path, body=body)
 
 
+def _matches(manifest: Manifest, file: str, size: int, digest: str) -> None:
+    """CorruptCheckpoint unless a file's size and digest are the ones the manifest names."""
+    entry = manifest.files[file]
+    if size != entry["bytes"]:
+        raise CorruptCheckpoint(f"{file} has {size} bytes, manifest says {entry['bytes']}")
+    if digest != entry["digest"]:
+        raise CorruptCheckpoint(f"{file} fails its {HASH_ALGORITHM} checksum")
+
+
 def read_file(ckpt_dir: Path, manifest: Manifest, file: str) -> bytes:
     """A small file's bytes, checked against the manifest's size and checksum."""
-    entry = manifest.files[file]
     try:
         data = (ckpt_dir / file).read_bytes()
     except FileNotFoundError:
         raise CorruptCheckpoint(f"{file} is missing") from None
-    if len(data) != entry["bytes"]:
-        raise CorruptCheckpoint(f"{file} has {len(data)} bytes, manifest says {entry['bytes']}")
-    if digest_bytes(data) != entry["digest"]:
-        raise CorruptCheckpoint(f"{file} fails its {HASH_ALGORITHM} checksum")
+    _matches(manifest, file, len(data), digest_bytes(data))
     return data
 
 
@@ -199,15 +204,11 @@ def load_component(ckpt_dir: Path, manifest: Manifest, name: str) -> Any:
 
 def check_file(ckpt_dir: Path, manifest: Manifest, file: str) -> None:
     """A file checked against the manifest's size and checksum without holding it (a shard)."""
-    entry = manifest.files[file]
     try:
         size, digest = digest_file(ckpt_dir / file)
     except FileNotFoundError:
         raise CorruptCheckpoint(f"{file} is missing") from None
-    if size != entry["bytes"]:
-        raise CorruptCheckpoint(f"{file} has {size} bytes, manifest says {entry['bytes']}")
-    if digest != entry["digest"]:
-        raise CorruptCheckpoint(f"{file} fails its {HASH_ALGORITHM} checksum")
+    _matches(manifest, file, size, digest)
 
 
 def verify(ckpt_dir: Path) -> Manifest:

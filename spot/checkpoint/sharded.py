@@ -31,7 +31,7 @@ import torch
 from spot.failpoints import failpoint
 from spot.fsutil import digest_file
 from spot.run.config import one_line
-from spot.tree import map_tensors
+from spot.tree import map_tensors, shape_misfit
 
 SHARDED = ("model", "optimizer")  # the components DCP writes; the others are rank 0's
 # A world of one saves and loads with no process group, as intended: DCP says so at each call.
@@ -369,21 +369,13 @@ def mismatch(directory: Path, live: dict[str, Any]) -> str | None:
     except (OSError, ValueError) as exc:
         return one_line(exc)
     flat, _ = flatten_state_dict(live)
-    tensors = {k: v for k, v in flat.items() if isinstance(v, torch.Tensor)}
-    saved_tensors = {k for k, v in saved.items() if isinstance(v, TensorStorageMetadata)}
-    missing = sorted(k for k in tensors if k not in saved_tensors)
-    unexpected = sorted(k for k in saved_tensors if k.startswith("model.") and k not in tensors)
-    shapes = [
-        f"{k} {tuple(saved[k].size)} vs {tuple(t.shape)}"
-        for k, t in sorted(tensors.items())
-        if k in saved_tensors and tuple(saved[k].size) != tuple(t.shape)
-    ]
-    parts = [
-        f"missing {missing[:3]}" if missing else "",
-        f"unexpected {unexpected[:3]}" if unexpected else "",
-        f"shape {shapes[0]}" if shapes else "",
-    ]
-    detail = "; ".join(p for p in parts if p)
+    live_shapes = {k: tuple(v.shape) for k, v in flat.items() if isinstance(v, torch.Tensor)}
+    saved_shapes = {  # the optimizer's entries follow the model's: its names say enough
+        k: tuple(v.size)
+        for k, v in saved.items()
+        if isinstance(v, TensorStorageMetadata) and (k in live_shapes or k.startswith("model."))
+    }
+    detail = shape_misfit(saved_shapes, live_shapes)
     return f"checkpoint model/optimizer does not fit this one: {detail}" if detail else None
 
 

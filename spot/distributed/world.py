@@ -311,6 +311,22 @@ def _process_group_store(world: World, timeout: timedelta) -> dist.Store | None:
     return dist.PrefixStore("default_pg", store)
 
 
+def join_on_loopback(
+    rank: int, world_size: int, port: int, collective_timeout: float, restore_timeout: float
+) -> World:
+    """A spawned process's place in a gloo world of `world_size` on loopback, joined as a
+    torchrun worker joins one (benchmarks and tests that start their own ranks)."""
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        TORCHELASTIC_RUN_ID=os.environ.get("TORCHELASTIC_RUN_ID", "local"),
+    )
+    return join(collective_timeout, restore_timeout, cuda=False)
+
+
 def join(collective_timeout_seconds: float, restore_timeout_seconds: float, cuda: bool) -> World:
     """Join the process group torch elastic (or torchrun) set up for this worker, if any."""
     if not launched_by_torch_elastic():

@@ -61,21 +61,6 @@ def rank_counts(text: str) -> list[int]:
 # ---- in each spawned rank -----------------------------------------------------------------------
 
 
-def _join(rank: int, world_size: int, port: int):
-    """A real gloo world of `world_size` on loopback, as a torchrun worker joins one."""
-    from spot.distributed import world as distributed
-
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        TORCHELASTIC_RUN_ID="bench",
-    )
-    return distributed.join(60, 600, cuda=False)
-
-
 def _model(size_bytes: int) -> nn.Sequential:
     """bench.build_state's MLP (the same on every rank: seeded), not yet trained."""
     torch.manual_seed(0)
@@ -237,7 +222,7 @@ def _rank(
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     # A world of one has no process group: DCP says so on every save and load.
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-    world = _join(rank, world_size, port)
+    world = distributed.join_on_loopback(rank, world_size, port, 60, 600)
     work_dir = Path(work)
     ranks = _Ranks(world)
     model = fsdp.shard(_model(size_bytes), world.train, torch.device("cpu"), ["Linear"], True, "32")
