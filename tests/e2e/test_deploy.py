@@ -451,7 +451,10 @@ def test_compose_services_run_here_on_loopback(tmp_path):
     changes = [
         (e["previous"], e["world_size"]) for e in events if e["event"] == "world_size_change"
     ]
-    assert changes == [(2, 1)], tails(logs)  # trainer-1 went on from the emergency checkpoint
+    # trainer-1 went on from the emergency checkpoint. (With min_nodes=1 and a 1 s last call, a
+    # trainer that reaches the rendezvous first on a busy machine starts alone and the other
+    # joins: the group forms in two steps, (1, 2) first, as the elastic settings allow.)
+    assert changes in ([(2, 1)], [(1, 2), (2, 1)]), tails(logs)
 
 
 # --- Kubernetes --------------------------------------------------------------------------------
