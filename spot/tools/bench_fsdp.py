@@ -220,8 +220,6 @@ def _rank(
     from spot.run.events import EventLog
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    # A world of one has no process group: DCP says so on every save and load.
-    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
     world = distributed.join_on_loopback(rank, world_size, port, 60, 600)
     work_dir = Path(work)
     ranks = _Ranks(world)
