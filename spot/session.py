@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from spot.checkpoint import storage
+from spot.checkpoint import parts, sharded, storage
 from spot.checkpoint.best import BestCheckpoint
 from spot.checkpoint.checkpointer import Checkpointer
 from spot.checkpoint.interval import CheckpointSchedule
@@ -94,17 +94,9 @@ class Session(contextlib.ExitStack):
             and storage.RemoteCheckpoints(job.remote, self.events, s.storage.alert_after_failures)
         )
         if s.trainer.strategy == "fsdp":
-            if self.world.agree(separate_disk)[0]:  # one node knows it: every rank says so
-                raise ConfigError(
-                    "trainer.strategy",
-                    f"fsdp writes every rank's shards into one checkpoint directory, and "
-                    f"{self.paths.dir} is not the same directory on every node; use a shared "
-                    "file system for run.root (node-local disks: not yet with fsdp)",
-                )
-            self.shards = ShardGroup(
-                self.world.background_group(), self.world.rank, self.world.share
-            )
-        if leader or separate_disk or self.shards is not None:
+            self.shards = self._shard_group(separate_disk)
+        keeps_replica = separate_disk and self.world.local_rank == 0 and self.shards is None
+        if leader or keeps_replica or self.shards is not None:
             manager = CheckpointManager(
                 self.paths.checkpoints,
                 keep_last=s.checkpoint.keep_last,
@@ -131,6 +123,25 @@ class Session(contextlib.ExitStack):
             else:
                 manager.remove_stale()
                 self.replica = manager
+
+    def _shard_group(self, own_disk: bool) -> ShardGroup:
+        """The ranks writing sharded checkpoints (trainer.strategy=fsdp). On node-local disks
+        (any node's run directory is not rank 0's) no disk holds a whole checkpoint: each rank
+        also puts its shards in the bucket, where the checkpoint meets (spot.checkpoint.parts)."""
+        publisher = None
+        if self.world.agree(own_disk)[0]:  # one node knows it: every rank says so
+            if self.job.remote is None:
+                raise ConfigError(
+                    "storage",
+                    f"fsdp on node-local disks ({self.paths.dir} is not the same directory on "
+                    "every node) needs storage=s3, where each node's shards meet; or use a "
+                    "shared file system for run.root",
+                )
+            keep = self.s.checkpoint.keep_last
+            publisher = parts.Publisher(self.job.remote, self.paths.checkpoints, own_disk, keep)
+        return ShardGroup(
+            self.world.background_group(), self.world.rank, self.world.share, publisher
+        )
 
     def restore(self) -> Restored | None:
         """The newest verified checkpoint, local or in the bucket, on every rank (rank 0 loads
@@ -162,9 +173,9 @@ class Session(contextlib.ExitStack):
             return Unusable(str(exc))
         if loaded is not None:
             best = loaded.manifest.get("best") or loaded.state["trainer"].get("best")
-            return Restored(
-                loaded.step, str(loaded.path), loaded.state, best, loaded.manifest.sharded
-            )
+            m = loaded.manifest
+            files = m.files if parts.published(m.files) else None  # see Restored.files
+            return Restored(loaded.step, str(loaded.path), loaded.state, best, m.sharded, files)
         if not self.s.init.checkpoint:
             return None
         init = self.s.init
@@ -266,7 +277,8 @@ class Session(contextlib.ExitStack):
                 if restored:
                     shards = Path(restored.path) if restored.sharded else None
                     group = self.shards and self.shards.group
-                    state.load_state_dict(restored.state, shards, group)
+                    fetch = self._fetcher(restored) if restored.files else None
+                    state.load_state_dict(restored.state, shards, group, fetch)
                 else:
                     source = {"source": self.initial.source, "step": self.initial.step}
                     state.load_weights(self.initial.state, source)
@@ -333,6 +345,20 @@ class Session(contextlib.ExitStack):
         # counts against a notice window and the recovery time.
         self._compiling_since = time.perf_counter() if s.trainer.compile else None
         return state
+
+    def _fetcher(self, restored: Restored):
+        """Node-local disks: the checkpoint's `.metadata` on this rank's disk now (every rank
+        agreeing it is), and a way for DCP to fetch the shards this rank reads, each from this
+        disk where the copy here matches the manifest, else from the bucket."""
+        path, files = Path(restored.path), restored.files
+        problem = None
+        try:
+            parts.fetch(self.job.remote, path, restored.step, files, [sharded.METADATA])
+        except CorruptCheckpoint as exc:
+            problem = f"checkpoint {restored.path}: {exc}"
+        if self.world.agree(problem is not None)[0]:
+            raise CheckpointUnusable(problem or "another rank could not fetch the checkpoint")
+        return lambda names: parts.fetch(self.job.remote, path, restored.step, files, names)
 
     def _start(self, state: TrainingState, max_steps: int) -> None:
         """What the loop talks to: the checkpointer, the interruption monitor, the ledger and

@@ -196,12 +196,20 @@ class Checkpointer:
             self.manager.close()
         # No rank leaves before the checkpoint is committed: the next attempt's rank 0 (on a
         # node that stays) would otherwise start while it is written, clear it as a leftover or
-        # restore the one before.
+        # restore the one before. Sharded on node-local disks, it is committed in the bucket
+        # (the upload), where every node restores it from.
+        writer = self.manager or self.shard_writer
+        in_bucket = writer is not None and writer.meets_in_bucket
+        if self.manager is not None and in_bucket:
+            self._record_emergency(notices)
         self.world.wait_for_leader()
-        if self.manager is not None:
-            record_emergency(
-                notices, self.state.step, self.cloud.notice_seconds, self.uploader, self.events
-            )
+        if self.manager is not None and not in_bucket:
+            self._record_emergency(notices)
+
+    def _record_emergency(self, notices: list[dict | None] | None) -> None:
+        record_emergency(
+            notices, self.state.step, self.cloud.notice_seconds, self.uploader, self.events
+        )
 
     def close(self) -> None:
         """On any other way out (an exception): let a save in flight commit, stop the uploader.

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from spot.checkpoint import manifest, sharded, tensorfile
+from spot.checkpoint import manifest, parts, sharded, tensorfile
 from spot.checkpoint.manifest import MANIFEST, STEP_DIR, CorruptCheckpoint, Manifest, step_dir_name
 from spot.checkpoint.sharded import SHARDED
 from spot.checkpoint.tensorfile import SnapshotBuffer
@@ -492,7 +492,9 @@ class CheckpointManager:
         skipped (remote) with on_corrupt=previous, or stops the run (fail). A valid one written
         by a different training config is refused: resuming it would train something else.
         """
-        local = dict(list_step_dirs(self.root))
+        # On node-local disks a sharded checkpoint is whole only in the bucket: each node's disk
+        # holds its own ranks' shards, which the ranks read from there where they match.
+        local = {} if self.meets_in_bucket else dict(list_step_dirs(self.root))
         remote = set(self.remote.committed_steps()) if self.remote is not None else set()
         candidates = [(step, "local") for step in local] + [(step, "remote") for step in remote]
         candidates.sort(key=lambda c: (c[0], c[1] == "local"), reverse=True)
@@ -501,7 +503,7 @@ class CheckpointManager:
             try:
                 if path is None:
                     began = time.perf_counter()
-                    path = self.remote.download(step, self.root)
+                    path = self.remote.download(step, self.root, self.meets_in_bucket)
                     self.events.emit(
                         "download",
                         step=step,
@@ -542,13 +544,21 @@ class CheckpointManager:
             return loaded
         return None
 
+    @property
+    def meets_in_bucket(self) -> bool:
+        """Sharded checkpoints on node-local disks (spot.checkpoint.parts): committed in the
+        bucket, the only place that holds every rank's shards."""
+        return self.shards is not None and self.shards.publisher is not None
+
     @staticmethod
     def load(path: Path, whole: bool = False) -> LoadedCheckpoint:
         """Verify every file against the manifest, then rebuild each component. A sharded
-        checkpoint's model and optimizer are left to the ranks that read their shards, unless
+        checkpoint's model and optimizer are left to the ranks that read their shards (those
+        its ranks published, spot.checkpoint.parts, each rank checks as it reads them), unless
         `whole`: then they are gathered here, unsharded (export, inspect, init.checkpoint)."""
         m = manifest.read(path)
-        shards = [file for file in m.files if sharded.is_shard_file(file)]
+        elsewhere = {} if whole else parts.published(m.files)
+        shards = [f for f in m.files if sharded.is_shard_file(f) and f not in elsewhere]
         if shards:  # one reader thread per file (up to 8): the read and xxh3 release the GIL
             with ThreadPoolExecutor(min(8, len(shards)), thread_name_prefix="verify") as pool:
                 list(pool.map(lambda file: manifest.check_file(path, m, file), shards))

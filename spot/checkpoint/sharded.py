@@ -137,8 +137,13 @@ class ShardGroup:
     (its directory, a failpoint) says so before DCP's collectives begin, and then no rank
     enters them; every rank reports to rank 0 after, success or failure."""
 
-    def __init__(self, group, rank: int, share: Callable[[Any], Any] = lambda obj: obj):
+    def __init__(
+        self, group, rank: int, share: Callable[[Any], Any] = lambda obj: obj, publisher=None
+    ):
+        """`publisher`: on node-local disks, how this rank puts its files in the bucket and
+        where on its disk they go (spot.checkpoint.parts.Publisher); None on a shared disk."""
         self.group, self.rank, self.share = group, rank, share
+        self.publisher = publisher
         self._host_mesh = None
 
     @property
@@ -169,40 +174,49 @@ class ShardGroup:
     def write(
         self, directory: Path, make_state: Callable[[], dict[str, Any]], step: int
     ) -> dict[str, dict]:
-        """Every rank, together: DCP writes the state `make_state` gives into `directory`, each
-        rank its own file, which it then hashes. Returns every rank's files (with size, digest and the rank that
-        wrote it) on rank 0, {} on the others. ShardWriteError on rank 0 if any rank failed,
-        on another rank if it did."""
+        """Every rank, together: DCP writes the state `make_state` gives into `directory` (rank
+        0's temporary directory; on node-local disks another node's ranks write into the step's
+        directory there), each rank its own file, which it then hashes (and, on node-local
+        disks, uploads). Returns every rank's files (with size, digest, the rank that wrote it,
+        and the ETag if uploaded) on rank 0, {} on the others. ShardWriteError on rank 0 if any
+        rank failed, on another rank if it did."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint import FileSystemWriter
 
         mine: dict[str, dict] = {}
         error = None
+        where = directory if self.publisher is None else self.publisher.directory(directory, step)
         try:
             failpoint("checkpoint.persist", step, rank=self.rank)
-            directory.mkdir(parents=True, exist_ok=True)
+            where.mkdir(parents=True, exist_ok=True)
             state = make_state()
         except Exception as exc:
             error = f"rank {self.rank} could not write its shards: {one_line(exc)}"
         if self._every_rank(error is None):
             try:
-                writer = FileSystemWriter(directory, single_file_per_rank=True, sync_files=True)
+                writer = FileSystemWriter(where, single_file_per_rank=True, sync_files=True)
                 dcp.save(state, storage_writer=writer, process_group=self.group)
                 names = [
                     p.name
-                    for p in directory.iterdir()
+                    for p in where.iterdir()
                     if (m := _SHARD_FILE.match(p.name)) and int(m.group(1)) == self.rank
                 ]
                 if self.commits:
                     names.append(METADATA)
                 for name in sorted(names):
-                    size, digest = digest_file(directory / name)
+                    size, digest = digest_file(where / name)
                     mine[name] = {"bytes": size, "digest": digest, "rank": self.rank}
+                if self.publisher is not None:  # (.metadata goes up with rank 0's other files)
+                    data = {f: entry for f, entry in mine.items() if f != METADATA}
+                    mine.update(self.publisher.publish(where, data, step))
+                    failpoint("checkpoint.shards_published", step, rank=self.rank)
             except (Exception, _dcp_failure()) as exc:
                 error = f"rank {self.rank} could not write its shards: {one_line(exc)}"
         elif error is None:
             error = "another rank could not start writing its shards"
         reports = self._to_leader((step, directory.name, mine, error))
+        if self.publisher is not None:
+            self.publisher.prune()
         if not self.commits:
             if error:
                 raise ShardWriteError(error)
@@ -327,7 +341,9 @@ def layout_problem(directory: Path, files: dict[str, dict], world_size: int) -> 
     return None
 
 
-def _reader(directory: Path):
+def _reader(directory: Path, fetch: Callable[[set[str]], Any] | None = None):
+    """DCP's file reader, reading `.metadata` through `read_metadata`; `fetch(names)` first
+    makes the shard files this rank's reads need present (node-local disks: spot.checkpoint.parts)."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import StorageMeta
 
@@ -338,6 +354,11 @@ def _reader(directory: Path):
                 metadata.storage_meta = StorageMeta()
             metadata.storage_meta.load_id = self.load_id
             return metadata
+
+        def read_data(self, plan, planner):
+            if fetch is not None:
+                fetch({self.storage_data[item.storage_index].relative_path for item in plan.items})
+            return super().read_data(plan, planner)
 
     return SafeReader(directory)
 
@@ -379,15 +400,21 @@ def mismatch(directory: Path, live: dict[str, Any]) -> str | None:
     return f"checkpoint model/optimizer does not fit this one: {detail}" if detail else None
 
 
-def load(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, group) -> None:
+def load(
+    directory: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    group,
+    fetch: Callable[[set[str]], Any] | None = None,
+) -> None:
     """Every rank, together: the checkpoint's model and optimizer into the live ones, each rank
-    reading the byte ranges of the shards it now holds, whatever the world size that wrote them.
-    Check `mismatch` first."""
+    reading the byte ranges of the shards it now holds, whatever the world size that wrote them
+    (`fetch`: see `_reader`). Check `mismatch` first."""
     from torch.distributed.checkpoint import DefaultLoadPlanner
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     state = state_dicts(model, optimizer)
-    _read(directory, state, DefaultLoadPlanner, group)
+    _read(directory, state, DefaultLoadPlanner, group, fetch)
     set_state_dict(
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
     )
@@ -429,7 +456,7 @@ def load_full(directory: Path) -> dict[str, Any]:
     return state
 
 
-def _read(directory: Path, state: dict, planner_class, group) -> None:
+def _read(directory: Path, state: dict, planner_class, group, fetch=None) -> None:
     """DCP's load into `state`, through the safe reader and planner: every rank of `group`
     together, or this process alone (None: also where a process group exists but only this
     process reads, as init.checkpoint's rank 0 does)."""
@@ -438,7 +465,7 @@ def _read(directory: Path, state: dict, planner_class, group) -> None:
     try:
         _load_state_dict(
             state,
-            storage_reader=_reader(directory),
+            storage_reader=_reader(directory, fetch),
             planner=_safe_bytes(planner_class)(),
             process_group=group,
             no_dist=group is None,

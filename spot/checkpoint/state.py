@@ -116,11 +116,12 @@ class TrainingState:
             )
 
     def load_state_dict(
-        self, state: dict[str, Any], shards: Path | None = None, group=None
+        self, state: dict[str, Any], shards: Path | None = None, group=None, fetch=None
     ) -> None:
         """Check everything first, then load: a checkpoint that does not fit is refused whole.
         `shards`: a sharded checkpoint's directory, whose model and optimizer every rank reads
-        (over `group`, together) rather than finding them in `state`."""
+        (over `group`, together) rather than finding them in `state`; `fetch(names)` makes the
+        shard files a rank reads present there first (node-local disks)."""
         if shards is not None:
             live = sharded.state_dicts(unwrap(self.model), self.optimizer)
             problem = sharded.mismatch(shards, live)
@@ -138,7 +139,7 @@ class TrainingState:
             raise CheckpointUnusable(str(exc)) from None
         if shards is not None:
             try:
-                sharded.load(shards, unwrap(self.model), self.optimizer, group)
+                sharded.load(shards, unwrap(self.model), self.optimizer, group, fetch)
             except sharded.ShardReadError as exc:  # verified, yet not loadable: say so
                 raise CheckpointUnusable(f"checkpoint {shards}: {exc}") from None
         else:

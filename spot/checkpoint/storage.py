@@ -37,7 +37,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
-from spot.checkpoint import manifest
+from spot.checkpoint import manifest, parts
 from spot.checkpoint.manager import committed_checkpoints
 from spot.checkpoint.manifest import MANIFEST, STEP_DIR, CorruptCheckpoint, step_dir_name
 from spot.checkpoint.upload import NOT_FOUND, RECEIPT, Uploader, error_code, receipt, send_files
@@ -194,16 +194,18 @@ class S3Store:
         except FileNotFoundError:
             raise CorruptCheckpoint(f"{local_dir} is gone (moved aside or deleted)") from None
         m = manifest.parse(body, name)
+        elsewhere = parts.published(m.files)  # uploaded by the ranks that wrote them
         try:
             etags = send_files(
                 self.client,
                 self.bucket,
-                {file: self.key(name, file) for file in m.files},
+                {file: self.key(name, file) for file in m.files if file not in elsewhere},
                 local_dir,
-                m.files,
+                {file: entry for file, entry in m.files.items() if file not in elsewhere},
                 part_size=self.transfer.multipart_chunksize,
                 concurrency=self.concurrency,
             )
+            etags.update(self._published(name, elsewhere))
         except CorruptCheckpoint:
             self._discard_refused(name, step)
             raise
@@ -213,6 +215,25 @@ class S3Store:
         self._commit(name, body, receipt(etags))
         self.unusable.pop(step, None)
         return m.total_bytes + len(body)
+
+    def _published(self, name: str, entries: dict[str, dict]) -> dict[str, str]:
+        """The ETags of files their ranks uploaded (spot.checkpoint.parts), once each is found
+        in the bucket as that object (its ETag) with its size. CorruptCheckpoint if one is not:
+        then this checkpoint is never committed."""
+        for file, entry in entries.items():
+            try:
+                head = self.client.head_object(Bucket=self.bucket, Key=self.key(name, file))
+            except ClientError as exc:
+                if error_code(exc) in NOT_FOUND:
+                    raise CorruptCheckpoint(f"{file} is not in the bucket") from None
+                raise
+            if head.get("ETag", "").strip('"') != entry[parts.ETAG]:
+                raise CorruptCheckpoint(f"{file} in the bucket is not the object its rank wrote")
+            if head.get("ContentLength") != entry["bytes"]:
+                raise CorruptCheckpoint(
+                    f"{file} in the bucket has {head.get('ContentLength')} bytes"
+                )
+        return {file: entry[parts.ETAG] for file, entry in entries.items()}
 
     def _discard_refused(self, name: str, step: int) -> None:
         """Remove the files a refused upload sent before its bad one (each matched): without a
@@ -271,17 +292,19 @@ class S3Store:
             self.client.delete_object(Bucket=self.bucket, Key=key)
         raise RemoteError(f"{self.url}/{name}: another writer keeps committing this step")
 
-    def download(self, step: int, into: Path) -> Path:
+    def download(self, step: int, into: Path, leave_published: bool = False) -> Path:
         """Fetch a remote checkpoint into `into/.download-step-N-*`, verify it, make it durable
         and rename it to `into/step-N`. Only names the manifest lists (checked: no separators)
         become paths. CorruptCheckpoint (one line) if it cannot be read whole, after botocore's
         and the transfer manager's retries, or fails verification; the step is then not counted
-        by retention either (spot.checkpoint.upload.remote_problem)."""
+        by retention either (spot.checkpoint.upload.remote_problem). `leave_published`: the
+        files ranks uploaded themselves are left for each rank to fetch as it reads them
+        (spot.checkpoint.parts.fetch); copies of them already in `into/step-N` stay there."""
         name = step_dir_name(step)
         staging = into / f".download-{name}-{uuid.uuid4().hex[:8]}"
         staging.mkdir(parents=True)
         try:
-            return self._fetch(name, staging, into)
+            return self._fetch(name, staging, into, leave_published)
         except CorruptCheckpoint as exc:
             self.unusable[step] = f"download failed: {exc}"
             raise
@@ -289,18 +312,28 @@ class S3Store:
             if staging.exists():
                 remove_tree(staging)
 
-    def _fetch(self, name: str, staging: Path, into: Path) -> Path:
+    def _fetch(self, name: str, staging: Path, into: Path, leave_published: bool) -> Path:
         # Every object through the transfer manager, the manifest too: it also retries a
         # connection reset while reading a body, which get_object's caller would have to.
         self._fetch_file(name, MANIFEST, staging)
         m = manifest.parse((staging / MANIFEST).read_bytes(), name)
+        left = parts.published(m.files) if leave_published else {}
         for file in m.files:  # names were validated by parse(): a plain file name each
             if (staging / file).resolve().parent != staging.resolve():
                 raise CorruptCheckpoint(f"remote manifest names an unsafe file {file!r}")
-            self._fetch_file(name, file, staging)
-        manifest.verify(staging)
-        fsync_dir(staging)
+            if file not in left:
+                self._fetch_file(name, file, staging)
+        if left:
+            for file in m.files:
+                if file not in left:
+                    manifest.check_file(staging, m, file)
+        else:
+            manifest.verify(staging)
         final = into / name
+        for file in left:  # this node's copies (each rank checks what it reads)
+            if (final / file).is_file():
+                os.replace(final / file, staging / file)
+        fsync_dir(staging)
         if final.exists():
             remove_tree(final)
         os.replace(staging, final)
@@ -376,8 +409,8 @@ class RemoteCheckpoints:
     def committed_steps(self) -> list[int]:
         return self.store.committed_steps()
 
-    def download(self, step: int, into: Path) -> Path:
-        return self.store.download(step, into)
+    def download(self, step: int, into: Path, leave_published: bool = False) -> Path:
+        return self.store.download(step, into, leave_published)
 
     def start(
         self,

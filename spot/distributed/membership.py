@@ -1,5 +1,5 @@
 """Which nodes a notice takes away, whether the others can go on, and which nodes have a disk of
-their own (so that they keep a copy of the emergency checkpoint).
+their own (so that they keep a copy of the emergency checkpoint, or their ranks' shards).
 
 A cloud notice reaches one node (its first worker polls that node's metadata endpoint); every
 rank stops at one step, and the ranks then share who heard what. A node with a cloud notice
@@ -74,9 +74,9 @@ def departure(world: World, notice, min_nodes: int) -> Departure:
 
 
 def separate_disk(world: World, run_dir: Path) -> bool:
-    """On every rank together: whether this rank is the first on a node whose run directory is
-    not rank 0's (a node-local disk). Rank 0 marks its directory with a token; a node that does
-    not find the same token there has a disk of its own."""
+    """On every rank together: whether this rank's run directory is not rank 0's (a node-local
+    disk). Rank 0 marks its directory with a token; a rank that does not find the same token
+    there has a disk of its own."""
     marker = run_dir / ".disk"
     token = None
     if world.is_leader:
@@ -84,6 +84,6 @@ def separate_disk(world: World, run_dir: Path) -> bool:
             atomic_write_bytes(marker, os.urandom(8).hex().encode())
         token = marker.read_text()
     token = world.share(token)
-    if world.is_leader or world.local_rank != 0:
+    if world.is_leader:
         return False
     return not marker.exists() or marker.read_text() != token

@@ -19,6 +19,9 @@ class Restored:
     state: dict
     best: dict | None = None  # checkpoint.keep_best's record, from the manifest (checkpoint.best)
     sharded: bool = False  # every rank reads its model and optimizer shards from `path`
+    # Node-local disks (spot.checkpoint.parts): the manifest's files, of which each rank fetches
+    # what it reads into `path` on its own disk; None where `path` holds them all.
+    files: dict | None = None
 
 
 @dataclass(frozen=True)

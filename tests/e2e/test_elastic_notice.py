@@ -42,9 +42,16 @@ def rank0_node(cluster: Cluster, start: dict) -> str:
 
 SETUPS = {
     # name: (store, cloud, node-local disks with S3, who gets the notice, more arguments)
-    # fsdp: every rank writes its shards of the emergency checkpoint, the leaving one's too
-    # (ddp's rank 0 leaving is the set-up below; ddp on a shared disk, the third)
-    "external-aws-rank0-fsdp": ("external", "aws", False, "rank0", ["trainer.strategy=fsdp"]),
+    # fsdp on node-local disks: every rank writes its shards of the emergency checkpoint and
+    # puts them in the bucket, the leaving one's too, where the survivors read them (ddp's rank 0
+    # leaving is the set-up below; ddp on a shared disk, the third)
+    "external-aws-rank0-fsdp-local-disks-s3": (
+        "external",
+        "aws",
+        True,
+        "rank0",
+        ["trainer.strategy=fsdp"],
+    ),
     "external-aws-rank0-local-disks-s3": ("external", "aws", True, "rank0", []),
     "agent-store-gcp-other-node": ("agent", "gcp", False, "other", []),
 }
@@ -104,10 +111,14 @@ def test_a_notice_to_one_node_costs_that_node_only(setup, tmp_path, request):
         # The survivors did not wait for the departing node's heartbeat to expire.
         assert recovered["rendezvous_seconds"] < KEEP_ALIVE_WAIT, recovered
         assert "left the rendezvous" in (tmp_path / f"{victim}.log").read_text()
-        if local_disks:  # the new rank 0 restored its own copy: nothing downloaded
-            assert not [e for e in events if e["event"] == "download" and e["time"] > noticed_at]
+        if local_disks:
             uploads = [e["step"] for e in events if e["event"] == "upload"]
             assert emergency["step"] in uploads  # by the departing rank 0, within the notice
+            downloads = [e for e in events if e["event"] == "download" and e["time"] > noticed_at]
+            if "trainer.strategy=fsdp" in more:  # the checkpoint met in the bucket: from there
+                assert [e["step"] for e in downloads] == [emergency["step"]]
+            else:  # the new rank 0 restored its own copy: nothing downloaded
+                assert not downloads
 
         joined_at = time.time()
         cluster.node("d", args, root("d"), cloud)
