@@ -67,6 +67,7 @@ class Session(contextlib.ExitStack):
         self.uploader = None  # rank 0's, with storage=s3: started after the restore
         self.initial: Initial | None = None  # init.checkpoint's weights, for a run with none
         self.reclaimed = False  # the cloud takes this node: its agent must not restart workers
+        self._own_disk = False  # this rank's run directory is not rank 0's (node-local disks)
 
     def __enter__(self) -> Session:
         super().__enter__()
@@ -86,6 +87,7 @@ class Session(contextlib.ExitStack):
         places = ("disk", "bucket") if job.remote else ("disk",)
         self.best = BestCheckpoint(s.checkpoint.keep_best, self.events, places)
         separate_disk = membership.separate_disk(self.world, self.paths.dir)
+        self._own_disk = separate_disk
         if leader:
             atomic_write_bytes(self.paths.config, OmegaConf.to_yaml(job.cfg, resolve=True).encode())
         remote = (
@@ -158,6 +160,12 @@ class Session(contextlib.ExitStack):
         if isinstance(found, Unusable):
             self.events.emit("checkpoint_unusable", reason=found.reason)
             raise CheckpointUnusable(found.reason)
+        # A node with a disk of its own holds its ranks' ledgers: they lose what the restored
+        # step had not reached there too (rank 0 did on its disk), before any rank appends.
+        truncates = self.s.data.ledger and self._own_disk and self.world.local_rank == 0
+        if truncates:
+            truncate_ledgers(self.paths, found.step if isinstance(found, Restored) else 0)
+        self.world.agree(truncates)  # (every rank waits for every node's truncation)
         if isinstance(found, Initial):  # weights to start from, not a run to resume
             self.initial = found
             return None
@@ -278,7 +286,11 @@ class Session(contextlib.ExitStack):
                     shards = Path(restored.path) if restored.sharded else None
                     group = self.shards and self.shards.group
                     fetch = self._fetcher(restored) if restored.files else None
+                    if fetch is not None:
+                        shards = fetch.directory
                     state.load_state_dict(restored.state, shards, group, fetch)
+                    if fetch is not None:
+                        self._report_fetched(fetch)
                 else:
                     source = {"source": self.initial.source, "step": self.initial.step}
                     state.load_weights(self.initial.state, source)
@@ -350,15 +362,24 @@ class Session(contextlib.ExitStack):
         """Node-local disks: the checkpoint's `.metadata` on this rank's disk now (every rank
         agreeing it is), and a way for DCP to fetch the shards this rank reads, each from this
         disk where the copy here matches the manifest, else from the bucket."""
-        path, files = Path(restored.path), restored.files
+        here = self.paths.checkpoints / Path(restored.path).name  # this node's disk
+        fetch = parts.ShardSource(self.job.remote, here, restored.step, restored.files)
         problem = None
         try:
-            parts.fetch(self.job.remote, path, restored.step, files, [sharded.METADATA])
+            fetch.whole([sharded.METADATA])
         except CorruptCheckpoint as exc:
             problem = f"checkpoint {restored.path}: {exc}"
         if self.world.agree(problem is not None)[0]:
             raise CheckpointUnusable(problem or "another rank could not fetch the checkpoint")
-        return lambda names: parts.fetch(self.job.remote, path, restored.step, files, names)
+        return fetch
+
+    def _report_fetched(self, fetch: parts.ShardSource) -> None:
+        """What each rank downloaded of the checkpoint it restored (node-local disks): nothing
+        where its node kept its own shards and the world is unchanged."""
+        by_rank = self.world.gather(fetch.fetched)
+        if by_rank is not None:
+            total = sum(n for fetched in by_rank for n in fetched.values())
+            self.events.emit("shards_fetched", step=fetch.step, files=by_rank, bytes=total)
 
     def _start(self, state: TrainingState, max_steps: int) -> None:
         """What the loop talks to: the checkpointer, the interruption monitor, the ledger and

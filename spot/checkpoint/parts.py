@@ -11,10 +11,10 @@ uploader commits the checkpoint in the bucket only once it found each of those o
 that object with that size (spot.checkpoint.storage.S3Store.upload). Such a checkpoint exists
 once its manifest is in the bucket.
 
-On restore, rank 0 fetches the manifest and the small files; each rank then reads the shards it
-needs (`fetch`) from its own disk where the copy there matches the manifest (an unchanged world:
-its own file, nothing downloaded), and otherwise from the bucket, checked against the manifest
-before it is renamed into place.
+On restore, rank 0 fetches the manifest and the small files, every rank the index (`.metadata`);
+each rank then reads what its load needs (`ShardSource`) from its own disk where the copy there
+matches the manifest (an unchanged world: its own file), and otherwise only those byte ranges,
+from the bucket's object that the manifest names.
 """
 
 from __future__ import annotations
@@ -23,13 +23,14 @@ import contextlib
 import os
 import uuid
 from collections.abc import Collection
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from boto3.exceptions import Boto3Error
 from botocore.exceptions import BotoCoreError, ClientError
 
 from spot.checkpoint.manifest import STEP_DIR, CorruptCheckpoint, step_dir_name
-from spot.checkpoint.upload import send_files
+from spot.checkpoint.upload import error_code, send_files
 from spot.fsutil import digest_file, fsync_file, remove_tree
 from spot.run.config import one_line
 
@@ -90,6 +91,90 @@ def _matches(path: Path, entry: dict) -> bool:
         return digest_file(path) == (entry["bytes"], entry["digest"])
     except FileNotFoundError:
         return False
+
+
+class ShardSource:
+    """Where one rank reads a checkpoint's shard files from, for DCP's load
+    (spot.checkpoint.sharded.load): a file on this disk whose copy matches the manifest is read
+    there; of any other, only the byte ranges this rank's load needs are read from the bucket,
+    from the object the manifest names (If-Match its ETag: the object whose bytes its writer
+    checked before creating it), a few ranges in parallel. A rank's load also reads values
+    other ranks wrote (DCP saves a value every rank holds, such as the optimizer's step, once):
+    a few bytes of their files, not the files. `fetched`: the bytes read from the bucket, by
+    file."""
+
+    GAP = 2**20  # ranges closer than this are read in one request
+
+    def __init__(self, store, directory: Path, step: int, files: dict[str, dict]):
+        self.store, self.directory, self.step, self.files = store, directory, step, files
+        self.fetched: dict[str, int] = {}
+        self._here: dict[str, bool] = {}
+
+    def whole(self, names: Collection[str]) -> None:
+        """Whole files on this disk (the index every rank reads first), as `fetch` makes them."""
+        for name in fetch(self.store, self.directory, self.step, self.files, names):
+            self.fetched[name] = self.files[name]["bytes"]
+
+    def __call__(self, needed: dict[str, list[tuple[int, int]]]) -> dict[str, dict]:
+        """For `needed` ({file: [(offset, length), ...]}), the bytes of each range of each file
+        not read from this disk: {file: {(offset, length): bytes}}. CorruptCheckpoint (one line)
+        if one cannot be read as the manifest names it."""
+        remote = {name: spans for name, spans in needed.items() if not self._is_here(name)}
+        requests = [(name, *run) for name, spans in remote.items() for run in _runs(spans)]
+        out: dict[str, dict] = {name: {} for name in remote}
+        if not requests:
+            return out
+        with ThreadPoolExecutor(min(self.store.concurrency, len(requests))) as pool:
+            for name, start, data, members in pool.map(lambda r: self._get(*r), requests):
+                self.fetched[name] = self.fetched.get(name, 0) + len(data)
+                for offset, length in members:
+                    out[name][(offset, length)] = data[offset - start : offset - start + length]
+        return out
+
+    def _is_here(self, name: str) -> bool:
+        if name not in self._here:
+            entry = self.files.get(name)
+            if entry is None:
+                raise CorruptCheckpoint(
+                    f"{name} is not in the manifest of {step_dir_name(self.step)}"
+                )
+            self._here[name] = _matches(self.directory / name, entry)
+        return self._here[name]
+
+    def _get(self, name: str, start: int, end: int, members: list) -> tuple:
+        entry, store = self.files[name], self.store
+        if end > entry["bytes"]:
+            raise CorruptCheckpoint(f"{name}: a range past its {entry['bytes']} bytes")
+        match = {"IfMatch": f'"{entry[ETAG]}"'} if ETAG in entry else {}
+        try:
+            got = store.client.get_object(
+                Bucket=store.bucket,
+                Key=store.key(step_dir_name(self.step), name),
+                Range=f"bytes={start}-{end - 1}",
+                **match,
+            )
+            data = got["Body"].read()
+        except ClientError as exc:
+            if error_code(exc) in ("PreconditionFailed", "412"):
+                raise CorruptCheckpoint(f"{name} in the bucket was written again since") from None
+            raise CorruptCheckpoint(f"remote {name} unreadable ({one_line(exc)})") from None
+        except BotoCoreError as exc:  # after botocore's retries
+            raise CorruptCheckpoint(f"remote {name} unreadable ({one_line(exc)})") from None
+        if len(data) != end - start:
+            raise CorruptCheckpoint(f"{name}: {len(data)} bytes where {end - start} were asked")
+        return name, start, data, members
+
+
+def _runs(spans: list[tuple[int, int]]) -> list[tuple[int, int, list]]:
+    """(start, end, members): the ranges in order, those within GAP of each other together."""
+    runs: list[tuple[int, int, list]] = []
+    for offset, length in sorted(set(spans)):
+        if runs and offset <= runs[-1][1] + ShardSource.GAP:
+            start, end, members = runs[-1]
+            runs[-1] = (start, max(end, offset + length), [*members, (offset, length)])
+        else:
+            runs.append((offset, offset + length, [(offset, length)]))
+    return runs
 
 
 def fetch(store, directory: Path, step: int, files: dict[str, dict], names: Collection[str]):

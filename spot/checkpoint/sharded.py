@@ -18,6 +18,7 @@ weights_only=True, as every other checkpoint file does.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import pickle
 import re
@@ -341,9 +342,17 @@ def layout_problem(directory: Path, files: dict[str, dict], world_size: int) -> 
     return None
 
 
-def _reader(directory: Path, fetch: Callable[[set[str]], Any] | None = None):
-    """DCP's file reader, reading `.metadata` through `read_metadata`; `fetch(names)` first
-    makes the shard files this rank's reads need present (node-local disks: spot.checkpoint.parts)."""
+class _Elsewhere:
+    """A shard file this rank reads from elsewhere: its ranges are in `ranges`."""
+
+    def __init__(self, ranges: dict[tuple[int, int], bytes]):
+        self.ranges = ranges
+
+
+def _reader(directory: Path, source: Callable[[dict], dict] | None = None):
+    """DCP's file reader, reading `.metadata` through `read_metadata`. `source(needed)`: given
+    the byte ranges this rank's load reads ({file: [(offset, length)]}), the bytes of those it
+    does not read from `directory` (node-local disks: spot.checkpoint.parts.ShardSource)."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import StorageMeta
 
@@ -356,11 +365,45 @@ def _reader(directory: Path, fetch: Callable[[set[str]], Any] | None = None):
             return metadata
 
         def read_data(self, plan, planner):
-            if fetch is not None:
-                fetch({self.storage_data[item.storage_index].relative_path for item in plan.items})
-            return super().read_data(plan, planner)
+            if source is None:
+                return super().read_data(plan, planner)
+            needed: dict[str, list] = {}
+            for item in plan.items:
+                info = self.storage_data[item.storage_index]
+                needed.setdefault(info.relative_path, []).append((info.offset, info.length))
+            elsewhere = source(needed)
+            fs = self.fs
+            self.fs = _Streams(fs, {name: _Elsewhere(r) for name, r in elsewhere.items()})
+            try:
+                return super().read_data(plan, planner)
+            finally:
+                self.fs = fs
+
+        def _slice_file(self, file, sinfo):
+            if isinstance(file, _Elsewhere):
+                return io.BytesIO(file.ranges[(sinfo.offset, sinfo.length)])
+            return super()._slice_file(file, sinfo)
 
     return SafeReader(directory)
+
+
+class _Streams:
+    """DCP's file system for one read_data: a file read from elsewhere opens as its ranges."""
+
+    def __init__(self, fs, elsewhere: dict[str, _Elsewhere]):
+        self.fs, self.elsewhere = fs, elsewhere
+
+    def concat_path(self, path, suffix):
+        return self.fs.concat_path(path, suffix)
+
+    @contextlib.contextmanager
+    def create_stream(self, path, mode: str):
+        name = Path(path).name
+        if name in self.elsewhere:
+            yield self.elsewhere[name]
+        else:
+            with self.fs.create_stream(path, mode) as stream:
+                yield stream
 
 
 def _safe_bytes(planner_class):
@@ -405,16 +448,16 @@ def load(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     group,
-    fetch: Callable[[set[str]], Any] | None = None,
+    source: Callable[[dict], dict] | None = None,
 ) -> None:
     """Every rank, together: the checkpoint's model and optimizer into the live ones, each rank
     reading the byte ranges of the shards it now holds, whatever the world size that wrote them
-    (`fetch`: see `_reader`). Check `mismatch` first."""
+    (`source`: see `_reader`). Check `mismatch` first."""
     from torch.distributed.checkpoint import DefaultLoadPlanner
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     state = state_dicts(model, optimizer)
-    _read(directory, state, DefaultLoadPlanner, group, fetch)
+    _read(directory, state, DefaultLoadPlanner, group, source)
     set_state_dict(
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
     )
@@ -456,7 +499,7 @@ def load_full(directory: Path) -> dict[str, Any]:
     return state
 
 
-def _read(directory: Path, state: dict, planner_class, group, fetch=None) -> None:
+def _read(directory: Path, state: dict, planner_class, group, source=None) -> None:
     """DCP's load into `state`, through the safe reader and planner: every rank of `group`
     together, or this process alone (None: also where a process group exists but only this
     process reads, as init.checkpoint's rank 0 does)."""
@@ -465,7 +508,7 @@ def _read(directory: Path, state: dict, planner_class, group, fetch=None) -> Non
     try:
         _load_state_dict(
             state,
-            storage_reader=_reader(directory, fetch),
+            storage_reader=_reader(directory, source),
             planner=_safe_bytes(planner_class)(),
             process_group=group,
             no_dist=group is None,

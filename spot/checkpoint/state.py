@@ -120,8 +120,8 @@ class TrainingState:
     ) -> None:
         """Check everything first, then load: a checkpoint that does not fit is refused whole.
         `shards`: a sharded checkpoint's directory, whose model and optimizer every rank reads
-        (over `group`, together) rather than finding them in `state`; `fetch(names)` makes the
-        shard files a rank reads present there first (node-local disks)."""
+        (over `group`, together) rather than finding them in `state`; `fetch`: where a rank
+        reads what is not on its disk (node-local disks: spot.checkpoint.parts.ShardSource)."""
         if shards is not None:
             live = sharded.state_dicts(unwrap(self.model), self.optimizer)
             problem = sharded.mismatch(shards, live)

@@ -1,0 +1,161 @@
+"""Sharded checkpoints on node-local disks (spot/checkpoint/parts.py), against moto's S3 server
+over HTTP: what a rank puts in the bucket, what the commit checks of it, what a rank reads back
+from its own disk and what from the bucket. The whole flow with train.py:
+tests/e2e/test_fsdp_local_disks.py and the fsdp set-up of tests/e2e/test_elastic_notice.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from spot.checkpoint import manifest, parts
+from spot.checkpoint.manifest import MANIFEST, CorruptCheckpoint, step_dir_name
+from spot.checkpoint.storage import S3Store
+from spot.checkpoint.upload import remote_problem
+from spot.fsutil import digest_file
+from tests.e2e import test_s3
+
+s3_endpoint = test_s3.s3_endpoint  # its fixtures: a moto server for this module, a bucket a test
+bucket = test_s3.bucket
+pytestmark = pytest.mark.usefixtures("credentials")  # tests/conftest.py
+
+STEP = 30
+NAME = step_dir_name(STEP)
+SMALL = (".metadata", "scheduler.bin", "scheduler.pt", "trainer.bin", "trainer.pt")  # rank 0's
+
+
+def entry(path, rank: int) -> dict:
+    size, digest = digest_file(path)
+    return {"bytes": size, "digest": digest, "rank": rank}
+
+
+def a_part(directory, rank: int, payload: bytes) -> dict[str, dict]:
+    """One rank's shard file written into `directory`, as ShardGroup.write reports it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    file = f"__{rank}_0.distcp"
+    (directory / file).write_bytes(payload)
+    return {file: entry(directory / file, rank)}
+
+
+@pytest.fixture
+def store(s3_endpoint, bucket):
+    store = S3Store(bucket[1], "runs/r/1", endpoint_url=s3_endpoint)
+    store.claim()  # the run's writer: it may commit
+    return store
+
+
+def published_checkpoint(store, tmp_path) -> tuple:
+    """Two ranks on two disks publish their shards of step 30; rank 0 commits its disk's part
+    (its shard, .metadata, trainer, scheduler) with a manifest naming every file. Returns
+    (rank 0's dir, rank 1's publisher, the manifest's files)."""
+    disk0, disk1 = tmp_path / "disk0", tmp_path / "disk1"
+    first = parts.Publisher(store, disk0, own_disk=False, keep=2)
+    second = parts.Publisher(store, disk1, own_disk=True, keep=2)
+    tmp = disk0 / f".tmp-{NAME}"
+    files = first.publish(tmp, a_part(tmp, 0, b"rank zero " * 1000), STEP)
+    files.update(second.publish(second.directory(tmp, STEP), a_part(disk1 / NAME, 1, b"one" * 999), STEP))  # fmt: skip
+    for small in SMALL:  # rank 0's own: its uploader sends them
+        (tmp / small).write_bytes(f"{small} of step 30".encode())
+        files[small] = entry(tmp / small, 0)
+    (tmp / MANIFEST).write_bytes(
+        manifest.build(files, {"step": STEP, "sharded": ["model", "optimizer"]})
+    )
+    tmp.rename(disk0 / NAME)
+    return disk0 / NAME, second, files
+
+
+def test_a_commit_names_every_rank_s_object_and_verifies(store, tmp_path):
+    local, _, files = published_checkpoint(store, tmp_path)
+    assert set(parts.published(files)) == {"__0_0.distcp", "__1_0.distcp"}
+    store.upload(local, STEP)  # sends rank 0's small files, the manifest; finds the shards
+    (listed,) = store.list_checkpoints()
+    assert listed.committed and remote_problem(store, listed) is None
+    fresh = store.download(STEP, tmp_path / "fresh")  # a fresh machine: every file, verified
+    assert manifest.verify(fresh).files == files
+
+
+@pytest.mark.parametrize("damage", ["missing", "rewritten"])
+def test_a_published_shard_that_is_not_the_one_reported_is_never_committed(store, tmp_path, damage):
+    """Rank 1's object is gone, or another writer replaced it (the same size, other bytes: a
+    new ETag): rank 0's upload refuses the checkpoint, and no manifest reaches the bucket."""
+    local, _, _ = published_checkpoint(store, tmp_path)
+    key = store.key(NAME, "__1_0.distcp")
+    if damage == "missing":
+        store.client.delete_object(Bucket=store.bucket, Key=key)
+    else:
+        store.client.put_object(Bucket=store.bucket, Key=key, Body=b"eno" * 999)
+    with pytest.raises(CorruptCheckpoint, match="__1_0.distcp"):
+        store.upload(local, STEP)
+    assert not [c for c in store.list_checkpoints() if c.committed]
+
+
+def test_a_rank_reads_its_own_disk_s_copy_and_of_others_only_the_ranges_it_needs(store, tmp_path):
+    local, _, files = published_checkpoint(store, tmp_path)
+    store.upload(local, STEP)
+    disk1 = tmp_path / "disk1" / NAME
+    source = parts.ShardSource(store, disk1, STEP, files)
+    needed = {"__1_0.distcp": [(0, 10)], "__0_0.distcp": [(10, 10), (5000, 20)]}
+    got = source(needed)  # its own file from its disk; two ranges of rank 0's, in one request
+    assert got == {"__0_0.distcp": {(10, 10): b"rank zero ", (5000, 20): b"rank zero " * 2}}
+    assert source.fetched == {"__0_0.distcp": 5010}
+    assert not (disk1 / "__0_0.distcp").exists()  # ranges in memory, not a copy of the file
+    copy = bytearray((disk1 / "__1_0.distcp").read_bytes())
+    copy[1] ^= 1  # a bit flipped on this disk: the copy is not read, the bucket's ranges are
+    (disk1 / "__1_0.distcp").write_bytes(bytes(copy))
+    again = parts.ShardSource(store, disk1, STEP, files)
+    assert again({"__1_0.distcp": [(0, 6)]}) == {"__1_0.distcp": {(0, 6): b"oneone"}}
+    assert again.fetched == {"__1_0.distcp": 6}
+    with pytest.raises(CorruptCheckpoint, match="not in the manifest"):
+        again({"__7_0.distcp": [(0, 1)]})
+    with pytest.raises(CorruptCheckpoint, match="past its"):
+        again({"__0_0.distcp": [(9990, 20)]})
+
+
+def test_a_range_of_an_object_written_again_since_the_commit_is_refused(store, tmp_path):
+    """Another writer replaced rank 0's object after the commit (the same size): the ranges a
+    rank reads are of the object the manifest names (If-Match), so the read is refused."""
+    local, _, files = published_checkpoint(store, tmp_path)
+    store.upload(local, STEP)
+    key = store.key(NAME, "__0_0.distcp")
+    store.client.put_object(Bucket=store.bucket, Key=key, Body=b"rank zer0 " * 1000)
+    source = parts.ShardSource(store, tmp_path / "fresh" / NAME, STEP, files)
+    with pytest.raises(CorruptCheckpoint, match="__0_0.distcp in the bucket was written again"):
+        source({"__0_0.distcp": [(0, 10)]})
+
+
+def test_a_shard_whose_bucket_copy_does_not_match_is_refused_in_one_line(store, tmp_path):
+    local, _, files = published_checkpoint(store, tmp_path)
+    store.upload(local, STEP)
+    key = store.key(NAME, "__0_0.distcp")
+    store.client.put_object(Bucket=store.bucket, Key=key, Body=b"rank zer0 " * 1000)
+    fresh = tmp_path / "fresh" / NAME
+    with pytest.raises(CorruptCheckpoint, match="__0_0.distcp in the bucket does not match"):
+        parts.fetch(store, fresh, STEP, files, ["__0_0.distcp"])
+    assert not (fresh / "__0_0.distcp").exists()
+    assert [p.name for p in fresh.iterdir()] == []  # no partial download left behind
+    with pytest.raises(CorruptCheckpoint, match="not in the manifest"):
+        parts.fetch(store, fresh, STEP, files, ["../elsewhere"])
+
+
+def test_rank_zero_s_restore_leaves_the_shards_to_the_ranks_and_keeps_this_disk_s(store, tmp_path):
+    """The download a restore does on node-local disks: the manifest and rank 0's own files,
+    not the shards; a copy of a shard already on this disk stays where it was."""
+    local, _, files = published_checkpoint(store, tmp_path)
+    store.upload(local, STEP)
+    got = store.download(STEP, tmp_path / "disk0", leave_published=True)
+    assert got == local
+    names = sorted(p.name for p in got.iterdir())
+    assert names == sorted([".metadata", "__0_0.distcp", MANIFEST, *SMALL[1:]])
+    manifest.check_file(got, manifest.read(got), "__0_0.distcp")
+    elsewhere = store.download(STEP, tmp_path / "disk2", leave_published=True)
+    assert sorted(p.name for p in elsewhere.iterdir()) == sorted([MANIFEST, *SMALL])
+
+
+def test_another_node_keeps_the_newest_parts_only(store, tmp_path):
+    publisher = parts.Publisher(store, tmp_path, own_disk=True, keep=2)
+    for step in (10, 20, 30):
+        a_part(publisher.directory(tmp_path / "unused", step), 1, b"x")
+    publisher.prune()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [step_dir_name(20), step_dir_name(30)]
+    on_rank0_node = parts.Publisher(store, tmp_path, own_disk=False, keep=1)
+    on_rank0_node.prune()  # rank 0's retention is the manager's: nothing here
+    assert len(list(tmp_path.iterdir())) == 2
