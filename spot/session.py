@@ -162,10 +162,14 @@ class Session(contextlib.ExitStack):
             raise CheckpointUnusable(found.reason)
         # A node with a disk of its own holds its ranks' ledgers: they lose what the restored
         # step had not reached there too (rank 0 did on its disk), before any rank appends.
-        truncates = self.s.data.ledger and self._own_disk and self.world.local_rank == 0
-        if truncates:
-            truncate_ledgers(self.paths, found.step if isinstance(found, Restored) else 0)
-        self.world.agree(truncates)  # (every rank waits for every node's truncation)
+        problem = None
+        if self.s.data.ledger and self._own_disk and self.world.local_rank == 0:
+            try:
+                truncate_ledgers(self.paths, found.step if isinstance(found, Restored) else 0)
+            except OSError as exc:
+                problem = f"the ledgers in {self.paths.ledger}: {one_line(exc)}"
+        if self.world.agree(problem is not None)[0]:  # (every rank waits for every node's)
+            raise OSError(problem or "another node could not truncate its ledgers")
         if isinstance(found, Initial):  # weights to start from, not a run to resume
             self.initial = found
             return None
@@ -182,7 +186,7 @@ class Session(contextlib.ExitStack):
         if loaded is not None:
             best = loaded.manifest.get("best") or loaded.state["trainer"].get("best")
             m = loaded.manifest
-            files = m.files if parts.published(m.files) else None  # see Restored.files
+            files = m.files if m.sharded and self.checkpoints.meets_in_bucket else None
             return Restored(loaded.step, str(loaded.path), loaded.state, best, m.sharded, files)
         if not self.s.init.checkpoint:
             return None
@@ -367,8 +371,8 @@ class Session(contextlib.ExitStack):
         problem = None
         try:
             fetch.whole([sharded.METADATA])
-        except CorruptCheckpoint as exc:
-            problem = f"checkpoint {restored.path}: {exc}"
+        except (CorruptCheckpoint, OSError) as exc:
+            problem = f"checkpoint {here}: {one_line(exc)}"
         if self.world.agree(problem is not None)[0]:
             raise CheckpointUnusable(problem or "another rank could not fetch the checkpoint")
         return fetch

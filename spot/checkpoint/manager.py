@@ -441,7 +441,10 @@ class CheckpointManager:
     def _kept_existing(self, path: Path, step: int) -> bool:
         """A verified checkpoint already committed at this step (by an earlier process) stays:
         replacing it would leave no checkpoint at all between the two renames. The state at a
-        step is the same whoever saved it."""
+        step is the same whoever saved it. (Not on node-local disks, sharded: there the ranks
+        have just replaced their shards in the bucket, which the new manifest names.)"""
+        if self.meets_in_bucket:
+            return False
         try:
             manifest.verify(path)
         except CorruptCheckpoint:
@@ -511,6 +514,8 @@ class CheckpointManager:
                         seconds=round(time.perf_counter() - began, 6),
                     )
                 loaded = self.load(path)
+                if self.meets_in_bucket:  # the shards each rank will read there: still those
+                    self.remote.check_published(step, loaded.manifest.files)
             except CorruptCheckpoint as exc:
                 if source == "local" and not path.exists():
                     continue  # deleted by retention since it was listed: gone, not corrupt
@@ -541,8 +546,23 @@ class CheckpointManager:
                     f"({'; '.join(diffs[:4]) or 'digest differs'}); use another run.name/run.id "
                     "or restore the config"
                 )
+            self.last_committed_step = step  # a save at this step again would be a copy
+            if self.meets_in_bucket:
+                self._abandon_newer(step)
             return loaded
+        if self.meets_in_bucket:
+            self._abandon_newer(-1)
         return None
+
+    def _abandon_newer(self, step: int) -> None:
+        """Node-local disks, sharded: a commit on this disk newer than the bucket's checkpoint
+        just restored never became one (its upload had not finished; the ranks' shards of it
+        in the bucket are overwritten as training reaches its step again). Removed, so that it
+        is neither uploaded nor kept in place of the new one."""
+        for newer, path in list_step_dirs(self.root):
+            if newer > step:
+                log.info("%s: never committed in the bucket; removed", path)
+                remove_tree(path)
 
     @property
     def meets_in_bucket(self) -> bool:
@@ -557,7 +577,9 @@ class CheckpointManager:
         its ranks published, spot.checkpoint.parts, each rank checks as it reads them), unless
         `whole`: then they are gathered here, unsharded (export, inspect, init.checkpoint)."""
         m = manifest.read(path)
-        elsewhere = {} if whole else parts.published(m.files)
+        elsewhere = (
+            {} if whole else {f for f in parts.published(m.files) if not (path / f).exists()}
+        )
         shards = [f for f in m.files if sharded.is_shard_file(f) and f not in elsewhere]
         if shards:  # one reader thread per file (up to 8): the read and xxh3 release the GIL
             with ThreadPoolExecutor(min(8, len(shards)), thread_name_prefix="verify") as pool:

@@ -29,7 +29,7 @@ from pathlib import Path
 from boto3.exceptions import Boto3Error
 from botocore.exceptions import BotoCoreError, ClientError
 
-from spot.checkpoint.manifest import STEP_DIR, CorruptCheckpoint, step_dir_name
+from spot.checkpoint.manifest import MANIFEST, STEP_DIR, CorruptCheckpoint, step_dir_name
 from spot.checkpoint.upload import error_code, send_files
 from spot.fsutil import digest_file, fsync_file, remove_tree
 from spot.run.config import one_line
@@ -70,16 +70,27 @@ class Publisher:
         )
         return {file: {**entry, ETAG: etags[file].strip('"')} for file, entry in files.items()}
 
-    def prune(self) -> None:
-        """On another node's disk: keep the newest `keep` step directories (there the bucket is
-        the checkpoint; these copies only spare a download). Every rank of the node may do it
-        at once: a directory another rank removed first is gone, as intended."""
-        if not self.own_disk or not self.root.is_dir():
+    def prune(self, step: int) -> None:
+        """After this rank wrote its shards of `step`. On another node's disk (there the bucket
+        is the checkpoint; these copies only spare a download): keep the newest `keep` step
+        directories up to `step`, and none past it (left by a history a restore abandoned), nor
+        the leftovers of a time this node held rank 0. On rank 0's node: the step directories
+        without a manifest (parts, from a time this node was another). Every rank of the node
+        may do it at once: a directory another rank removed first is gone, as intended."""
+        if not self.root.is_dir():
             return
-        steps = sorted(
-            (int(m.group(1)), p) for p in self.root.iterdir() if (m := STEP_DIR.match(p.name))
-        )
-        for _step, path in steps[: max(0, len(steps) - self.keep)]:
+        steps, stale = [], []
+        for path in self.root.iterdir():
+            if match := STEP_DIR.match(path.name):
+                steps.append((int(match.group(1)), path))
+            elif self.own_disk and path.name.startswith((".tmp-", ".download-", ".trash-")):
+                stale.append(path)
+        if self.own_disk:
+            older = sorted(s for s in steps if s[0] <= step)
+            stale += [p for s, p in steps if s > step] + [p for _, p in older[: -self.keep]]
+        else:
+            stale += [p for s, p in steps if s != step and not (p / MANIFEST).exists()]
+        for path in stale:
             with contextlib.suppress(FileNotFoundError):
                 remove_tree(path)
 
@@ -146,20 +157,25 @@ class ShardSource:
         if end > entry["bytes"]:
             raise CorruptCheckpoint(f"{name}: a range past its {entry['bytes']} bytes")
         match = {"IfMatch": f'"{entry[ETAG]}"'} if ETAG in entry else {}
-        try:
-            got = store.client.get_object(
-                Bucket=store.bucket,
-                Key=store.key(step_dir_name(self.step), name),
-                Range=f"bytes={start}-{end - 1}",
-                **match,
-            )
-            data = got["Body"].read()
-        except ClientError as exc:
-            if error_code(exc) in ("PreconditionFailed", "412"):
-                raise CorruptCheckpoint(f"{name} in the bucket was written again since") from None
-            raise CorruptCheckpoint(f"remote {name} unreadable ({one_line(exc)})") from None
-        except BotoCoreError as exc:  # after botocore's retries
-            raise CorruptCheckpoint(f"remote {name} unreadable ({one_line(exc)})") from None
+        for attempt in range(3):  # botocore retries the request, not a body cut off mid-read
+            try:
+                got = store.client.get_object(
+                    Bucket=store.bucket,
+                    Key=store.key(step_dir_name(self.step), name),
+                    Range=f"bytes={start}-{end - 1}",
+                    **match,
+                )
+                data = got["Body"].read()
+                break
+            except ClientError as exc:
+                if error_code(exc) in ("PreconditionFailed", "412"):
+                    raise CorruptCheckpoint(
+                        f"{name} in the bucket was written again since"
+                    ) from None
+                raise CorruptCheckpoint(f"remote {name} unreadable ({one_line(exc)})") from None
+            except BotoCoreError as exc:  # after botocore's retries of the request
+                if attempt == 2:
+                    raise CorruptCheckpoint(f"remote {name} unreadable ({one_line(exc)})") from None
         if len(data) != end - start:
             raise CorruptCheckpoint(f"{name}: {len(data)} bytes where {end - start} were asked")
         return name, start, data, members

@@ -217,7 +217,7 @@ class ShardGroup:
             error = "another rank could not start writing its shards"
         reports = self._to_leader((step, directory.name, mine, error))
         if self.publisher is not None:
-            self.publisher.prune()
+            self.publisher.prune(step)
         if not self.commits:
             if error:
                 raise ShardWriteError(error)

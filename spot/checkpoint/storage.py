@@ -205,7 +205,7 @@ class S3Store:
                 part_size=self.transfer.multipart_chunksize,
                 concurrency=self.concurrency,
             )
-            etags.update(self._published(name, elsewhere))
+            etags.update(self.check_published(name, elsewhere))
         except CorruptCheckpoint:
             self._discard_refused(name, step)
             raise
@@ -216,7 +216,7 @@ class S3Store:
         self.unusable.pop(step, None)
         return m.total_bytes + len(body)
 
-    def _published(self, name: str, entries: dict[str, dict]) -> dict[str, str]:
+    def check_published(self, name: str, entries: dict[str, dict]) -> dict[str, str]:
         """The ETags of files their ranks uploaded (spot.checkpoint.parts), once each is found
         in the bucket as that object (its ETag) with its size. CorruptCheckpoint if one is not:
         then this checkpoint is never committed."""
@@ -411,6 +411,18 @@ class RemoteCheckpoints:
 
     def download(self, step: int, into: Path, leave_published: bool = False) -> Path:
         return self.store.download(step, into, leave_published)
+
+    def check_published(self, step: int, files: dict[str, dict]) -> None:
+        """CorruptCheckpoint if an object its ranks uploaded is not the one the manifest names
+        (then retention does not count the step either)."""
+        try:
+            self.store.check_published(step_dir_name(step), parts.published(files))
+        except (ClientError, BotoCoreError) as exc:
+            self.store.unusable[step] = f"shards unreadable: {one_line(exc)}"
+            raise CorruptCheckpoint(f"shards unreadable ({one_line(exc)})") from None
+        except CorruptCheckpoint as exc:
+            self.store.unusable[step] = str(exc)
+            raise
 
     def start(
         self,

@@ -8,15 +8,23 @@ from __future__ import annotations
 import pytest
 
 from spot.checkpoint import manifest, parts
+from spot.checkpoint.manager import CheckpointManager, SaveKind
 from spot.checkpoint.manifest import MANIFEST, CorruptCheckpoint, step_dir_name
-from spot.checkpoint.storage import S3Store
+from spot.checkpoint.sharded import METADATA, ShardGroup
+from spot.checkpoint.storage import RemoteCheckpoints, S3Store
 from spot.checkpoint.upload import remote_problem
 from spot.fsutil import digest_file
+from spot.run.events import EventLog, read_events
 from tests.e2e import test_s3
+from tests.helpers import assert_bitwise_equal
+from tests.unit.test_sharded import DIGEST, full, trained, training_state
 
 s3_endpoint = test_s3.s3_endpoint  # its fixtures: a moto server for this module, a bucket a test
 bucket = test_s3.bucket
-pytestmark = pytest.mark.usefixtures("credentials")  # tests/conftest.py
+pytestmark = [
+    pytest.mark.usefixtures("credentials"),  # tests/conftest.py
+    pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning"),
+]
 
 STEP = 30
 NAME = step_dir_name(STEP)
@@ -151,11 +159,92 @@ def test_rank_zero_s_restore_leaves_the_shards_to_the_ranks_and_keeps_this_disk_
 
 
 def test_another_node_keeps_the_newest_parts_only(store, tmp_path):
+    """Up to the step just written, the newest `keep`; none past it (a history a restore
+    abandoned: it must not push out the new ones), nor a leftover of a time as rank 0's node."""
     publisher = parts.Publisher(store, tmp_path, own_disk=True, keep=2)
-    for step in (10, 20, 30):
+    for step in (10, 20, 30, 90):
         a_part(publisher.directory(tmp_path / "unused", step), 1, b"x")
-    publisher.prune()
+    (tmp_path / ".tmp-step-000000040-1-ab").mkdir()
+    publisher.prune(30)
     assert sorted(p.name for p in tmp_path.iterdir()) == [step_dir_name(20), step_dir_name(30)]
-    on_rank0_node = parts.Publisher(store, tmp_path, own_disk=False, keep=1)
-    on_rank0_node.prune()  # rank 0's retention is the manager's: nothing here
-    assert len(list(tmp_path.iterdir())) == 2
+    a_part(tmp_path / step_dir_name(40), 1, b"x")
+    (tmp_path / step_dir_name(40) / MANIFEST).write_bytes(b"{}")  # rank 0's commit, if this
+    on_rank0_node = parts.Publisher(store, tmp_path, own_disk=False, keep=1)  # node is its now
+    on_rank0_node.prune(40)  # parts without a manifest go; the commits are the manager's
+    assert sorted(p.name for p in tmp_path.iterdir()) == [step_dir_name(40)]
+
+
+# ---- the manager and a load, in a world of one: every piece but the ranks ---------------------
+
+
+def node_local_manager(root, store) -> CheckpointManager:
+    events = EventLog(root / "events.jsonl")
+    return CheckpointManager(
+        root / "checkpoints",
+        keep_last=3,
+        async_save=False,
+        on_corrupt="previous",
+        events=events,
+        meta={"config_digest": DIGEST, "training_config": {}, "world_size": 1},
+        remote=RemoteCheckpoints(store, events, alert_after=3),
+        shards=ShardGroup(
+            None, 0, publisher=parts.Publisher(store, root / "checkpoints", False, 3)
+        ),
+    )
+
+
+def test_a_checkpoint_that_met_in_the_bucket_restores_on_a_fresh_disk_from_byte_ranges(
+    store, tmp_path
+):
+    """Saved on one disk (the shard uploaded by its rank, the rest by the uploader, the manifest
+    last), restored on another: the download leaves the shard to the rank, which reads its byte
+    ranges from the bucket through DCP's load; the state is bitwise the one saved. A commit on
+    that disk the bucket never got (its upload never ran) is then not kept: the restore took
+    the bucket's, and a save at the restored step is that checkpoint (not written again)."""
+    saved = trained(1)
+    first = node_local_manager(tmp_path / "disk0", store)
+    uploader = first.start_uploads()
+    saved.step = 10
+    first.save(10, saved.state_dict(), {"reason": "test"})
+    assert uploader.drain(30)
+    uploader.close()
+
+    fresh = node_local_manager(tmp_path / "disk1", store)
+    loaded = fresh.load_latest(DIGEST, {})
+    assert loaded.step == 10 and not (loaded.path / "__0_0.distcp").exists()
+    restored = training_state(2)
+    source = parts.ShardSource(store, loaded.path, 10, loaded.manifest.files)
+    source.whole([METADATA])
+    restored.load_state_dict(loaded.state, loaded.path, None, source)
+    assert source.fetched["__0_0.distcp"] > 0
+    assert_bitwise_equal(full(restored), full(saved))
+
+    restored.step = 20
+    fresh.save(20, restored.state_dict(), {"reason": "test"})  # committed here, never uploaded
+    assert (tmp_path / "disk1/checkpoints" / step_dir_name(20) / MANIFEST).exists()
+    again = node_local_manager(tmp_path / "disk1", store)
+    assert again.load_latest(DIGEST, {}).step == 10
+    assert not (tmp_path / "disk1/checkpoints" / step_dir_name(20)).exists()
+    assert again.save(10, restored.state_dict(), {"reason": "final"}, kind=SaveKind.LAST) == 0.0
+
+
+def test_a_restore_skips_a_checkpoint_whose_shard_was_written_again_since(store, tmp_path):
+    """Step 20's shard object replaced after its commit (a zombie's upload): the restore finds
+    it before any rank reads, reports it, and resumes 10 (checkpoint.on_corrupt=previous)."""
+    saved = trained(1)
+    first = node_local_manager(tmp_path / "disk0", store)
+    uploader = first.start_uploads()
+    for step in (10, 20):
+        saved.step = step
+        first.save(step, saved.state_dict(), {"reason": "test"})
+        assert uploader.drain(30)
+    uploader.close()
+    key = store.key(step_dir_name(20), "__0_0.distcp")
+    body = bytearray(store.client.get_object(Bucket=store.bucket, Key=key)["Body"].read())
+    body[-1] ^= 1
+    store.client.put_object(Bucket=store.bucket, Key=key, Body=bytes(body))
+    fresh = node_local_manager(tmp_path / "disk1", store)
+    assert fresh.load_latest(DIGEST, {}).step == 10
+    (skipped,) = [e for e in read_events(tmp_path / "disk1/events.jsonl")
+                  if e["event"] == "corrupt_checkpoint_skipped"]  # fmt: skip
+    assert skipped["step"] == 20 and "not the object its rank wrote" in skipped["reason"]
