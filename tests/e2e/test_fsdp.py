@@ -153,3 +153,42 @@ def test_accumulation_with_uneven_shares_runs_the_same_passes_on_every_rank(tmp_
     run_dir = run_dir_of(tmp_path)
     assert [e["step"] for e in read_events(run_dir / "events.jsonl") if e["event"] == "complete"]
     assert len(epoch_indices(run_dir, 0)) == len(set(epoch_indices(run_dir, 0))) == 3 * 65
+
+
+def test_a_notice_to_rank_one_commits_both_ranks_shards_and_the_run_resumes_from_them(tmp_path):
+    """On one machine (a shared checkpoint directory), SIGUSR1 to rank 1 alone: both ranks stop
+    at one step and write their shards of the emergency checkpoint, which rank 0 commits before
+    exit 75; started again, the run resumes from it and completes."""
+    import os
+    import signal
+
+    from spot.run.exitcodes import EXIT_PREEMPTED
+
+    from ..helpers import start_train, train_env, wait_for_step
+
+    longer = [a for a in ARGS if not a.startswith(("trainer.max_steps=", "trainer.log_every="))]
+    longer += ["trainer.max_steps=200", "trainer.log_every=1"]
+    args = [*longer, *ranks(2), f"run.root={tmp_path}"]
+    proc = start_train(args, {**train_env(), "SPOT_FAILPOINTS": "train.step@sleep=0.05"})
+    try:
+        wait_for_step(tmp_path, 15, proc)
+        (start,) = [e for e in read_events(run_dir_of(tmp_path) / "events.jsonl")
+                    if e["event"] == "start"]  # fmt: skip
+        os.kill(start["pids"][1], signal.SIGUSR1)
+        assert proc.wait(timeout=60) == EXIT_PREEMPTED, proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.stdout.close()
+    run_dir = run_dir_of(tmp_path)
+    (emergency,) = [
+        e for e in read_events(run_dir / "events.jsonl") if e["event"] == "emergency_checkpoint"
+    ]
+    step, newest = list_step_dirs(run_dir / "checkpoints")[0]
+    files = CheckpointManager.load(newest).manifest.files  # verifies every file
+    assert step == emergency["step"] >= 15
+    assert {files[f]["rank"] for f in files if f.endswith(".distcp")} == {0, 1}
+    result = run_train(args, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    resumed = [e["step"] for e in read_events(run_dir / "events.jsonl") if e["event"] == "resume"]
+    assert resumed == [emergency["step"]]
