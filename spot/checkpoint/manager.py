@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from spot.checkpoint import manifest, parts, sharded, tensorfile
+from spot.checkpoint import manifest, sharded, tensorfile
 from spot.checkpoint.manifest import MANIFEST, STEP_DIR, CorruptCheckpoint, Manifest, step_dir_name
 from spot.checkpoint.sharded import SHARDED
 from spot.checkpoint.tensorfile import SnapshotBuffer
@@ -577,9 +577,7 @@ class CheckpointManager:
         its ranks published, spot.checkpoint.parts, each rank checks as it reads them), unless
         `whole`: then they are gathered here, unsharded (export, inspect, init.checkpoint)."""
         m = manifest.read(path)
-        elsewhere = (
-            {} if whole else {f for f in parts.published(m.files) if not (path / f).exists()}
-        )
+        elsewhere = set() if whole else set(manifest.elsewhere(path, m))
         shards = [f for f in m.files if sharded.is_shard_file(f) and f not in elsewhere]
         if shards:  # one reader thread per file (up to 8): the read and xxh3 release the GIL
             with ThreadPoolExecutor(min(8, len(shards)), thread_name_prefix="verify") as pool:

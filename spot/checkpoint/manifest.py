@@ -60,6 +60,9 @@ def build(files: dict[str, dict], meta: dict[str, Any]) -> bytes:
     return json.dumps(body, indent=1, sort_keys=True).encode()
 
 
+PUBLISHED = "etag"  # a file's entry key: its rank put it in the bucket, as this object (parts.py)
+
+
 @dataclass
 class Manifest:
     path: Path
@@ -211,10 +214,24 @@ def check_file(ckpt_dir: Path, manifest: Manifest, file: str) -> None:
     _matches(manifest, file, size, digest)
 
 
-def verify(ckpt_dir: Path) -> Manifest:
-    """Full check: the manifest and every file it names. Raises CorruptCheckpoint."""
+def elsewhere(ckpt_dir: Path, manifest: Manifest) -> list[str]:
+    """The files of a sharded checkpoint on node-local disks that are not in this directory
+    because ranks on other nodes wrote them and put them in the bucket (spot.checkpoint.parts)."""
+    return [
+        file
+        for file, entry in manifest.files.items()
+        if PUBLISHED in entry and not (ckpt_dir / file).exists()
+    ]
+
+
+def verify(ckpt_dir: Path, here: bool = False) -> Manifest:
+    """Full check: the manifest and every file it names (`here`: but those `elsewhere`).
+    Raises CorruptCheckpoint."""
     manifest = read(ckpt_dir)
+    absent = set(elsewhere(ckpt_dir, manifest)) if here else set()
     for file in manifest.files:
+        if file in absent:
+            continue
         if is_shard_file(file):
             check_file(ckpt_dir, manifest, file)
         elif file.endswith(".bin"):

@@ -29,12 +29,18 @@ from pathlib import Path
 from boto3.exceptions import Boto3Error
 from botocore.exceptions import BotoCoreError, ClientError
 
-from spot.checkpoint.manifest import MANIFEST, STEP_DIR, CorruptCheckpoint, step_dir_name
+from spot.checkpoint.manifest import (
+    MANIFEST,
+    PUBLISHED,
+    STEP_DIR,
+    CorruptCheckpoint,
+    step_dir_name,
+)
 from spot.checkpoint.upload import error_code, send_files
 from spot.fsutil import digest_file, fsync_file, remove_tree
 from spot.run.config import one_line
 
-ETAG = "etag"  # a manifest entry's key: the file is in the bucket, as this object
+ETAG = PUBLISHED  # a manifest entry's key: the file is in the bucket, as this object
 
 
 def published(files: dict[str, dict]) -> dict[str, dict]:

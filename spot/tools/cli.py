@@ -43,11 +43,13 @@ def cmd_list(path: Path, full: bool) -> int:
     bad, best = 0, None  # the best so far, as the newest checkpoint records it (keep_best)
     for d in dirs:
         try:
-            m = (manifest.verify if full else manifest.read)(d)
+            m = manifest.verify(d, here=True) if full else manifest.read(d)
             best = m.get("best") if best is None else best
             mark = ""
             if best and best["step"] == m.step:
                 mark = f", best ({best['metric']} {best['value']:.6g})"
+            if absent := manifest.elsewhere(d, m):  # node-local disks: other nodes' shards
+                mark += f", {len(absent)} file(s) of other nodes only in the bucket"
             print(
                 f"{m.step:>9}  {m.get('epoch', '-'):>5}  {m.total_bytes:>12}  {_when(m.get('created')):19}  valid{mark}"
             )

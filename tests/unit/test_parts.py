@@ -15,6 +15,7 @@ from spot.checkpoint.storage import RemoteCheckpoints, S3Store
 from spot.checkpoint.upload import remote_problem
 from spot.fsutil import digest_file
 from spot.run.events import EventLog, read_events
+from spot.tools.cli import cmd_list
 from tests.e2e import test_s3
 from tests.helpers import assert_bitwise_equal
 from tests.unit.test_sharded import DIGEST, full, trained, training_state
@@ -194,7 +195,7 @@ def node_local_manager(root, store) -> CheckpointManager:
 
 
 def test_a_checkpoint_that_met_in_the_bucket_restores_on_a_fresh_disk_from_byte_ranges(
-    store, tmp_path
+    store, tmp_path, capsys
 ):
     """Saved on one disk (the shard uploaded by its rank, the rest by the uploader, the manifest
     last), restored on another: the download leaves the shard to the rank, which reads its byte
@@ -218,6 +219,13 @@ def test_a_checkpoint_that_met_in_the_bucket_restores_on_a_fresh_disk_from_byte_
     restored.load_state_dict(loaded.state, loaded.path, None, source)
     assert source.fetched["__0_0.distcp"] > 0
     assert_bitwise_equal(full(restored), full(saved))
+    with pytest.raises(CorruptCheckpoint, match="__0_0.distcp is missing"):
+        manifest.verify(loaded.path)  # not a whole checkpoint here; what is here verifies:
+    assert manifest.elsewhere(loaded.path, manifest.verify(loaded.path, here=True)) == [
+        "__0_0.distcp"
+    ]
+    assert cmd_list(loaded.path.parent, full=True) == 0
+    assert "1 file(s) of other nodes only in the bucket" in capsys.readouterr().out
 
     restored.step = 20
     fresh.save(20, restored.state_dict(), {"reason": "test"})  # committed here, never uploaded
