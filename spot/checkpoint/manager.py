@@ -499,6 +499,10 @@ class CheckpointManager:
         # holds its own ranks' shards, which the ranks read from there where they match.
         local = {} if self.meets_in_bucket else dict(list_step_dirs(self.root))
         remote = set(self.remote.committed_steps()) if self.remote is not None else set()
+        if self.meets_in_bucket and self.remote.complete_commits(
+            self.root, max(remote, default=-1)
+        ):
+            remote = set(self.remote.committed_steps())
         candidates = [(step, "local") for step in local] + [(step, "remote") for step in remote]
         candidates.sort(key=lambda c: (c[0], c[1] == "local"), reverse=True)
         for step, source in candidates:
@@ -556,9 +560,10 @@ class CheckpointManager:
 
     def _abandon_newer(self, step: int) -> None:
         """Node-local disks, sharded: a commit on this disk newer than the bucket's checkpoint
-        just restored never became one (its upload had not finished; the ranks' shards of it
-        in the bucket are overwritten as training reaches its step again). Removed, so that it
-        is neither uploaded nor kept in place of the new one."""
+        just restored never became one (its upload could not be completed: see
+        RemoteCheckpoints.complete_commits; the ranks' shards of it in the bucket are
+        overwritten as training reaches its step again). Removed, so that it is neither
+        uploaded nor kept in place of the new one."""
         for newer, path in list_step_dirs(self.root):
             if newer > step:
                 log.info("%s: never committed in the bucket; removed", path)

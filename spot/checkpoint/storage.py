@@ -412,6 +412,30 @@ class RemoteCheckpoints:
     def download(self, step: int, into: Path, leave_published: bool = False) -> Path:
         return self.store.download(step, into, leave_published)
 
+    def complete_commits(self, root: Path, newest_remote: int) -> bool:
+        """Node-local disks, sharded, before a restore: rank 0's commits on this disk newer than
+        the bucket's newest, whose upload had not finished when the job stopped. Their ranks'
+        shards went to the bucket before rank 0 committed, so the upload is finished now (the
+        uploader's own steps: every published object checked, the manifest last). Returns
+        whether any was; one that cannot be is left (the restore removes it)."""
+        done = False
+        for step, path in committed_checkpoints(root):
+            if step <= newest_remote:
+                break
+            began = time.perf_counter()
+            try:
+                self.store.claim()  # (uploads start after the restore: it claims again)
+                sent = self.store.upload(path, step)
+            except (CorruptCheckpoint, RemoteError, ClientError, BotoCoreError) as exc:
+                log.warning("%s: its upload cannot be finished: %s", path, one_line(exc))
+                continue
+            seconds = round(time.perf_counter() - began, 6)
+            url = f"{self.url}/{step_dir_name(step)}/"
+            self.events.emit("upload", step=step, bytes=sent, seconds=seconds, url=url)
+            done = True
+            break  # the newest one is what a restore takes
+        return done
+
     def check_published(self, step: int, files: dict[str, dict]) -> None:
         """CorruptCheckpoint if an object its ranks uploaded is not the one the manifest names
         (then retention does not count the step either)."""

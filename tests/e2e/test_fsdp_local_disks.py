@@ -106,3 +106,26 @@ def test_a_restart_in_place_reads_each_nodes_own_shards_and_ends_bitwise_equal(
         if c.committed:
             assert remote_problem(store, c) is None, c.step
             assert {"__0_0.distcp", "__1_0.distcp"} <= set(c.objects)
+
+
+def test_fsdp_on_node_local_disks_without_a_bucket_is_one_line_and_exit_2(tmp_path):
+    """No disk would hold a whole checkpoint: refused on every node, before training."""
+    cluster = Cluster(tmp_path)
+    args = [*elastic_args(cluster.port, STEPS, min_nodes=2), *TRAINING]
+    try:
+        cluster.store()
+        for node in ("a", "b"):
+            cluster.node(node, args, tmp_path / f"disk-{node}")
+        codes = {node: cluster.procs[node].wait(timeout=120) for node in "ab"}
+    finally:
+        cluster.stop_all()
+    assert codes == {"a": 2, "b": 2}, cluster.logs()
+    for node in "ab":
+        lines = [
+            line
+            for line in (tmp_path / f"{node}.log").read_text().splitlines()
+            if "fsdp on node-local disks" in line
+        ]
+        assert lines and "storage" in lines[0] and "storage=s3" in lines[0], cluster.logs()
+        assert "Traceback" not in (tmp_path / f"{node}.log").read_text()
+    assert not list((tmp_path / "disk-b").glob("*/*/checkpoints/step-*"))

@@ -200,8 +200,9 @@ def test_a_checkpoint_that_met_in_the_bucket_restores_on_a_fresh_disk_from_byte_
     """Saved on one disk (the shard uploaded by its rank, the rest by the uploader, the manifest
     last), restored on another: the download leaves the shard to the rank, which reads its byte
     ranges from the bucket through DCP's load; the state is bitwise the one saved. A commit on
-    that disk the bucket never got (its upload never ran) is then not kept: the restore took
-    the bucket's, and a save at the restored step is that checkpoint (not written again)."""
+    that disk whose upload never ran is finished at the next restore (its shard is in the
+    bucket already), one whose shard is gone is removed; a save at the restored step is that
+    checkpoint (not written again)."""
     saved = trained(1)
     first = node_local_manager(tmp_path / "disk0", store)
     uploader = first.start_uploads()
@@ -227,13 +228,17 @@ def test_a_checkpoint_that_met_in_the_bucket_restores_on_a_fresh_disk_from_byte_
     assert cmd_list(loaded.path.parent, full=True) == 0
     assert "1 file(s) of other nodes only in the bucket" in capsys.readouterr().out
 
-    restored.step = 20
-    fresh.save(20, restored.state_dict(), {"reason": "test"})  # committed here, never uploaded
-    assert (tmp_path / "disk1/checkpoints" / step_dir_name(20) / MANIFEST).exists()
+    for step in (20, 30):  # committed on this disk, every shard in the bucket, never uploaded
+        restored.step = step
+        fresh.save(step, restored.state_dict(), {"reason": "test"})
+    store.client.delete_object(  # 30's shard is gone: its upload cannot be finished
+        Bucket=store.bucket, Key=store.key(step_dir_name(30), "__0_0.distcp")
+    )
     again = node_local_manager(tmp_path / "disk1", store)
-    assert again.load_latest(DIGEST, {}).step == 10
-    assert not (tmp_path / "disk1/checkpoints" / step_dir_name(20)).exists()
-    assert again.save(10, restored.state_dict(), {"reason": "final"}, kind=SaveKind.LAST) == 0.0
+    assert again.load_latest(DIGEST, {}).step == 20  # its upload finished at the restore
+    assert store.committed_steps() == [20, 10]
+    assert not (tmp_path / "disk1/checkpoints" / step_dir_name(30)).exists()  # never uploaded
+    assert again.save(20, restored.state_dict(), {"reason": "final"}, kind=SaveKind.LAST) == 0.0
 
 
 def test_a_restore_skips_a_checkpoint_whose_shard_was_written_again_since(store, tmp_path):
