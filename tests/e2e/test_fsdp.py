@@ -167,7 +167,7 @@ def test_a_notice_to_rank_one_commits_both_ranks_shards_and_the_run_resumes_from
     from ..helpers import start_train, train_env, wait_for_step
 
     longer = [a for a in ARGS if not a.startswith(("trainer.max_steps=", "trainer.log_every="))]
-    longer += ["trainer.max_steps=200", "trainer.log_every=1"]
+    longer += ["trainer.max_steps=60", "trainer.log_every=1"]
     args = [*longer, *ranks(2), f"run.root={tmp_path}"]
     proc = start_train(args, {**train_env(), "SPOT_FAILPOINTS": "train.step@sleep=0.05"})
     try:
