@@ -160,16 +160,21 @@ class Session(contextlib.ExitStack):
         if isinstance(found, Unusable):
             self.events.emit("checkpoint_unusable", reason=found.reason)
             raise CheckpointUnusable(found.reason)
-        # A node with a disk of its own holds its ranks' ledgers: they lose what the restored
-        # step had not reached there too (rank 0 did on its disk), before any rank appends.
+        # A node with a disk of its own holds its ranks' ledgers and shards: they lose what the
+        # restored step had not reached there too (rank 0's did on its disk), before any rank
+        # appends or writes.
         problem = None
-        if self.s.data.ledger and self._own_disk and self.world.local_rank == 0:
+        if self._own_disk and self.world.local_rank == 0:
+            step = found.step if isinstance(found, Restored) else 0
             try:
-                truncate_ledgers(self.paths, found.step if isinstance(found, Restored) else 0)
+                if self.s.data.ledger:
+                    truncate_ledgers(self.paths, step)
+                if self.shards is not None and self.shards.publisher is not None:
+                    self.shards.publisher.abandon_after(step)
             except OSError as exc:
-                problem = f"the ledgers in {self.paths.ledger}: {one_line(exc)}"
+                problem = f"{self.paths.dir} on this node: {one_line(exc)}"
         if self.world.agree(problem is not None)[0]:  # (every rank waits for every node's)
-            raise OSError(problem or "another node could not truncate its ledgers")
+            raise OSError(problem or "another node could not catch up with the restore")
         if isinstance(found, Initial):  # weights to start from, not a run to resume
             self.initial = found
             return None

@@ -79,26 +79,37 @@ class Publisher:
     def prune(self, step: int) -> None:
         """After this rank wrote its shards of `step`. On another node's disk (there the bucket
         is the checkpoint; these copies only spare a download): keep the newest `keep` step
-        directories up to `step`, and none past it (left by a history a restore abandoned), nor
-        the leftovers of a time this node held rank 0. On rank 0's node: the step directories
-        without a manifest (parts, from a time this node was another). Every rank of the node
-        may do it at once: a directory another rank removed first is gone, as intended."""
-        if not self.root.is_dir():
-            return
-        steps, stale = [], []
-        for path in self.root.iterdir():
-            if match := STEP_DIR.match(path.name):
-                steps.append((int(match.group(1)), path))
-            elif self.own_disk and path.name.startswith((".tmp-", ".download-", ".trash-")):
-                stale.append(path)
+        directories up to `step` (a newer one may be another rank's next write). On rank 0's
+        node: the older step directories without a manifest (parts, from a time this node was
+        another). Every rank of the node may do it at once: a directory another rank removed
+        first is gone, as intended."""
+        steps = self._steps()
         if self.own_disk:
             older = sorted(s for s in steps if s[0] <= step)
-            stale += [p for s, p in steps if s > step] + [p for _, p in older[: -self.keep]]
+            stale = [p for _, p in older[: -self.keep]]
         else:
-            stale += [p for s, p in steps if s != step and not (p / MANIFEST).exists()]
-        for path in stale:
-            with contextlib.suppress(FileNotFoundError):
-                remove_tree(path)
+            stale = [p for s, p in steps if s < step and not (p / MANIFEST).exists()]
+        _remove(stale)
+
+    def abandon_after(self, step: int) -> None:
+        """At a restore from `step`, on another node's disk (one rank of the node, before any
+        writes): the step directories past it, left by a history the restore abandoned (they
+        would push out the new ones), and the leftovers of a time this node held rank 0."""
+        if self.own_disk:
+            leftovers = [p for p in self._listing() if p.name.startswith((".tmp-", ".download-"))]
+            _remove([p for s, p in self._steps() if s > step] + leftovers)
+
+    def _listing(self) -> list[Path]:
+        return list(self.root.iterdir()) if self.root.is_dir() else []
+
+    def _steps(self) -> list[tuple[int, Path]]:
+        return [(int(m.group(1)), p) for p in self._listing() if (m := STEP_DIR.match(p.name))]
+
+
+def _remove(paths: list[Path]) -> None:
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):  # another rank of the node was first
+            remove_tree(path)
 
 
 def _matches(path: Path, entry: dict) -> bool:

@@ -160,18 +160,23 @@ def test_rank_zero_s_restore_leaves_the_shards_to_the_ranks_and_keeps_this_disk_
 
 
 def test_another_node_keeps_the_newest_parts_only(store, tmp_path):
-    """Up to the step just written, the newest `keep`; none past it (a history a restore
-    abandoned: it must not push out the new ones), nor a leftover of a time as rank 0's node."""
+    """At a restore from 20, the parts past it (a history the restore abandoned: they must not
+    push out the new ones) and a leftover of a time as rank 0's node go; after each write, the
+    newest `keep` up to the step written stay (one past it may be another rank's next write)."""
     publisher = parts.Publisher(store, tmp_path, own_disk=True, keep=2)
     for step in (10, 20, 30, 90):
         a_part(publisher.directory(tmp_path / "unused", step), 1, b"x")
     (tmp_path / ".tmp-step-000000040-1-ab").mkdir()
-    publisher.prune(30)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [step_dir_name(20), step_dir_name(30)]
-    a_part(tmp_path / step_dir_name(40), 1, b"x")
+    publisher.abandon_after(20)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [step_dir_name(10), step_dir_name(20)]
+    for step in (30, 40):
+        a_part(tmp_path / step_dir_name(step), 1, b"x")
+    publisher.prune(30)  # 40: being written by another rank of this node
+    names = [step_dir_name(s) for s in (20, 30, 40)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == names
     (tmp_path / step_dir_name(40) / MANIFEST).write_bytes(b"{}")  # rank 0's commit, if this
     on_rank0_node = parts.Publisher(store, tmp_path, own_disk=False, keep=1)  # node is its now
-    on_rank0_node.prune(40)  # parts without a manifest go; the commits are the manager's
+    on_rank0_node.prune(40)  # older parts without a manifest go; the commits are the manager's
     assert sorted(p.name for p in tmp_path.iterdir()) == [step_dir_name(40)]
 
 
