@@ -383,8 +383,9 @@ class Session(contextlib.ExitStack):
         return fetch
 
     def _report_fetched(self, fetch: parts.ShardSource) -> None:
-        """What each rank downloaded of the checkpoint it restored (node-local disks): nothing
-        where its node kept its own shards and the world is unchanged."""
+        """What each rank read from the bucket of the checkpoint it restored (node-local disks):
+        at an unchanged world not its own file (its node kept it), only the few values of other
+        ranks' files DCP saved once for every rank."""
         by_rank = self.world.gather(fetch.fetched)
         if by_rank is not None:
             total = sum(n for fetched in by_rank for n in fetched.values())
