@@ -198,9 +198,8 @@ class Checkpointer:
         # node that stays) would otherwise start while it is written, clear it as a leftover or
         # restore the one before. Sharded on node-local disks, it is committed in the bucket
         # (the upload), where every node restores it from.
-        writer = self.manager or self.shard_writer
-        in_bucket = writer is not None and writer.meets_in_bucket
-        if self.manager is not None and in_bucket:
+        in_bucket = self.manager is not None and self.manager.meets_in_bucket  # (rank 0's)
+        if in_bucket:
             self._record_emergency(notices)
         self.world.wait_for_leader()
         if self.manager is not None and not in_bucket:

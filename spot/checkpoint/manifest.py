@@ -214,14 +214,16 @@ def check_file(ckpt_dir: Path, manifest: Manifest, file: str) -> None:
     _matches(manifest, file, size, digest)
 
 
+def published(files: dict[str, dict]) -> dict[str, dict]:
+    """The entries of a manifest's files that their ranks put in the bucket themselves
+    (node-local disks, spot.checkpoint.parts)."""
+    return {file: entry for file, entry in files.items() if PUBLISHED in entry}
+
+
 def elsewhere(ckpt_dir: Path, manifest: Manifest) -> list[str]:
     """The files of a sharded checkpoint on node-local disks that are not in this directory
     because ranks on other nodes wrote them and put them in the bucket (spot.checkpoint.parts)."""
-    return [
-        file
-        for file, entry in manifest.files.items()
-        if PUBLISHED in entry and not (ckpt_dir / file).exists()
-    ]
+    return [file for file in published(manifest.files) if not (ckpt_dir / file).exists()]
 
 
 def verify(ckpt_dir: Path, here: bool = False) -> Manifest:

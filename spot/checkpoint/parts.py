@@ -40,13 +40,6 @@ from spot.checkpoint.upload import error_code, send_files
 from spot.fsutil import digest_file, fsync_file, remove_tree
 from spot.run.config import one_line
 
-ETAG = PUBLISHED  # a manifest entry's key: the file is in the bucket, as this object
-
-
-def published(files: dict[str, dict]) -> dict[str, dict]:
-    """The entries of a manifest's files that their ranks put in the bucket themselves."""
-    return {file: entry for file, entry in files.items() if ETAG in entry}
-
 
 class Publisher:
     """One rank's way of getting its shards to the bucket, and where on its disk they stay.
@@ -74,7 +67,7 @@ class Publisher:
             part_size=store.transfer.multipart_chunksize,
             concurrency=store.concurrency,
         )
-        return {file: {**entry, ETAG: etags[file].strip('"')} for file, entry in files.items()}
+        return {file: {**entry, PUBLISHED: etags[file].strip('"')} for file, entry in files.items()}
 
     def prune(self, step: int) -> None:
         """After this rank wrote its shards of `step`. On another node's disk (there the bucket
@@ -173,7 +166,7 @@ class ShardSource:
         entry, store = self.files[name], self.store
         if end > entry["bytes"]:
             raise CorruptCheckpoint(f"{name}: a range past its {entry['bytes']} bytes")
-        match = {"IfMatch": f'"{entry[ETAG]}"'} if ETAG in entry else {}
+        match = {"IfMatch": f'"{entry[PUBLISHED]}"'} if PUBLISHED in entry else {}
         for attempt in range(3):  # botocore retries the request, not a body cut off mid-read
             try:
                 got = store.client.get_object(

@@ -37,7 +37,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
-from spot.checkpoint import manifest, parts
+from spot.checkpoint import manifest
 from spot.checkpoint.manager import committed_checkpoints
 from spot.checkpoint.manifest import MANIFEST, STEP_DIR, CorruptCheckpoint, step_dir_name
 from spot.checkpoint.upload import NOT_FOUND, RECEIPT, Uploader, error_code, receipt, send_files
@@ -194,7 +194,7 @@ class S3Store:
         except FileNotFoundError:
             raise CorruptCheckpoint(f"{local_dir} is gone (moved aside or deleted)") from None
         m = manifest.parse(body, name)
-        elsewhere = parts.published(m.files)  # uploaded by the ranks that wrote them
+        elsewhere = manifest.published(m.files)  # uploaded by the ranks that wrote them
         try:
             etags = send_files(
                 self.client,
@@ -227,13 +227,13 @@ class S3Store:
                 if error_code(exc) in NOT_FOUND:
                     raise CorruptCheckpoint(f"{file} is not in the bucket") from None
                 raise
-            if head.get("ETag", "").strip('"') != entry[parts.ETAG]:
+            if head.get("ETag", "").strip('"') != entry[manifest.PUBLISHED]:
                 raise CorruptCheckpoint(f"{file} in the bucket is not the object its rank wrote")
             if head.get("ContentLength") != entry["bytes"]:
                 raise CorruptCheckpoint(
                     f"{file} in the bucket has {head.get('ContentLength')} bytes"
                 )
-        return {file: entry[parts.ETAG] for file, entry in entries.items()}
+        return {file: entry[manifest.PUBLISHED] for file, entry in entries.items()}
 
     def _discard_refused(self, name: str, step: int) -> None:
         """Remove the files a refused upload sent before its bad one (each matched): without a
@@ -299,7 +299,7 @@ class S3Store:
         and the transfer manager's retries, or fails verification; the step is then not counted
         by retention either (spot.checkpoint.upload.remote_problem). `leave_published`: the
         files ranks uploaded themselves are left for each rank to fetch as it reads them
-        (spot.checkpoint.parts.fetch); copies of them already in `into/step-N` stay there."""
+        (spot.checkpoint.parts.ShardSource); copies of them already in `into/step-N` stay there."""
         name = step_dir_name(step)
         staging = into / f".download-{name}-{uuid.uuid4().hex[:8]}"
         staging.mkdir(parents=True)
@@ -317,18 +317,13 @@ class S3Store:
         # connection reset while reading a body, which get_object's caller would have to.
         self._fetch_file(name, MANIFEST, staging)
         m = manifest.parse((staging / MANIFEST).read_bytes(), name)
-        left = parts.published(m.files) if leave_published else {}
+        left = manifest.published(m.files) if leave_published else {}
         for file in m.files:  # names were validated by parse(): a plain file name each
             if (staging / file).resolve().parent != staging.resolve():
                 raise CorruptCheckpoint(f"remote manifest names an unsafe file {file!r}")
             if file not in left:
                 self._fetch_file(name, file, staging)
-        if left:
-            for file in m.files:
-                if file not in left:
-                    manifest.check_file(staging, m, file)
-        else:
-            manifest.verify(staging)
+        manifest.verify(staging, here=bool(left))  # (what is left is not here)
         final = into / name
         for file in left:  # this node's copies (each rank checks what it reads)
             if (final / file).is_file():
@@ -418,7 +413,6 @@ class RemoteCheckpoints:
         shards went to the bucket before rank 0 committed, so the upload is finished now (the
         uploader's own steps: every published object checked, the manifest last). Returns
         whether any was; one that cannot be is left (the restore removes it)."""
-        done = False
         for step, path in committed_checkpoints(root):
             if step <= newest_remote:
                 break
@@ -432,15 +426,14 @@ class RemoteCheckpoints:
             seconds = round(time.perf_counter() - began, 6)
             url = f"{self.url}/{step_dir_name(step)}/"
             self.events.emit("upload", step=step, bytes=sent, seconds=seconds, url=url)
-            done = True
-            break  # the newest one is what a restore takes
-        return done
+            return True  # the newest one is what a restore takes
+        return False
 
     def check_published(self, step: int, files: dict[str, dict]) -> None:
         """CorruptCheckpoint if an object its ranks uploaded is not the one the manifest names
         (then retention does not count the step either)."""
         try:
-            self.store.check_published(step_dir_name(step), parts.published(files))
+            self.store.check_published(step_dir_name(step), manifest.published(files))
         except (ClientError, BotoCoreError) as exc:
             self.store.unusable[step] = f"shards unreadable: {one_line(exc)}"
             raise CorruptCheckpoint(f"shards unreadable ({one_line(exc)})") from None

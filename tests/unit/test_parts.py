@@ -74,7 +74,7 @@ def published_checkpoint(store, tmp_path) -> tuple:
 
 def test_a_commit_names_every_rank_s_object_and_verifies(store, tmp_path):
     local, _, files = published_checkpoint(store, tmp_path)
-    assert set(parts.published(files)) == {"__0_0.distcp", "__1_0.distcp"}
+    assert set(manifest.published(files)) == {"__0_0.distcp", "__1_0.distcp"}
     store.upload(local, STEP)  # sends rank 0's small files, the manifest; finds the shards
     (listed,) = store.list_checkpoints()
     assert listed.committed and remote_problem(store, listed) is None
