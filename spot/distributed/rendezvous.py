@@ -11,8 +11,9 @@ recovery).
 
 The stores have no authentication, and torch's TCPStore server listens on every interface ([::])
 whatever host it is given. Where this process hosts one (the c10d store an agent hosts, the
-process group's store on worker rank 0: spot.distributed.world, `python -m spot rendezvous`),
-it listens only on the address the config names (`bound_store`): loopback for one node.
+process group's store on worker rank 0 of several nodes: spot.distributed.world, `python -m
+spot rendezvous`), it listens only on the address the config names (`bound_store`): loopback
+for one node.
 """
 
 from __future__ import annotations

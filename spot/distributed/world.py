@@ -22,6 +22,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
@@ -276,10 +277,11 @@ def _loopback_interface() -> str | None:
 
 
 def _process_group_store(world: World, timeout: timedelta) -> dist.Store | None:
-    """The process group's store as torch's env:// makes it (rank 0 hosts it at MASTER_ADDR:
-    MASTER_PORT, the others connect), but listening on one address, not on every interface as
-    torch's TCPStore server does: loopback when every rank is on this node (gloo's sockets too,
-    GLOO_SOCKET_IFNAME, unless set); else MASTER_ADDR's address (`elastic.local_addr`, resolved
+    """The process group's store. Every rank on this node, launched by spot's agent: a file in
+    the agent's directory (no port). Else as torch's env:// makes it (rank 0 hosts it at
+    MASTER_ADDR:MASTER_PORT, the others connect), but listening on one address, not on every
+    interface as torch's TCPStore server does: loopback when every rank is on this node (gloo's
+    sockets too, GLOO_SOCKET_IFNAME, unless set); else MASTER_ADDR's address (`elastic.local_addr`, resolved
     by spot.distributed.rendezvous.listen_address), or every interface where that names none or
     one that is not this machine's. None where torch's agent hosts the store (an outside
     torchrun that shares its own, TORCHELASTIC_USE_AGENT_STORE): env:// then."""
@@ -293,6 +295,13 @@ def _process_group_store(world: World, timeout: timedelta) -> dist.Store | None:
     agent_hosts = env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     if agent_hosts or "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
         return None
+    if one_node and (path := _one_node_store_path(world)) is not None:
+        # No port at all: torch's agent picks MASTER_PORT by binding port 0 and closing it, and
+        # in the seconds before rank 0 listens on it any outgoing connection on this machine
+        # may take that ephemeral port (EADDRINUSE, and the group fails to start).
+        store = dist.FileStore(str(path), world.world_size)
+        store.set_timeout(timeout)
+        return dist.PrefixStore("default_pg", store)
     host, port = ("127.0.0.1" if one_node else env["MASTER_ADDR"]), int(env["MASTER_PORT"])
     options = {"world_size": world.world_size, "timeout": timeout, "multi_tenant": True}
     address = listen_address(host) if world.is_leader else None
@@ -309,6 +318,15 @@ def _process_group_store(world: World, timeout: timedelta) -> dist.Store | None:
             )
     store = dist.TCPStore(host, port, is_master=world.is_leader, **options)
     return dist.PrefixStore("default_pg", store)
+
+
+def _one_node_store_path(world: World) -> Path | None:
+    """A file for this worker group's store where spot's agent launched it (its private
+    directory, removed when it exits): one per restart, which one agent numbers for all."""
+    from spot.distributed.recovery import notes_path
+
+    notes = notes_path()
+    return None if notes is None else notes.with_name(f"pg-store-{world.restart_count}")
 
 
 def join_on_loopback(

@@ -116,3 +116,49 @@ def test_the_environment_handed_to_forked_workers(monkeypatch):
     handed = launch.handed_down()
     assert handed["NCCL_SOCKET_IFNAME"] == "lo" and handed["CUDA_VISIBLE_DEVICES"] == "1,0"
     assert handed["KEPT_AWAY"] is None and "RANK" not in handed
+
+
+def _join_as_an_agents_worker(rank: int, env: dict, results) -> None:
+    os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank))
+    from spot.distributed import world as distributed
+
+    distributed.join(10, 30, cuda=False)
+    total = torch.tensor([float(rank + 1)])
+    torch.distributed.all_reduce(total)
+    results.put((rank, total.item()))
+    torch.distributed.destroy_process_group()
+
+
+def test_one_node_workers_meet_though_their_master_port_was_taken(tmp_path):
+    """torch's agent picks MASTER_PORT by binding port 0 and closing it; any connection on the
+    machine may take that port before worker rank 0 listens on it. One node's workers (spot's
+    agent) meet without a port, so a port taken meanwhile (held here) does not stop them."""
+    import multiprocessing
+    import socket
+
+    from spot.distributed.recovery import NOTES_ENV
+    from spot.distributed.world import AGENT_PID_ENV
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        env = {
+            "WORLD_SIZE": "2",
+            "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(taken.getsockname()[1]),
+            "TORCHELASTIC_RUN_ID": "port-taken",
+            "TORCHELASTIC_RESTART_COUNT": "0",
+            AGENT_PID_ENV: str(os.getpid()),
+            NOTES_ENV: str(tmp_path / "notes"),
+        }
+        context = multiprocessing.get_context("spawn")
+        results = context.Queue()
+        workers = [
+            context.Process(target=_join_as_an_agents_worker, args=(rank, env, results))
+            for rank in range(2)
+        ]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(60)
+        assert [worker.exitcode for worker in workers] == [0, 0]
+        assert sorted(results.get(timeout=5) for _ in workers) == [(0, 3.0), (1, 3.0)]
