@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from spot.buckets import remote_options
 from spot.checkpoint import parts, sharded, storage
 from spot.checkpoint.best import BestCheckpoint
 from spot.checkpoint.checkpointer import Checkpointer
@@ -197,7 +198,7 @@ class Session(contextlib.ExitStack):
             return None
         init = self.s.init
         try:
-            source, where = load_named(init.checkpoint, self.s.storage.endpoint_url)
+            source, where = load_named(init.checkpoint, **remote_options(self.s.storage))
         except (CorruptCheckpoint, storage.RemoteError) as exc:
             return Unusable(f"init.checkpoint {init.checkpoint}: {one_line(exc)}")
         keep = ("model", "optimizer") if init.optimizer else ("model",)

@@ -263,3 +263,11 @@ def gloo_world(rank: int, world_size: int, port: int):
     from spot.distributed import world as distributed
 
     return distributed.join_on_loopback(rank, world_size, port, 10, 30)
+
+
+def s3_store(bucket: str, run_prefix: str, **options):
+    """A run's RemoteStore in an S3 bucket (options: S3Bucket's, e.g. endpoint_url)."""
+    from spot.buckets.s3 import S3Bucket
+    from spot.checkpoint.storage import RemoteStore
+
+    return RemoteStore(S3Bucket(bucket, **options), run_prefix)

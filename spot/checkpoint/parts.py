@@ -6,9 +6,10 @@ whole checkpoint. Each rank writes its shards on its own node (on rank 0's node,
 directory rank 0 commits; on another node, into the step's directory there: a part, with no
 manifest), then uploads them itself before it reports them to rank 0 (`Publisher.publish`: hashed
 on the way, each object completed only once its bytes matched), so every node uploads in
-parallel. Its report carries each object's ETag, which rank 0's manifest records; rank 0's
+parallel. Its report carries each object's identity (ETag; GCS: generation), which rank 0's
+manifest records; rank 0's
 uploader commits the checkpoint in the bucket only once it found each of those objects there,
-that object with that size (spot.checkpoint.storage.S3Store.upload). Such a checkpoint exists
+that object with that size (spot.checkpoint.storage.RemoteStore.upload). Such a checkpoint exists
 once its manifest is in the bucket.
 
 On restore, rank 0 fetches the manifest and the small files, every rank the index (`.metadata`);
@@ -26,9 +27,7 @@ from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from boto3.exceptions import Boto3Error
-from botocore.exceptions import BotoCoreError, ClientError
-
+from spot.buckets import BucketError, NotFound, PreconditionFailed
 from spot.checkpoint.manifest import (
     MANIFEST,
     PUBLISHED,
@@ -36,7 +35,7 @@ from spot.checkpoint.manifest import (
     CorruptCheckpoint,
     step_dir_name,
 )
-from spot.checkpoint.upload import error_code, send_files
+from spot.checkpoint.upload import send_files
 from spot.fsutil import digest_file, fsync_file, remove_tree
 from spot.run.config import one_line
 
@@ -56,18 +55,11 @@ class Publisher:
 
     def publish(self, directory: Path, files: dict[str, dict], step: int) -> dict[str, dict]:
         """Upload this rank's files (their manifest entries: size, digest) from `directory`;
-        return the entries with the ETag of each object as S3 created it."""
+        return the entries with the identity of each object as the store created it."""
         store, name = self.store, step_dir_name(step)
-        etags = send_files(
-            store.client,
-            store.bucket,
-            {file: store.key(name, file) for file in files},
-            directory,
-            files,
-            part_size=store.transfer.multipart_chunksize,
-            concurrency=store.concurrency,
-        )
-        return {file: {**entry, PUBLISHED: etags[file].strip('"')} for file, entry in files.items()}
+        keys = {file: store.key(name, file) for file in files}
+        identities = send_files(store.bucket, keys, directory, files)
+        return {file: {**entry, PUBLISHED: identities[file]} for file, entry in files.items()}
 
     def prune(self, step: int) -> None:
         """After this rank wrote its shards of `step`. On another node's disk (there the bucket
@@ -118,7 +110,7 @@ class ShardSource:
     """Where one rank reads a checkpoint's shard files from, for DCP's load
     (spot.checkpoint.sharded.load): a file on this disk whose copy matches the manifest is read
     there; of any other, only the byte ranges this rank's load needs are read from the bucket,
-    from the object the manifest names (If-Match its ETag: the object whose bytes its writer
+    from the object the manifest names (conditional on its identity: the object whose bytes its writer
     checked before creating it), a few ranges in parallel. A rank's load also reads values
     other ranks wrote (DCP saves a value every rank holds, such as the optimizer's step, once):
     a few bytes of their files, not the files. `fetched`: the bytes read from the bucket, by
@@ -145,7 +137,7 @@ class ShardSource:
         out: dict[str, dict] = {name: {} for name in remote}
         if not requests:
             return out
-        with ThreadPoolExecutor(min(self.store.concurrency, len(requests))) as pool:
+        with ThreadPoolExecutor(min(self.store.bucket.concurrency, len(requests))) as pool:
             for name, start, data, members in pool.map(lambda r: self._get(*r), requests):
                 self.fetched[name] = self.fetched.get(name, 0) + len(data)
                 for offset, length in members:
@@ -166,24 +158,16 @@ class ShardSource:
         entry, store = self.files[name], self.store
         if end > entry["bytes"]:
             raise CorruptCheckpoint(f"{name}: a range past its {entry['bytes']} bytes")
-        match = {"IfMatch": f'"{entry[PUBLISHED]}"'} if PUBLISHED in entry else {}
-        for attempt in range(3):  # botocore retries the request, not a body cut off mid-read
+        key = store.key(step_dir_name(self.step), name)
+        for attempt in range(3):  # the client retries the request, not a body cut off mid-read
             try:
-                got = store.client.get_object(
-                    Bucket=store.bucket,
-                    Key=store.key(step_dir_name(self.step), name),
-                    Range=f"bytes={start}-{end - 1}",
-                    **match,
-                )
-                data = got["Body"].read()
+                data = store.bucket.get_range(key, start, end, entry.get(PUBLISHED))
                 break
-            except ClientError as exc:
-                if error_code(exc) in ("PreconditionFailed", "412"):
-                    raise CorruptCheckpoint(
-                        f"{name} in the bucket was written again since"
-                    ) from None
-                raise CorruptCheckpoint(f"remote {name} unreadable ({one_line(exc)})") from None
-            except BotoCoreError as exc:  # after botocore's retries of the request
+            except PreconditionFailed:
+                raise CorruptCheckpoint(f"{name} in the bucket was written again since") from None
+            except NotFound:
+                raise CorruptCheckpoint(f"remote {name} is gone") from None
+            except BucketError as exc:  # after the client's retries of the request
                 if attempt == 2:
                     raise CorruptCheckpoint(f"remote {name} unreadable ({one_line(exc)})") from None
         if len(data) != end - start:
@@ -218,14 +202,13 @@ def fetch(store, directory: Path, step: int, files: dict[str, dict], names: Coll
         if _matches(target, entry):
             continue
         part = directory / f".fetch-{name}-{uuid.uuid4().hex[:8]}"  # ranks of a node may race
-        try:  # (the transfer manager takes no If-Match: the checksum below is the check)
-            key = store.key(step_dir_name(step), name)
-            store.client.download_file(store.bucket, key, str(part), Config=store.transfer)
+        try:  # (a download takes no condition: the checksum below is the check)
+            store.bucket.download(store.key(step_dir_name(step), name), part)
             if not _matches(part, entry):
                 raise CorruptCheckpoint(f"{name} in the bucket does not match the manifest")
             fsync_file(part)
             os.replace(part, target)
-        except (ClientError, BotoCoreError, Boto3Error) as exc:  # after botocore's retries
+        except BucketError as exc:  # after the client's retries
             raise CorruptCheckpoint(f"remote {name} unreadable ({one_line(exc)})") from None
         finally:
             part.unlink(missing_ok=True)

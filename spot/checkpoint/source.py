@@ -1,7 +1,7 @@
 """A checkpoint named from outside the run: `init.checkpoint` (fine-tuning from another run's
 weights) and `python -m spot export`. A step directory, a run or checkpoints directory (its
-newest checkpoint that verifies), or an `s3://bucket/prefix/<name>/<id>` run URL (its newest
-remote checkpoint that downloads verified). Always verified before it is used.
+newest checkpoint that verifies), or a run URL in a bucket, `s3://`, `gs://` or `az://`
+`bucket/prefix/<name>/<id>` (its newest remote checkpoint that downloads verified). Always verified before it is used.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import logging
 import tempfile
 from pathlib import Path
 
+from spot.buckets import is_url
 from spot.checkpoint.manager import CheckpointManager, LoadedCheckpoint, list_step_dirs
 from spot.checkpoint.manifest import STEP_DIR, CorruptCheckpoint
 from spot.run.identity import RunPaths
@@ -17,11 +18,11 @@ from spot.run.identity import RunPaths
 log = logging.getLogger(__name__)
 
 
-def load_named(spec: str, endpoint_url: str | None = None) -> tuple[LoadedCheckpoint, str]:
+def load_named(spec: str, **remote) -> tuple[LoadedCheckpoint, str]:
     """The verified checkpoint `spec` names, and where it is (a path or URL); CorruptCheckpoint
-    if none verifies."""
-    if spec.startswith("s3://"):
-        return _load_remote(spec, endpoint_url)
+    if none verifies. `remote`: a bucket URL's options (endpoint_url, region, account)."""
+    if is_url(spec):
+        return _load_remote(spec, remote)
     path = Path(spec)
     if not path.exists():
         raise CorruptCheckpoint(f"{spec} does not exist")
@@ -36,10 +37,10 @@ def load_named(spec: str, endpoint_url: str | None = None) -> tuple[LoadedCheckp
     raise CorruptCheckpoint(f"no checkpoint in {spec} verifies")
 
 
-def _load_remote(url: str, endpoint_url: str | None) -> tuple[LoadedCheckpoint, str]:
-    from spot.checkpoint.storage import S3Store, parse_s3_url
+def _load_remote(url: str, remote: dict) -> tuple[LoadedCheckpoint, str]:
+    from spot.checkpoint.storage import open_store
 
-    store = S3Store(*parse_s3_url(url), endpoint_url=endpoint_url)
+    store = open_store(url, **remote)
     store.check_access()
     with tempfile.TemporaryDirectory(prefix="spot-init-") as tmp:
         for step in sorted(store.committed_steps(), reverse=True):

@@ -1,19 +1,20 @@
-"""Remote checkpoints on S3 and S3-compatible services (MinIO, R2, GCS interoperability, Ceph).
+"""Remote checkpoints in a bucket: S3 and S3-compatible services, Google Cloud Storage, Azure Blob
+Storage (the back ends: spot.buckets; everything here is written once for all three).
 
-Layout: s3://<bucket>/<prefix>/<run.name>/<run.id>/step-<9 digits>/<file>, the same files as on
-disk. Upload order makes the remote copy atomic too: the components first, `manifest.json` last,
+Layout: <scheme>://<bucket>/<prefix>/<run.name>/<run.id>/step-<9 digits>/<file>, the same files
+as on disk. Upload order makes the remote copy atomic too: the components first, `manifest.json` last,
 so a reader never sees a manifest whose files are missing; deletion removes the manifest first.
-Credentials come from boto3's chain (environment, profile, instance role) and are never logged.
-Retries are botocore's ("adaptive" mode: exponential backoff plus client-side rate limiting on
-throttling). Uploads check every byte they send against the manifest (spot.checkpoint.upload); downloads
-are boto3's transfer manager, verified before the checkpoint is renamed into place.
+Credentials come from each client's own chain (spot.buckets.open_bucket) and are never logged;
+retries are each client's. Uploads check every byte they send against the manifest
+(spot.checkpoint.upload); downloads are each client's fastest transfer, verified before the
+checkpoint is renamed into place.
 
 A process that is the same run as another (a zombie from before a restart) is fenced: each
 process claims the run by writing `owner.json` when it starts, and checks that it still owns it
 before every manifest it writes and every deletion. The newest process wins; a zombie stops
-uploading. S3 conditions apply only to the object being written, so that check and the manifest
-write cannot be one atomic step; where the service supports conditional writes, the manifest is
-created only if absent, so a commit is never overwritten unseen, and the upload receipt (see
+uploading. Conditions apply only to the object being written, so that check and the manifest
+write cannot be one atomic step; where the service supports conditional writes (S3, GCS, Azure; some
+S3-compatible ones do not), the manifest is created only if absent, so a commit is never overwritten unseen, and the upload receipt (see
 `receipt`) shows any file written again after a commit. What is left of the race can only
 produce a checkpoint that fails verification (files from one writer, manifest from the other),
 which retention does not count and resume skips: never a wrong one.
@@ -24,23 +25,25 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import time
 import uuid
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import boto3
-from boto3.exceptions import Boto3Error
-from boto3.s3.transfer import TransferConfig
-from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
-
+from spot.buckets import (
+    Bucket,
+    BucketError,
+    NotFound,
+    PreconditionFailed,
+    Unsupported,
+    open_bucket,
+    parse_url,
+)
 from spot.checkpoint import manifest
 from spot.checkpoint.manager import committed_checkpoints
 from spot.checkpoint.manifest import MANIFEST, STEP_DIR, CorruptCheckpoint, step_dir_name
-from spot.checkpoint.upload import NOT_FOUND, RECEIPT, Uploader, error_code, receipt, send_files
+from spot.checkpoint.upload import RECEIPT, Uploader, receipt, send_files
 from spot.failpoints import failpoint
 from spot.fsutil import fsync_dir, fsync_file, remove_tree
 from spot.run.config import one_line
@@ -48,9 +51,6 @@ from spot.run.events import EventLog
 from spot.run.identity import COMPLETE
 
 log = logging.getLogger(__name__)
-for _noisy in ("boto3", "botocore", "s3transfer", "urllib3"):  # their INFO lines are not ours
-    logging.getLogger(_noisy).setLevel(logging.WARNING)
-MiB = 2**20
 OWNER = "owner.json"
 
 
@@ -64,60 +64,24 @@ class RemoteCheckpoint:
     committed: bool  # a manifest exists
     bytes: int
     modified: float | None
-    objects: dict[str, tuple[int, str]] = field(default_factory=dict)  # file: (size, ETag)
+    objects: dict[str, tuple[int, str]] = field(default_factory=dict)  # file: (size, identity)
 
 
-def _status(exc: ClientError) -> int | None:
-    return exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+class RemoteStore:
+    """One run's checkpoints under <bucket>/<run_prefix>/."""
 
-
-def parse_s3_url(url: str) -> tuple[str, str]:
-    match = re.match(r"^s3://([^/]+)/?(.*)$", url)
-    if not match:
-        raise RemoteError(f"{url!r} is not an s3://bucket/prefix URL")
-    return match.group(1), match.group(2).strip("/")
-
-
-class S3Store:
-    """One run's checkpoints under s3://bucket/<run_prefix>/."""
-
-    def __init__(
-        self,
-        bucket: str,
-        run_prefix: str,
-        *,
-        endpoint_url: str | None = None,
-        region: str | None = None,
-        max_attempts: int = 5,
-        concurrency: int = 10,
-    ):
+    def __init__(self, bucket: Bucket, run_prefix: str):
         self.bucket = bucket
         self.prefix = run_prefix.strip("/")
         self.writer = f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.concurrency = concurrency
-        # Conditional writes (If-None-Match) until the service answers that it has none.
+        # Conditional writes (create-if-absent) until the service answers that it has none.
         self.conditional = True
         # Steps whose download in this process failed: not counted, whatever a listing says.
         self.unusable: dict[int, str] = {}
-        config = Config(
-            retries={"mode": "adaptive", "max_attempts": max_attempts},
-            connect_timeout=5,
-            read_timeout=60,
-            max_pool_connections=concurrency * 2,
-        )
-        self.client = boto3.session.Session().client(
-            "s3", endpoint_url=endpoint_url, region_name=region, config=config
-        )
-        self.transfer = TransferConfig(
-            multipart_threshold=8 * MiB,
-            multipart_chunksize=8 * MiB,
-            max_concurrency=concurrency,
-            use_threads=True,
-        )
 
     @property
     def url(self) -> str:
-        return f"s3://{self.bucket}/{self.prefix}"
+        return self.bucket.url(self.prefix)
 
     def key(self, *parts: str) -> str:
         return "/".join(p for p in (self.prefix, *parts) if p)
@@ -127,35 +91,20 @@ class S3Store:
     def check_access(self) -> None:
         """Raise RemoteError (one line, naming the bucket) if the bucket cannot be used."""
         try:
-            self.client.head_bucket(Bucket=self.bucket)
-        except NoCredentialsError:
-            raise RemoteError(
-                f"storage.bucket={self.bucket}: no AWS credentials found "
-                "(environment, profile or instance role)"
-            ) from None
-        except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "")
-            reason = {
-                "404": "does not exist",
-                "NoSuchBucket": "does not exist",
-                "403": "access denied (credentials refused or no permission)",
-            }
-            raise RemoteError(
-                f"storage.bucket={self.bucket}: {reason.get(code, f'unusable ({code})')}"
-            ) from None
-        except BotoCoreError as exc:
-            raise RemoteError(f"storage.bucket={self.bucket}: cannot reach S3 ({exc})") from None
+            self.bucket.check_access()
+        except BucketError as exc:
+            raise RemoteError(str(exc)) from None
 
     def claim(self) -> None:
         """This process now owns the run: a zombie of an earlier process stops writing."""
         body = json.dumps({"writer": self.writer, "since": time.time()}).encode()
-        self.client.put_object(Bucket=self.bucket, Key=self.key(OWNER), Body=body)
+        self.bucket.put(self.key(OWNER), body)
 
     def owns(self) -> bool:
         try:
-            body = self.client.get_object(Bucket=self.bucket, Key=self.key(OWNER))["Body"].read()
+            body, _ = self.bucket.get(self.key(OWNER))
             return json.loads(body).get("writer") == self.writer
-        except (ClientError, ValueError):
+        except (BucketError, ValueError):
             return False
 
     # ---- listing --------------------------------------------------------------------------
@@ -163,19 +112,17 @@ class S3Store:
     def list_checkpoints(self) -> list[RemoteCheckpoint]:
         """Every step-* directory under the run, newest first, committed or not."""
         found: dict[int, RemoteCheckpoint] = {}
-        paginator = self.client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=self.key("step-")):
-            for obj in page.get("Contents", []):
-                rest = obj["Key"][len(self.key()) + 1 :].split("/")
-                match = STEP_DIR.match(rest[0]) if len(rest) == 2 else None
-                if not match:
-                    continue
-                step = int(match.group(1))
-                entry = found.setdefault(step, RemoteCheckpoint(step, False, 0, None))
-                entry.bytes += obj["Size"]
-                entry.modified = max(entry.modified or 0, obj["LastModified"].timestamp())
-                entry.committed |= rest[1] == MANIFEST
-                entry.objects[rest[1]] = (obj["Size"], obj.get("ETag", ""))
+        for obj in self.bucket.list(self.key("step-")):
+            rest = obj.key[len(self.key()) + 1 :].split("/")
+            match = STEP_DIR.match(rest[0]) if len(rest) == 2 else None
+            if not match:
+                continue
+            step = int(match.group(1))
+            entry = found.setdefault(step, RemoteCheckpoint(step, False, 0, None))
+            entry.bytes += obj.size
+            entry.modified = max(entry.modified or 0, obj.modified or 0)
+            entry.committed |= rest[1] == MANIFEST
+            entry.objects[rest[1]] = (obj.size, obj.identity)
         return sorted(found.values(), key=lambda c: c.step, reverse=True)
 
     def committed_steps(self) -> list[int]:
@@ -197,13 +144,10 @@ class S3Store:
         elsewhere = manifest.published(m.files)  # uploaded by the ranks that wrote them
         try:
             etags = send_files(
-                self.client,
                 self.bucket,
                 {file: self.key(name, file) for file in m.files if file not in elsewhere},
                 local_dir,
                 {file: entry for file, entry in m.files.items() if file not in elsewhere},
-                part_size=self.transfer.multipart_chunksize,
-                concurrency=self.concurrency,
             )
             etags.update(self.check_published(name, elsewhere))
         except CorruptCheckpoint:
@@ -222,34 +166,29 @@ class S3Store:
         then this checkpoint is never committed."""
         for file, entry in entries.items():
             try:
-                head = self.client.head_object(Bucket=self.bucket, Key=self.key(name, file))
-            except ClientError as exc:
-                if error_code(exc) in NOT_FOUND:
-                    raise CorruptCheckpoint(f"{file} is not in the bucket") from None
-                raise
-            if head.get("ETag", "").strip('"') != entry[manifest.PUBLISHED]:
+                head = self.bucket.head(self.key(name, file))
+            except NotFound:
+                raise CorruptCheckpoint(f"{file} is not in the bucket") from None
+            if head.identity != entry[manifest.PUBLISHED]:
                 raise CorruptCheckpoint(f"{file} in the bucket is not the object its rank wrote")
-            if head.get("ContentLength") != entry["bytes"]:
-                raise CorruptCheckpoint(
-                    f"{file} in the bucket has {head.get('ContentLength')} bytes"
-                )
+            if head.size != entry["bytes"]:
+                raise CorruptCheckpoint(f"{file} in the bucket has {head.size} bytes")
         return {file: entry[manifest.PUBLISHED] for file, entry in entries.items()}
 
     def _discard_refused(self, name: str, step: int) -> None:
         """Remove the files a refused upload sent before its bad one (each matched): without a
         manifest they are no checkpoint. A commit of this step already there is left as is."""
         try:
-            self.client.head_object(Bucket=self.bucket, Key=self.key(name, MANIFEST))
+            self.bucket.head(self.key(name, MANIFEST))
             return
-        except ClientError as exc:
-            if error_code(exc) not in NOT_FOUND:
-                return  # unknown: left, as a torn upload is
-        except BotoCoreError:
-            return
+        except NotFound:
+            pass
+        except BucketError:
+            return  # unknown: left, as a torn upload is
         try:
             if self.owns():
                 self.delete(step)
-        except (ClientError, BotoCoreError) as exc:  # the refusal is what the caller must see
+        except BucketError as exc:  # the refusal is what the caller must see
             log.warning("could not remove the refused %s: %s", name, one_line(exc))
 
     def _commit(self, name: str, body: bytes, etags_digest: str) -> None:
@@ -260,44 +199,36 @@ class S3Store:
         step, which the owner (checked again) deletes first: an unverifiable copy this upload
         replaces, or a zombie's."""
         key = self.key(name, MANIFEST)
-        put = {"Bucket": self.bucket, "Key": key, "Body": body, "ChecksumAlgorithm": "CRC32"}
-        put["Metadata"] = {RECEIPT: etags_digest}
+        metadata = {RECEIPT: etags_digest}
         for _ in range(3):
             if not self.conditional:
-                self.client.put_object(**put)
+                self.bucket.put(key, body, metadata)
                 return
             try:
-                self.client.put_object(**put, IfNoneMatch="*")
+                self.bucket.put(key, body, metadata, if_absent=True)
                 return
-            except ClientError as exc:
-                if error_code(exc) == "NotImplemented" or _status(exc) == 501:
-                    log.info("%s: no conditional writes; manifests are overwritten", self.url)
-                    self.conditional = False
-                    continue
-                if error_code(exc) != "PreconditionFailed" and _status(exc) != 412:
-                    raise
+            except Unsupported:
+                log.info("%s: no conditional writes; manifests are overwritten", self.url)
+                self.conditional = False
+                continue
+            except PreconditionFailed:
+                pass
             try:
-                there = self.client.get_object(Bucket=self.bucket, Key=key)
-            except ClientError as exc:
-                if error_code(exc) in NOT_FOUND:
-                    continue  # deleted meanwhile: create it
-                raise
-            if (
-                there["Body"].read() == body
-                and there.get("Metadata", {}).get(RECEIPT) == etags_digest
-            ):
+                there, there_metadata = self.bucket.get(key)
+            except NotFound:
+                continue  # deleted meanwhile: create it
+            if there == body and there_metadata.get(RECEIPT) == etags_digest:
                 return
             if not self.owns():
                 raise RemoteError(f"{self.url}: another process now owns this run; not committing")
-            self.client.delete_object(Bucket=self.bucket, Key=key)
+            self.bucket.delete([key])
         raise RemoteError(f"{self.url}/{name}: another writer keeps committing this step")
 
     def download(self, step: int, into: Path, leave_published: bool = False) -> Path:
         """Fetch a remote checkpoint into `into/.download-step-N-*`, verify it, make it durable
         and rename it to `into/step-N`. Only names the manifest lists (checked: no separators)
-        become paths. CorruptCheckpoint (one line) if it cannot be read whole, after botocore's
-        and the transfer manager's retries, or fails verification; the step is then not counted
-        by retention either (spot.checkpoint.upload.remote_problem). `leave_published`: the
+        become paths. CorruptCheckpoint (one line) if it cannot be read whole, after the
+        client's retries, or fails verification; the step is then not counted by retention either (spot.checkpoint.upload.remote_problem). `leave_published`: the
         files ranks uploaded themselves are left for each rank to fetch as it reads them
         (spot.checkpoint.parts.ShardSource); copies of them already in `into/step-N` stay there."""
         name = step_dir_name(step)
@@ -313,8 +244,8 @@ class S3Store:
                 remove_tree(staging)
 
     def _fetch(self, name: str, staging: Path, into: Path, leave_published: bool) -> Path:
-        # Every object through the transfer manager, the manifest too: it also retries a
-        # connection reset while reading a body, which get_object's caller would have to.
+        # Every object through the client's download, the manifest too: boto3's transfer
+        # manager also retries a connection reset while reading a body.
         self._fetch_file(name, MANIFEST, staging)
         m = manifest.parse((staging / MANIFEST).read_bytes(), name)
         left = manifest.published(m.files) if leave_published else {}
@@ -338,52 +269,57 @@ class S3Store:
     def _fetch_file(self, name: str, file: str, staging: Path) -> None:
         target = staging / file
         try:
-            self.client.download_file(
-                self.bucket, self.key(name, file), str(target), Config=self.transfer
-            )
-        except (ClientError, BotoCoreError, Boto3Error) as exc:  # after every retry
+            self.bucket.download(self.key(name, file), target)
+        except BucketError as exc:  # after every retry
             raise CorruptCheckpoint(f"remote {file} unreadable ({one_line(exc)})") from None
         fsync_file(target)  # durable before the rename makes the directory a checkpoint
 
     def delete(self, step: int) -> None:
         """Delete a remote checkpoint, manifest first (it stops existing at once)."""
         name = step_dir_name(step)
-        self.client.delete_object(Bucket=self.bucket, Key=self.key(name, MANIFEST))
-        keys = []
-        paginator = self.client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=self.key(name) + "/"):
-            keys += [{"Key": o["Key"]} for o in page.get("Contents", [])]
-        for i in range(0, len(keys), 1000):
-            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys[i : i + 1000]})
+        self.bucket.delete([self.key(name, MANIFEST)])
+        self.bucket.delete([obj.key for obj in self.bucket.list(self.key(name) + "/")])
 
 
-def connect(storage, run_name: str, run_id: str) -> S3Store | None:
+def open_store(url: str, **options) -> RemoteStore:
+    """The store of a bucket URL (s3://, gs://, az://; spot.buckets.parse_url); `options`:
+    open_bucket's (endpoint_url, region, account). RemoteError for a URL that is none."""
+    try:
+        backend, name, prefix = parse_url(url)
+    except ValueError as exc:
+        raise RemoteError(str(exc)) from None
+    return RemoteStore(open_bucket(backend, name, **options), prefix)
+
+
+def connect(storage, run_name: str, run_id: str) -> RemoteStore | None:
     """The run's remote store, checked usable (RemoteError otherwise); None for local storage.
     `storage` is the validated StorageConfig."""
-    if storage.backend != "s3":
+    if storage.backend == "local":
         return None
     prefix = "/".join(p for p in (storage.prefix.strip("/"), run_name, run_id) if p)
-    store = S3Store(
+    bucket = open_bucket(
+        str(storage.backend),
         storage.bucket,
-        prefix,
         endpoint_url=storage.endpoint_url,
         region=storage.region,
+        account=storage.account,
         max_attempts=storage.max_attempts,
     )
+    store = RemoteStore(bucket, prefix)
     store.check_access()
     return store
 
 
-def remote_complete(store: S3Store) -> bool:
+def remote_complete(store: RemoteStore) -> bool:
     try:
-        store.client.head_object(Bucket=store.bucket, Key=store.key(COMPLETE))
+        store.bucket.head(store.key(COMPLETE))
         return True
-    except ClientError:
+    except BucketError:
         return False
 
 
-def mark_remote_complete(store: S3Store, step: int) -> None:
-    store.client.put_object(Bucket=store.bucket, Key=store.key(COMPLETE), Body=f"{step}\n".encode())
+def mark_remote_complete(store: RemoteStore, step: int) -> None:
+    store.bucket.put(store.key(COMPLETE), f"{step}\n".encode())
 
 
 class RemoteCheckpoints:
@@ -391,7 +327,7 @@ class RemoteCheckpoints:
     its constructor): where a restore also looks, where each commit is copied once uploads have
     started, and the newest verified copy that local retention waits for."""
 
-    def __init__(self, store: S3Store, events: EventLog, alert_after: int):
+    def __init__(self, store: RemoteStore, events: EventLog, alert_after: int):
         self.store = store
         self.events = events
         self.alert_after = alert_after
@@ -420,7 +356,7 @@ class RemoteCheckpoints:
             try:
                 self.store.claim()  # (uploads start after the restore: it claims again)
                 sent = self.store.upload(path, step)
-            except (CorruptCheckpoint, RemoteError, ClientError, BotoCoreError) as exc:
+            except (CorruptCheckpoint, RemoteError, BucketError) as exc:
                 log.warning("%s: its upload cannot be finished: %s", path, one_line(exc))
                 continue
             seconds = round(time.perf_counter() - began, 6)
@@ -434,7 +370,7 @@ class RemoteCheckpoints:
         (then retention does not count the step either)."""
         try:
             self.store.check_published(step_dir_name(step), manifest.published(files))
-        except (ClientError, BotoCoreError) as exc:
+        except BucketError as exc:
             self.store.unusable[step] = f"shards unreadable: {one_line(exc)}"
             raise CorruptCheckpoint(f"shards unreadable ({one_line(exc)})") from None
         except CorruptCheckpoint as exc:
@@ -460,7 +396,7 @@ class RemoteCheckpoints:
         found = []
         try:
             found = uploader.look()
-        except (ClientError, BotoCoreError) as exc:  # then count none: local copies are all kept
+        except BucketError as exc:  # then count none: local copies are all kept
             log.warning("could not check the checkpoints in %s: %s", self.url, one_line(exc))
         newest = uploader.newest_uploaded
         in_bucket = {c.step for c in found if c.committed}

@@ -18,8 +18,7 @@ from collections.abc import Callable, Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from botocore.exceptions import ClientError
-
+from spot.buckets import Bucket, NotFound
 from spot.checkpoint import manifest
 from spot.checkpoint.manifest import MANIFEST, CorruptCheckpoint, step_dir_name
 from spot.failpoints import failpoint
@@ -28,18 +27,12 @@ from spot.run.events import EventLog
 
 log = logging.getLogger(__name__)
 RECEIPT = "receipt"  # user metadata of a remote manifest (x-amz-meta-receipt): see receipt()
-NOT_FOUND = ("NoSuchKey", "404")
-MAX_PARTS = 10_000
-
-
-def error_code(exc: ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", ""))
 
 
 def receipt(etags: dict[str, str]) -> str:
-    """One digest of the ETags S3 reported for a checkpoint's files when its writer created
-    them; kept in the metadata of the manifest that commits them. An object written again gets
-    a new ETag, so a file replaced after the commit (a zombie writer, a hand edit) shows in a
+    """One digest of the identities the store reported for a checkpoint's files when its writer
+    created them (ETags; GCS: generations); kept in the metadata of the manifest that commits
+    them. An object written again gets a new one, so a file replaced after the commit (a zombie writer, a hand edit) shows in a
     listing, without reading it."""
     lines = "".join(f"{file} {etag.strip(chr(34))}\n" for file, etag in sorted(etags.items()))
     return digest_bytes(lines.encode())
@@ -53,20 +46,18 @@ def remote_problem(store, c) -> str | None:
     its size, and none was written again after the commit (the receipt). That catches what
     happens to checkpoints in a bucket: torn or partial copies, files replaced by a zombie
     writer or by hand, a manifest without a receipt (not written by this uploader). Damage
-    inside an object never written again is for S3's own checksums; a download in this
+    inside an object never written again is for the store's own checksums; a download in this
     process that failed counts too (store.unusable)."""
     if c.step in store.unusable:
         return store.unusable[c.step]
     name = step_dir_name(c.step)
     try:
-        got = store.client.get_object(Bucket=store.bucket, Key=store.key(name, MANIFEST))
-        m = manifest.parse(got["Body"].read(), name)
+        body, metadata = store.bucket.get(store.key(name, MANIFEST))
+        m = manifest.parse(body, name)
     except CorruptCheckpoint as exc:
         return str(exc)
-    except ClientError as exc:
-        if error_code(exc) in NOT_FOUND:
-            return "manifest.json vanished"
-        raise
+    except NotFound:
+        return "manifest.json vanished"
     for file, entry in m.files.items():
         size = c.objects.get(file, (None, ""))[0]
         if size is None:
@@ -74,7 +65,7 @@ def remote_problem(store, c) -> str | None:
         if size != entry["bytes"]:
             return f"{file} has {size} bytes, manifest says {entry['bytes']}"
     etags = {file: c.objects[file][1] for file in m.files}
-    if got.get("Metadata", {}).get(RECEIPT) != receipt(etags):
+    if metadata.get(RECEIPT) != receipt(etags):
         return "files written again after the commit, or no upload receipt"
     return None
 
@@ -86,38 +77,27 @@ def _check(file: str, entry: dict, size: int, digest: str) -> None:
         raise CorruptCheckpoint(f"{file} fails its {HASH_ALGORITHM} checksum")
 
 
-def _with_etag(call: Callable[..., dict], **kwargs) -> dict:
-    """`call`'s response, the request sent again (twice at most) while the response lacks the
-    ETag S3 always returns: a reply cut off after its status line, which botocore accepts.
-    Each is a PUT of the same bytes (or the completion of the same upload): idempotent."""
-    for _ in range(3):
-        response = call(**kwargs)
-        if "ETag" in response:
-            return response
-    raise ConnectionError(f"{kwargs['Key']}: S3 replied three times without an ETag")
-
-
 def send_files(
-    client, bucket: str, keys: dict[str, str], local_dir: Path, files: dict[str, dict], *,
-    part_size: int, concurrency: int,
-) -> dict[str, str]:  # fmt: skip
-    """Upload the files a manifest names (`files`) to `keys`; return each object's ETag as S3
-    reported it when it was written. CorruptCheckpoint if a file is missing or does not match
-    its entry: then no object of it was created, and every multipart upload begun is aborted.
-    Parts of all files share `concurrency` threads; at most that many parts are in memory."""
-    slots = threading.BoundedSemaphore(concurrency)
-    open_uploads: dict[str, str] = {}  # key -> UploadId, until completed
-    pool = ThreadPoolExecutor(concurrency, thread_name_prefix="s3-put")
+    bucket: Bucket, keys: dict[str, str], local_dir: Path, files: dict[str, dict]
+) -> dict[str, str]:
+    """Upload the files a manifest names (`files`) to `keys`; return each object's identity as
+    the store reported it when it was written. CorruptCheckpoint if a file is missing or does
+    not match its entry: then no object of it was created, and every multipart upload begun is
+    aborted. Parts of all files share the bucket's `concurrency` threads; at most that many
+    parts are in memory."""
+    slots = threading.BoundedSemaphore(bucket.concurrency)
+    open_uploads: dict[str, object] = {}  # key -> its multipart upload, until completed
+    pool = ThreadPoolExecutor(bucket.concurrency, thread_name_prefix="bucket-put")
 
-    def start(call: Callable[..., dict], **kwargs) -> Future:
+    def start(call: Callable, *args) -> Future:
         slots.acquire()  # released when the request ends: bounds the bytes held in memory
-        future = pool.submit(_with_etag, call, Bucket=bucket, ChecksumAlgorithm="CRC32", **kwargs)
+        future = pool.submit(call, *args)
         future.add_done_callback(lambda _: slots.release())
         return future
 
     def send(file: str, entry: dict) -> Callable[[], str]:
         """Read, hash and start sending one file; the returned function waits and commits it."""
-        key = keys[file]
+        key, part_size = keys[file], bucket.part_size
         try:
             f = open(local_dir / file, "rb")  # noqa: SIM115 - closed below, before returning
         except FileNotFoundError:
@@ -126,44 +106,21 @@ def send_files(
             if entry["bytes"] <= part_size:  # one PUT, sent only once the bytes matched
                 data = f.read(part_size + 1)
                 _check(file, entry, len(data), digest_bytes(data))
-                put = start(client.put_object, Key=key, Body=data)
-                return lambda: put.result()["ETag"]
-            upload_id = client.create_multipart_upload(
-                Bucket=bucket, Key=key, ChecksumAlgorithm="CRC32"
-            )["UploadId"]
-            open_uploads[key] = upload_id
+                put = start(bucket.put, key, data)
+                return put.result
+            upload = open_uploads[key] = bucket.begin(key)
             hasher, size, parts = new_hasher(), 0, []
-            chunk = max(part_size, -(-entry["bytes"] // MAX_PARTS))  # S3 takes 10,000 at most
+            chunk = max(part_size, -(-entry["bytes"] // bucket.max_parts))
             while data := f.read(chunk):
                 hasher.update(data)
                 size += len(data)
-                parts.append(
-                    start(
-                        client.upload_part,
-                        Key=key,
-                        UploadId=upload_id,
-                        PartNumber=len(parts) + 1,
-                        Body=data,
-                    )
-                )
+                parts.append(start(bucket.put_part, upload, len(parts) + 1, data))
             _check(file, entry, size, hasher.hexdigest())
 
         def complete() -> str:
-            done = []
-            for number, part in enumerate(parts, 1):
-                sent = part.result()
-                done.append({"PartNumber": number, "ETag": sent["ETag"]})
-                if "ChecksumCRC32" in sent:  # S3 wants each part's checksum back
-                    done[-1]["ChecksumCRC32"] = sent["ChecksumCRC32"]
-            etag = _with_etag(
-                client.complete_multipart_upload,
-                Bucket=bucket,
-                Key=key,
-                UploadId=upload_id,
-                MultipartUpload={"Parts": done},
-            )["ETag"]
+            identity = bucket.complete(upload, [part.result() for part in parts])
             del open_uploads[key]
-            return etag
+            return identity
 
         return complete
 
@@ -172,10 +129,10 @@ def send_files(
         return {file: wait() for file, wait in finish.items()}
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-        for key, upload_id in open_uploads.items():  # failed or refused: leave no parts behind
+        for key, upload in open_uploads.items():  # failed or refused: leave no parts behind
             try:
-                client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
-            except Exception as exc:  # S3's lifecycle rules clean up what this cannot
+                bucket.abort(upload)
+            except Exception as exc:  # the store's lifecycle rules clean up what this cannot
                 log.warning("could not abort the multipart upload of %s: %s", key, exc)
 
 
@@ -207,7 +164,7 @@ class Uploader:
     ):
         """`spared(present, "bucket")`: the steps retention keeps whatever keep_last says, given
         the verified steps in the bucket (spot.checkpoint.best.BestCheckpoint.spared)."""
-        self.store = store  # a spot.checkpoint.storage.S3Store
+        self.store = store  # a spot.checkpoint.storage.RemoteStore
         self.local_root = local_root
         self.events = events
         self.keep_last = keep_last
@@ -307,7 +264,7 @@ class Uploader:
             log.warning("not uploading checkpoint %d: %s", step, exc)
             self._skip(step, str(exc))
             return False
-        except Exception as exc:  # S3, network: never fatal here
+        except Exception as exc:  # the store, the network: never fatal here
             self.failures += 1
             self.events.emit("upload_failed", step=step, attempts=attempts, error=str(exc))
             if self.failures == self.alert_after:

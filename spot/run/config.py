@@ -25,6 +25,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from spot.buckets import is_url
+
 
 def one_line(exc: BaseException) -> str:
     """An exception's message on one line (botocore's and Hydra's span several)."""
@@ -46,7 +48,7 @@ def _choices(name: str, *values: str) -> type[StrEnum]:
 
 CloudName = _choices("CloudName", "local", "aws", "gcp", "azure", "slurm")
 Signal = _choices("Signal", "SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP")
-StorageBackend = _choices("StorageBackend", "local", "s3")
+StorageBackend = _choices("StorageBackend", "local", "s3", "gcs", "azure")
 CheckpointPolicy = _choices("CheckpointPolicy", "fixed", "young_daly")
 OnCorrupt = _choices("OnCorrupt", "previous", "fail")
 OnError = _choices("OnError", "stop", "continue")
@@ -93,8 +95,23 @@ RunName = Annotated[str, _matches(_NAME, "is not allowed; use letters, digits an
 Device = Annotated[
     str, _matches(r"^(auto|cpu|cuda(:\d+)?)$", "is not allowed; allowed: auto, cpu, cuda, cuda:N")
 ]
-S3Bucket = Annotated[
-    str, _matches(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", "is not a valid S3 bucket name")
+BucketName = Annotated[  # each service's own rule: BUCKET_RULES
+    str, _matches(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$", "is not a valid bucket name")
+]
+BUCKET_RULES = {  # storage.backend -> (pattern, what it allows)
+    "s3": (r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", "3-63 lowercase letters, digits, '.' and '-'"),
+    "gcs": (
+        r"^[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]$|^(?=.{3,222}$)[a-z0-9][a-z0-9_-]*(\.[a-z0-9_-]+)+$",
+        "3-63 lowercase letters, digits, '-', '_' and '.' (222 with dots)",
+    ),
+    "azure": (
+        r"^(?!.*--)[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$",
+        "a container: 3-63 lowercase letters, digits and single '-'",
+    ),
+}
+AzureAccount = Annotated[
+    str,
+    _matches(r"^[a-z0-9]{3,24}$", "is not a storage account name (3-24 lowercase letters, digits)"),
 ]
 S3Prefix = Annotated[str, Rule(lambda v: ".." in v.split("/"), "may not contain '..'")]
 HostPort = Annotated[str, _matches(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$", "is not HOST:PORT")]
@@ -122,11 +139,12 @@ class CloudConfig:
 class StorageConfig:
     backend: StorageBackend = StorageBackend.local
     dir: str | None = None
-    bucket: S3Bucket | None = None  # backend=s3 needs one
+    bucket: BucketName | None = None  # s3, gcs: the bucket; azure: the container
     prefix: S3Prefix = ""
-    endpoint_url: Url | None = None  # S3-compatible services (MinIO, R2, GCS interoperability)
-    region: str | None = None
-    max_attempts: PositiveInt = 5  # per request, botocore's adaptive retry mode
+    endpoint_url: Url | None = None  # S3-compatible services, emulators (Azurite, GCS's)
+    region: str | None = None  # s3
+    account: AzureAccount | None = None  # azure: the storage account (or the connection string)
+    max_attempts: PositiveInt = 5  # per request, each client's retries
     alert_after_failures: PositiveInt = 3  # consecutive failed uploads before the run says so
     final_upload_timeout_seconds: Positive = 600  # the last checkpoint's upload, then exit 4
 
@@ -242,7 +260,7 @@ class RunConfig:
 class InitConfig:
     # (`init.from` in the issue that asked for it: `from` cannot name a dataclass field.)
     checkpoint: str | None = (
-        None  # a new run starts from these weights: a checkpoint, run dir or s3:// run
+        None  # a new run starts from these weights: a checkpoint, run dir or bucket run URL
     )
     optimizer: bool = False  # and from its optimizer state too
 
@@ -378,12 +396,35 @@ def typed_settings(cfg: DictConfig) -> Settings:
     return s
 
 
+def _check_bucket(storage: StorageConfig) -> None:
+    backend = str(storage.backend)
+    if backend == "local":
+        return
+    if not storage.bucket:
+        what = "a container" if backend == "azure" else "a bucket"
+        raise ConfigError("storage.bucket", f"storage={backend} needs {what} (storage.bucket=NAME)")
+    pattern, allowed = BUCKET_RULES[backend]
+    if not re.match(pattern, storage.bucket):
+        raise ConfigError(
+            "storage.bucket", f"{storage.bucket!r} is not a {backend} name: {allowed}"
+        )
+    if backend == "azure" and not (storage.account or _azure_connection()):
+        raise ConfigError(
+            "storage.account",
+            "storage=azure needs the storage account (storage.account=NAME), or "
+            "AZURE_STORAGE_CONNECTION_STRING",
+        )
+
+
+def _azure_connection() -> bool:
+    return bool(os.environ.get("AZURE_STORAGE_CONNECTION_STRING"))
+
+
 def validate(cfg: DictConfig) -> Settings:
     """Check every value; return the typed settings or raise ConfigError (one line)."""
     cfg = _without_hydra(cfg)
     s = typed_settings(cfg)
-    if s.storage.backend == StorageBackend.s3 and not s.storage.bucket:
-        raise ConfigError("storage.bucket", "storage=s3 needs a bucket (storage.bucket=NAME)")
+    _check_bucket(s.storage)
 
     ck = s.checkpoint
     if ck.policy == CheckpointPolicy.fixed and ck.every_steps is None and ck.every_minutes is None:
@@ -422,10 +463,11 @@ def validate(cfg: DictConfig) -> Settings:
     if ck.keep_best is not None and not s.eval.every_steps:
         raise ConfigError("checkpoint.keep_best", "needs evaluation: set eval.every_steps")
     source = s.init.checkpoint
-    if source and not source.startswith("s3://") and not os.path.exists(source):
+    if source and not is_url(source) and not os.path.exists(source):
         raise ConfigError(
             "init.checkpoint",
-            f"{source} does not exist (a checkpoint, a run directory or an s3:// run URL)",
+            f"{source} does not exist (a checkpoint, a run directory or an s3://, gs:// or "
+            "az:// run URL)",
         )
     if s.eval.every_steps and s.data.val is None:
         raise ConfigError("eval.every_steps", "needs a validation split: set data.val")

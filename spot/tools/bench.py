@@ -224,7 +224,7 @@ def measure_upload(ckpt_dir: Path, target: str, endpoint: str | None, repeats: i
     import subprocess
     import sys
 
-    from spot.checkpoint.storage import S3Store, parse_s3_url
+    from spot.checkpoint.storage import open_store
 
     server = None
     env = dict(os.environ)
@@ -247,12 +247,12 @@ def measure_upload(ckpt_dir: Path, target: str, endpoint: str | None, repeats: i
             env.setdefault(key, value)
         target = "s3://spot-bench/bench"
     try:
-        bucket, prefix = parse_s3_url(target)
-        store = S3Store(bucket, f"{prefix}/spot", endpoint_url=endpoint)
+        store = open_store(f"{target.rstrip('/')}/spot", endpoint_url=endpoint)
+        bucket, prefix = store.bucket.name, store.prefix.rsplit("/", 1)[0]
         if server is not None:
             for _ in range(100):
                 try:
-                    store.client.create_bucket(Bucket=bucket)
+                    store.bucket.client.create_bucket(Bucket=bucket)
                     break
                 except Exception:
                     time.sleep(0.1)

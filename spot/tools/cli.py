@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from spot.buckets import add_remote_arguments, is_url, remote_arguments
 from spot.checkpoint import manifest
 from spot.checkpoint.manager import CheckpointManager, list_step_dirs
 from spot.checkpoint.manifest import STEP_DIR, CorruptCheckpoint
@@ -59,18 +60,18 @@ def cmd_list(path: Path, full: bool) -> int:
     return 1 if bad else 0
 
 
-def cmd_remote(url: str, command: str, endpoint_url: str | None) -> int:
+def cmd_remote(url: str, command: str, remote: dict) -> int:
     """list / verify / inspect on a run's checkpoints in a bucket (downloads go to a temp dir)."""
     import tempfile
 
-    from spot.checkpoint.storage import RemoteError, S3Store, parse_s3_url
+    from spot.buckets import BucketError
+    from spot.checkpoint.storage import RemoteError, open_store
 
     try:
-        bucket, prefix = parse_s3_url(url)
-        store = S3Store(bucket, prefix, endpoint_url=endpoint_url)
+        store = open_store(url, **remote)
         store.check_access()
         found = store.list_checkpoints()
-    except RemoteError as exc:
+    except (RemoteError, BucketError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if not found:
@@ -138,14 +139,16 @@ def cmd_inspect(path: Path) -> int:
 
 def _add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "path", help="a run directory, its checkpoints/, one step-*, or s3://bucket/prefix/name/id"
+        "path",
+        help="a run directory, its checkpoints/, one step-*, or a bucket's run: "
+        "s3://, gs:// or az://bucket/prefix/name/id",
     )
-    parser.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (s3:// paths)")
+    add_remote_arguments(parser)
 
 
 def _checkpoints(args: argparse.Namespace) -> int:
-    if args.path.startswith("s3://"):
-        return cmd_remote(args.path, args.command, args.endpoint_url)
+    if is_url(args.path):
+        return cmd_remote(args.path, args.command, remote_arguments(args))
     if args.command == "inspect":
         return cmd_inspect(Path(args.path))
     return cmd_list(Path(args.path), full=args.command == "verify")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from spot.buckets import add_remote_arguments, remote_arguments
 from spot.checkpoint.manifest import CorruptCheckpoint
 from spot.checkpoint.source import load_named
 from spot.fsutil import atomic_write_bytes
@@ -28,25 +29,24 @@ from spot.run.config import one_line
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="a step-* directory, a run/checkpoints dir or an s3:// URL")
+    p.add_argument(
+        "checkpoint", help="a step-* directory, a run/checkpoints dir or a bucket run URL"
+    )
     p.add_argument("out", type=Path, help="the file to write")
     p.add_argument("--format", choices=("safetensors", "torch"), default="safetensors")
-    p.add_argument(
-        "--endpoint-url", default=None, help="S3-compatible endpoint (s3:// checkpoints)"
-    )
+    add_remote_arguments(p)
 
 
 def command(args: argparse.Namespace) -> int:
-    from botocore.exceptions import BotoCoreError, ClientError
-
+    from spot.buckets import BucketError
     from spot.checkpoint.storage import RemoteError
 
     try:
-        loaded, where = load_named(args.checkpoint, endpoint_url=args.endpoint_url)
+        loaded, where = load_named(args.checkpoint, **remote_arguments(args))
     except CorruptCheckpoint as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except (RemoteError, BotoCoreError, ClientError) as exc:  # the bucket, as `list` says it
+    except (RemoteError, BucketError) as exc:  # the bucket, as `list` says it
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     # Owned, contiguous copies: a checkpoint's tensors are views of one buffer, which

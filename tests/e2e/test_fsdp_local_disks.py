@@ -12,11 +12,10 @@ import time
 import pytest
 
 from spot.checkpoint.manager import CheckpointManager
-from spot.checkpoint.storage import S3Store
 from spot.checkpoint.upload import remote_problem
 from spot.distributed.ledger import read_ledger
 
-from ..helpers import FAST, assert_bitwise_equal, final_state, run_dir_of, run_train
+from ..helpers import FAST, assert_bitwise_equal, final_state, run_dir_of, run_train, s3_store
 from . import test_s3
 from .cluster import Cluster, elastic_args
 
@@ -90,7 +89,7 @@ def test_a_restart_in_place_reads_each_nodes_own_shards_and_ends_bitwise_equal(
     finished = [d for d in disks.values() if (d / "COMPLETE").exists()]
     assert len(finished) == 1  # rank 0's node
     ref_dir = run_dir_of(tmp_path / "ref")
-    store = S3Store(name, f"checkpoints/default/{finished[0].name}", endpoint_url=s3_endpoint)
+    store = s3_store(name, f"checkpoints/default/{finished[0].name}", endpoint_url=s3_endpoint)
     whole = store.download(STEPS, tmp_path / "fresh")  # every file, verified
     got, want = CheckpointManager.load(whole, whole=True).state, final_state(ref_dir)
     for state in (got, want):  # (the run ids differ: the elastic overrides name the run)

@@ -344,8 +344,9 @@ def test_a_zombie_writer_is_fenced(s3_endpoint, bucket, tmp_path):
     import torch
 
     from spot.checkpoint.manager import CheckpointManager
-    from spot.checkpoint.storage import RemoteError, S3Store
+    from spot.checkpoint.storage import RemoteError
     from spot.run.events import EventLog
+    from tests.helpers import s3_store
 
     client, name = bucket
     for key, value in CREDENTIALS.items():
@@ -360,8 +361,8 @@ def test_a_zombie_writer_is_fenced(s3_endpoint, bucket, tmp_path):
     )
     state = {"model": {"w": torch.ones(4)}, "optimizer": {}, "scheduler": {}, "trainer": {}}
     local.save(7, state, {})
-    zombie = S3Store(name, "runs/r/1", endpoint_url=s3_endpoint)
-    successor = S3Store(name, "runs/r/1", endpoint_url=s3_endpoint)
+    zombie = s3_store(name, "runs/r/1", endpoint_url=s3_endpoint)
+    successor = s3_store(name, "runs/r/1", endpoint_url=s3_endpoint)
     zombie.claim()
     zombie.upload(tmp_path / "ck" / "step-000000007", 7)
     successor.claim()

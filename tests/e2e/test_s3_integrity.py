@@ -15,12 +15,11 @@ import pytest
 from spot.checkpoint import manifest
 from spot.checkpoint.manager import list_step_dirs
 from spot.checkpoint.manifest import step_dir_name
-from spot.checkpoint.storage import S3Store
 from spot.run.events import EventLog, read_events
 from tests.e2e import test_s3
 from tests.e2e.test_s3 import env, keys, spot_cli
 from tests.faultproxy import FaultProxy
-from tests.helpers import FAST, run_dir_of, run_train, run_until_failpoint, verifies
+from tests.helpers import FAST, run_dir_of, run_train, run_until_failpoint, s3_store, verifies
 from tests.helpers import checkpoint_manager as manager
 from tests.helpers import seeded_state as state
 
@@ -122,7 +121,7 @@ def test_corrupt_local_checkpoints_are_never_uploaded_nor_block_later_ones(
     assert dropped == [(20, "optimizer.bin fails its xxh3_128 checksum")]
     assert sorted(e["step"] for e in events if e["event"] == "upload") == [40, 60, 80, 100]
     assert not [k for k in keys(client, name) if "/step-000000020/" in k]  # none left
-    store = S3Store(name, prefix_of(run_dir), endpoint_url=s3_endpoint)
+    store = s3_store(name, prefix_of(run_dir), endpoint_url=s3_endpoint)
     assert store.committed_steps() == [100, 80, 60, 40]
     assert all(verifies(store, step, tmp_path / "check") for step in (100, 80, 60, 40))
 
@@ -130,7 +129,7 @@ def test_corrupt_local_checkpoints_are_never_uploaded_nor_block_later_ones(
 # ---- 2: only verified remote checkpoints count ---------------------------------------------
 
 
-def _plant_bad_manifest(client, name: str, store: S3Store, local: Path, step: int) -> None:
+def _plant_bad_manifest(client, name: str, store, local: Path, step: int) -> None:
     """Replace a remote checkpoint's manifest by a self-consistent one that names a wrong
     checksum: its files, uploaded again unchanged, would not make it whole."""
     body = manifest.read(local).body
@@ -153,7 +152,7 @@ def test_an_unverifiable_remote_checkpoint_is_not_counted(
     client, name = bucket
     root = copy_of(local_run, tmp_path)
     run_dir = run_dir_of(root)
-    store = S3Store(name, prefix_of(run_dir), endpoint_url=s3_endpoint)
+    store = s3_store(name, prefix_of(run_dir), endpoint_url=s3_endpoint)
     store.claim()
     for step in (40, 60):
         store.upload(run_dir / "checkpoints" / step_dir_name(step), step)
@@ -205,7 +204,7 @@ def test_after_an_outage_the_newest_goes_first_and_the_superseded_not_at_all(
     events_path = tmp_path / "events.jsonl"
     events = EventLog(events_path)
     with FaultProxy(s3_endpoint, rule) as proxy:
-        store = S3Store(name, "runs/r/1", endpoint_url=proxy.url, max_attempts=1)
+        store = s3_store(name, "runs/r/1", endpoint_url=proxy.url, max_attempts=1)
         local = manager(tmp_path / "ck", events, keep_last=2, store=store, alert_after=100)
         uploader = local.start_uploads()
         try:

@@ -66,7 +66,7 @@ def test_contract_groups_and_options_exist():
 )
 def test_every_option_composes_and_validates(group, option):
     extra = {
-        "storage": ["storage.bucket=my-bucket"],
+        "storage": ["storage.bucket=my-bucket", "storage.account=myaccount"],
         "model": {"cnn": ["data=images"], "gpt": ["data=stdlib"]}.get(option, []),
         "data": {"images": ["model=cnn"], "stdlib": ["model=gpt"]}.get(option, []),
     }
@@ -168,7 +168,13 @@ BAD = [
     ("cloud.name=ibm", "cloud.name"),
     ("cloud.name=null", "cloud.name"),
     ("cloud.signals=[SIGTERM,SIGFOO]", "cloud.signals"),
-    ("storage.backend=gcs", "storage.backend"),
+    ("storage.backend=minio", "storage.backend"),
+    ("storage.backend=gcs", "storage.bucket"),  # no bucket
+    ("storage=azure", "storage.bucket"),
+    (("storage=azure", "storage.bucket=box--es", "storage.account=acct"), "storage.bucket"),
+    (("storage=gcs", "storage.bucket=-x-"), "storage.bucket"),
+    (("storage=azure", "storage.bucket=boxes"), "storage.account"),  # nor a connection string
+    (("storage=azure", "storage.bucket=boxes", "storage.account=No_Account"), "storage.account"),
     ("storage.bucket=Not_A_Bucket", "storage.bucket"),
     ("storage.prefix=a/../b", "storage.prefix"),
     ("checkpoint.on_error=maybe", "checkpoint.on_error"),
@@ -203,8 +209,9 @@ BAD_COMMAND_LINES = [
 def test_bad_value_is_one_line_naming_the_key(override, key, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", "/nonexistent")
+    monkeypatch.delenv("AZURE_STORAGE_CONNECTION_STRING", raising=False)
     with pytest.raises(ConfigError) as err:
-        validate(composed(override))
+        validate(composed(*(override if isinstance(override, tuple) else (override,))))
     assert err.value.key == key and "\n" not in str(err.value)
 
 
@@ -338,6 +345,8 @@ def test_the_schema_and_the_yaml_defaults_cannot_drift():
                 assert value != exact[f"{group}.{key}"], f"{where}: {key} repeats the default"
             extra = {
                 "s3": ["storage.bucket=my-bucket"],
+                "gcs": ["storage.bucket=my-bucket"],
+                "azure": ["storage.bucket=my-container", "storage.account=myaccount"],
                 "images": ["model=cnn"],
                 "stdlib": ["model=gpt"],
             }.get(option, [])

@@ -11,13 +11,13 @@ from spot.checkpoint import manifest, parts
 from spot.checkpoint.manager import CheckpointManager, SaveKind
 from spot.checkpoint.manifest import MANIFEST, CorruptCheckpoint, step_dir_name
 from spot.checkpoint.sharded import METADATA, ShardGroup
-from spot.checkpoint.storage import RemoteCheckpoints, S3Store
+from spot.checkpoint.storage import RemoteCheckpoints
 from spot.checkpoint.upload import remote_problem
 from spot.fsutil import digest_file
 from spot.run.events import EventLog, read_events
 from spot.tools.cli import cmd_list
 from tests.e2e import test_s3
-from tests.helpers import assert_bitwise_equal
+from tests.helpers import assert_bitwise_equal, s3_store
 from tests.unit.test_sharded import DIGEST, full, trained, training_state
 
 s3_endpoint = test_s3.s3_endpoint  # its fixtures: a moto server for this module, a bucket a test
@@ -47,7 +47,7 @@ def a_part(directory, rank: int, payload: bytes) -> dict[str, dict]:
 
 @pytest.fixture
 def store(s3_endpoint, bucket):
-    store = S3Store(bucket[1], "runs/r/1", endpoint_url=s3_endpoint)
+    store = s3_store(bucket[1], "runs/r/1", endpoint_url=s3_endpoint)
     store.claim()  # the run's writer: it may commit
     return store
 
@@ -89,9 +89,9 @@ def test_a_published_shard_that_is_not_the_one_reported_is_never_committed(store
     local, _, _ = published_checkpoint(store, tmp_path)
     key = store.key(NAME, "__1_0.distcp")
     if damage == "missing":
-        store.client.delete_object(Bucket=store.bucket, Key=key)
+        store.bucket.client.delete_object(Bucket=store.bucket.name, Key=key)
     else:
-        store.client.put_object(Bucket=store.bucket, Key=key, Body=b"eno" * 999)
+        store.bucket.client.put_object(Bucket=store.bucket.name, Key=key, Body=b"eno" * 999)
     with pytest.raises(CorruptCheckpoint, match="__1_0.distcp"):
         store.upload(local, STEP)
     assert not [c for c in store.list_checkpoints() if c.committed]
@@ -125,7 +125,7 @@ def test_a_range_of_an_object_written_again_since_the_commit_is_refused(store, t
     local, _, files = published_checkpoint(store, tmp_path)
     store.upload(local, STEP)
     key = store.key(NAME, "__0_0.distcp")
-    store.client.put_object(Bucket=store.bucket, Key=key, Body=b"rank zer0 " * 1000)
+    store.bucket.client.put_object(Bucket=store.bucket.name, Key=key, Body=b"rank zer0 " * 1000)
     source = parts.ShardSource(store, tmp_path / "fresh" / NAME, STEP, files)
     with pytest.raises(CorruptCheckpoint, match="__0_0.distcp in the bucket was written again"):
         source({"__0_0.distcp": [(0, 10)]})
@@ -135,7 +135,7 @@ def test_a_shard_whose_bucket_copy_does_not_match_is_refused_in_one_line(store, 
     local, _, files = published_checkpoint(store, tmp_path)
     store.upload(local, STEP)
     key = store.key(NAME, "__0_0.distcp")
-    store.client.put_object(Bucket=store.bucket, Key=key, Body=b"rank zer0 " * 1000)
+    store.bucket.client.put_object(Bucket=store.bucket.name, Key=key, Body=b"rank zer0 " * 1000)
     fresh = tmp_path / "fresh" / NAME
     with pytest.raises(CorruptCheckpoint, match="__0_0.distcp in the bucket does not match"):
         parts.fetch(store, fresh, STEP, files, ["__0_0.distcp"])
@@ -236,8 +236,8 @@ def test_a_checkpoint_that_met_in_the_bucket_restores_on_a_fresh_disk_from_byte_
     for step in (20, 30):  # committed on this disk, every shard in the bucket, never uploaded
         restored.step = step
         fresh.save(step, restored.state_dict(), {"reason": "test"})
-    store.client.delete_object(  # 30's shard is gone: its upload cannot be finished
-        Bucket=store.bucket, Key=store.key(step_dir_name(30), "__0_0.distcp")
+    store.bucket.client.delete_object(  # 30's shard is gone: its upload cannot be finished
+        Bucket=store.bucket.name, Key=store.key(step_dir_name(30), "__0_0.distcp")
     )
     again = node_local_manager(tmp_path / "disk1", store)
     assert again.load_latest(DIGEST, {}).step == 20  # its upload finished at the restore
@@ -258,9 +258,11 @@ def test_a_restore_skips_a_checkpoint_whose_shard_was_written_again_since(store,
         assert uploader.drain(30)
     uploader.close()
     key = store.key(step_dir_name(20), "__0_0.distcp")
-    body = bytearray(store.client.get_object(Bucket=store.bucket, Key=key)["Body"].read())
+    body = bytearray(
+        store.bucket.client.get_object(Bucket=store.bucket.name, Key=key)["Body"].read()
+    )
     body[-1] ^= 1
-    store.client.put_object(Bucket=store.bucket, Key=key, Body=bytes(body))
+    store.bucket.client.put_object(Bucket=store.bucket.name, Key=key, Body=bytes(body))
     fresh = node_local_manager(tmp_path / "disk1", store)
     assert fresh.load_latest(DIGEST, {}).step == 10
     (skipped,) = [e for e in read_events(tmp_path / "disk1/events.jsonl")

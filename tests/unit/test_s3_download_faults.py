@@ -13,11 +13,12 @@ import pytest
 
 from spot.checkpoint.manager import CheckpointManager
 from spot.checkpoint.manifest import step_dir_name
-from spot.checkpoint.storage import RemoteCheckpoints, S3Store
+from spot.checkpoint.storage import RemoteCheckpoints
 from spot.checkpoint.upload import remote_problem
 from spot.run.events import EventLog, read_events
 from tests.e2e import test_s3
 from tests.faultproxy import FaultProxy
+from tests.helpers import s3_store
 from tests.helpers import seeded_state as state
 
 s3_endpoint = test_s3.s3_endpoint  # its fixtures: a moto server for this module, a bucket a test
@@ -31,7 +32,7 @@ def remote(s3_endpoint, bucket, tmp_path) -> str:
     """A bucket holding verified checkpoints 40 and 60 of one run; returns the bucket's name."""
     _, name = bucket
     source = manager(tmp_path / "source", EventLog(None))
-    store = S3Store(name, PREFIX, endpoint_url=s3_endpoint)
+    store = s3_store(name, PREFIX, endpoint_url=s3_endpoint)
     store.claim()
     for step in (40, 60):
         source.save(step, state(step), {})
@@ -55,7 +56,7 @@ def restore_through(proxy: FaultProxy, name: str, tmp_path: Path):
     """A fresh machine's restore (an empty disk) through the proxy: the loaded checkpoint and
     the events."""
     events = EventLog(tmp_path / "events.jsonl")
-    store = S3Store(name, PREFIX, endpoint_url=proxy.url, max_attempts=3)
+    store = s3_store(name, PREFIX, endpoint_url=proxy.url, max_attempts=3)
     fresh = manager(tmp_path / "fresh", events, RemoteCheckpoints(store, events, alert_after=3))
     loaded = fresh.load_latest("x", {})
     return loaded, read_events(tmp_path / "events.jsonl"), store
@@ -126,7 +127,7 @@ def test_a_download_is_durable_before_it_is_renamed_into_place(
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
-    store = S3Store(remote, PREFIX, endpoint_url=s3_endpoint)
+    store = s3_store(remote, PREFIX, endpoint_url=s3_endpoint)
     final = store.download(60, tmp_path / "into")
     staging = next(src for op, src in order if op == "replace" and ".download-" in src)
     renamed = order.index(("replace", staging))

@@ -12,14 +12,14 @@ import pytest
 
 from spot.checkpoint.manager import list_step_dirs
 from spot.checkpoint.manifest import step_dir_name
-from spot.checkpoint.storage import RemoteError, S3Store
+from spot.checkpoint.storage import RemoteError, RemoteStore
 from spot.checkpoint.upload import remote_problem
 from spot.run.events import EventLog, read_events
 from tests.e2e import test_s3
 from tests.faultproxy import FaultProxy
 from tests.helpers import checkpoint_manager as manager
+from tests.helpers import s3_store, verifies
 from tests.helpers import seeded_state as state
-from tests.helpers import verifies
 
 s3_endpoint = test_s3.s3_endpoint  # its fixtures: a moto server for this module, a bucket a test
 bucket = test_s3.bucket
@@ -48,7 +48,7 @@ def test_a_checkpoint_that_vanished_from_the_queue_is_dropped(s3_endpoint, bucke
     for step in (10, 20, 30):
         local.save(step, state(step), {})
     with FaultProxy(s3_endpoint, rule) as proxy:
-        store = S3Store(name, "runs/r/1", endpoint_url=proxy.url)
+        store = s3_store(name, "runs/r/1", endpoint_url=proxy.url)
         # A new process on this disk: its uploads start after its restore.
         uploader = manager(tmp_path / "ck", events, store=store).start_uploads()
         try:
@@ -78,7 +78,7 @@ def test_local_retention_keeps_what_only_this_disk_has(s3_endpoint, bucket, tmp_
     client, name = bucket
     events = EventLog(tmp_path / "events.jsonl")
     source = manager(tmp_path / "source", EventLog(None), keep_last=10)
-    seed = S3Store(name, "runs/r/1", endpoint_url=s3_endpoint)
+    seed = s3_store(name, "runs/r/1", endpoint_url=s3_endpoint)
     seed.claim()
     for step in (40, 60):
         source.save(step, state(step), {})
@@ -90,7 +90,7 @@ def test_local_retention_keeps_what_only_this_disk_has(s3_endpoint, bucket, tmp_
 
     rule = lambda method, path: "500" if method == "PUT" and "/step-" in path else "pass"  # noqa: E731
     with FaultProxy(s3_endpoint, rule) as proxy:
-        store = S3Store(name, "runs/r/1", endpoint_url=proxy.url, max_attempts=1)
+        store = s3_store(name, "runs/r/1", endpoint_url=proxy.url, max_attempts=1)
         local = manager(tmp_path / "ck", events, keep_last=1, store=store, alert_after=100)
         uploader = local.start_uploads()
         try:
@@ -113,22 +113,22 @@ def test_a_step_committed_again_replaces_an_unverifiable_remote_copy(s3_endpoint
     events = EventLog(tmp_path / "events.jsonl")
     local = manager(tmp_path / "ck", events)
     local.save(60, state(60), {})
-    store = S3Store(name, "runs/r/1", endpoint_url=s3_endpoint)
+    store = s3_store(name, "runs/r/1", endpoint_url=s3_endpoint)
     store.claim()
     store.upload(tmp_path / "ck" / step_dir_name(60), 60)
     key = store.key(step_dir_name(60), "model.bin")
     data = bytearray(client.get_object(Bucket=name, Key=key)["Body"].read())
     data[len(data) // 2] ^= 0x10
     client.put_object(Bucket=name, Key=key, Body=bytes(data))
-    assert not verifies(S3Store(name, "runs/r/1", endpoint_url=s3_endpoint), 60, tmp_path / "a")
+    assert not verifies(s3_store(name, "runs/r/1", endpoint_url=s3_endpoint), 60, tmp_path / "a")
 
-    store = S3Store(name, "runs/r/1", endpoint_url=s3_endpoint)
+    store = s3_store(name, "runs/r/1", endpoint_url=s3_endpoint)
     uploader = manager(tmp_path / "ck", events, store=store).start_uploads()  # a new process
     try:
         assert uploader.drain(30)
     finally:
         uploader.close()
-    assert verifies(S3Store(name, "runs/r/1", endpoint_url=s3_endpoint), 60, tmp_path / "b")
+    assert verifies(s3_store(name, "runs/r/1", endpoint_url=s3_endpoint), 60, tmp_path / "b")
     got = read_events(tmp_path / "events.jsonl")
     assert [e["step"] for e in got if e["event"] == "remote_unverified"] == [60]
     assert [e["step"] for e in got if e["event"] == "upload"] == [60]
@@ -146,8 +146,8 @@ def test_a_zombie_past_its_ownership_check_cannot_replace_a_commit(
     exists: If-None-Match), it checks again and stops. The successor's manifest stands, and
     the files the zombie wrote over it show in the cheap check: never counted."""
     client, name = bucket
-    zombie = S3Store(name, "runs/r/1", endpoint_url=s3_endpoint)
-    successor = S3Store(name, "runs/r/1", endpoint_url=s3_endpoint)
+    zombie = s3_store(name, "runs/r/1", endpoint_url=s3_endpoint)
+    successor = s3_store(name, "runs/r/1", endpoint_url=s3_endpoint)
     mine = manager(tmp_path / "zombie", EventLog(None))
     theirs = manager(tmp_path / "successor", EventLog(None))
     mine.save(7, state(1), {})
@@ -156,7 +156,7 @@ def test_a_zombie_past_its_ownership_check_cannot_replace_a_commit(
     successor.claim()
     successor.upload(tmp_path / "successor" / step_dir_name(7), 7)
     stale = iter([True])
-    monkeypatch.setattr(zombie, "owns", lambda: next(stale, None) or S3Store.owns(zombie))
+    monkeypatch.setattr(zombie, "owns", lambda: next(stale, None) or RemoteStore.owns(zombie))
     with pytest.raises(RemoteError, match="another process now owns this run"):
         zombie.upload(tmp_path / "zombie" / step_dir_name(7), 7)
     key = successor.key(step_dir_name(7), "manifest.json")
@@ -187,11 +187,11 @@ def test_a_commit_whose_response_was_lost_is_not_refused_by_its_own_retry(
     local = manager(tmp_path / "ck", EventLog(None))
     local.save(7, state(7), {})
     with FaultProxy(s3_endpoint, rule) as proxy:
-        store = S3Store(name, "runs/r/1", endpoint_url=proxy.url)
+        store = s3_store(name, "runs/r/1", endpoint_url=proxy.url)
         store.claim()
         store.upload(tmp_path / "ck" / step_dir_name(7), 7)
     assert len(sent) == 2  # the first one got through, then it was retried
-    plain = S3Store(name, "runs/r/1", endpoint_url=s3_endpoint)
+    plain = s3_store(name, "runs/r/1", endpoint_url=s3_endpoint)
     assert remote_problem(plain, plain.list_checkpoints()[0]) is None
     assert verifies(plain, 7, tmp_path / "check")
 
@@ -232,7 +232,7 @@ def test_the_best_checkpoint_is_spared_by_both_retentions(s3_endpoint, bucket, t
     this disk and in the bucket; once 40 is the best, 20 goes from both."""
     client, name = bucket
     events = EventLog(tmp_path / "events.jsonl")
-    store = S3Store(name, "runs/r/1", endpoint_url=s3_endpoint)
+    store = s3_store(name, "runs/r/1", endpoint_url=s3_endpoint)
     best = _best(events)
     local = manager(tmp_path / "ck", events, keep_last=1, store=store, best=best)
     uploader = local.start_uploads()
@@ -260,7 +260,7 @@ def test_the_old_best_stays_in_the_bucket_until_the_new_one_is_there(s3_endpoint
     bucket (50's retention spared it: the bucket was never without a best); then it goes."""
     client, name = bucket
     events = EventLog(tmp_path / "events.jsonl")
-    store = S3Store(name, "runs/r/1", endpoint_url=s3_endpoint)
+    store = s3_store(name, "runs/r/1", endpoint_url=s3_endpoint)
     first = _best(events)
     local = manager(tmp_path / "ck", events, keep_last=1, store=store, best=first)
     uploader = local.start_uploads()
@@ -288,7 +288,7 @@ def test_two_new_bests_before_either_is_uploaded_leave_the_old_one_in_the_bucket
     the bucket until 50 is, and the bucket always holds a best."""
     client, name = bucket
     events = EventLog(tmp_path / "events.jsonl")
-    store = S3Store(name, "runs/r/1", endpoint_url=s3_endpoint)
+    store = s3_store(name, "runs/r/1", endpoint_url=s3_endpoint)
     first = _best(events)
     local = manager(tmp_path / "ck", events, keep_last=1, store=store, best=first)
     uploader = local.start_uploads()
@@ -315,7 +315,7 @@ def test_a_best_committed_behind_newer_uploads_is_uploaded_after_a_restart(
     next one must upload 20, although it is older than every step in the bucket."""
     client, name = bucket
     events = EventLog(tmp_path / "events.jsonl")
-    store = S3Store(name, "runs/r/1", endpoint_url=s3_endpoint)
+    store = s3_store(name, "runs/r/1", endpoint_url=s3_endpoint)
     best = _best(events)
     local = manager(tmp_path / "ck", events, keep_last=2, store=store, best=best)
     best.consider({"val/loss": 1.0}, 20)
