@@ -20,13 +20,17 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e .
 	@touch $@
 
+# Azurite (Azure Blob Storage's emulator, for the tests) from npm, beside the venv: Node.js is the
+# one thing the tests need outside Python.
+AZURITE_VERSION := 3.37.0
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
 	$(BIN)/pip install --quiet -e '.[test]'
+	npm install --silent --no-audit --no-fund --prefix $(VENV)/azurite azurite@$(AZURITE_VERSION)
 	@touch $@
 
 install: $(VENV)/.installed ## create .venv, install the project editable with its runtime deps (torch 2.13.0 as your pip index serves it, hydra, boto3, wandb)
 
-install-test: $(VENV)/.installed-test ## install the project with its test extras
+install-test: $(VENV)/.installed-test ## install the project with its test extras (and Azurite, from npm)
 
 train: install ## a short CPU training on built-in synthetic data, with checkpoints
 	$(BIN)/python train.py +experiment=example $(ARGS)

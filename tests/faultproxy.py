@@ -3,7 +3,8 @@
 `rule(method, path) -> action` decides each request: "pass", "500", "503" (ServiceUnavailable),
 "slowdown" (503 SlowDown, S3's throttling), "reset" (half a response, then a TCP reset),
 "lost" (the request reaches the server, then a TCP reset instead of its response),
-or ("slow", seconds) (forward after a delay). Loopback only.
+("slow", seconds) (forward after a delay), or "412" (a precondition refused, as GCS's JSON API
+answers it: tests/emulators.py). Loopback only.
 """
 
 from __future__ import annotations
@@ -26,9 +27,13 @@ ERROR_BODY = (
 
 
 class FaultProxy:
-    def __init__(self, upstream: str, rule: Callable[[str, str], object] | None = None):
+    def __init__(
+        self, upstream: str, rule: Callable[..., object] | None = None, with_body: bool = False
+    ):
+        """`with_body`: the rule is called with the request's body too."""
         self.upstream = urlparse(upstream)
         self.rule = rule or (lambda method, path: "pass")
+        self.with_body = with_body
         self.log: list[tuple[str, str, object]] = []
         proxy = self
 
@@ -54,7 +59,8 @@ class FaultProxy:
 
             def _handle(self):
                 body = self._body()
-                action = proxy.rule(self.command, self.path)
+                extra = (body,) if proxy.with_body else ()
+                action = proxy.rule(self.command, self.path, *extra)
                 proxy.log.append((self.command, self.path, action))
                 if action in ("500", "503", "slowdown"):
                     code = {
@@ -65,6 +71,14 @@ class FaultProxy:
                     payload = ERROR_BODY.format(code=code[action]).encode()
                     self.send_response(500 if action == "500" else 503)
                     self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                if action == "412":
+                    payload = b'{"error": {"code": 412, "message": "Precondition Failed"}}'
+                    self.send_response(412)
+                    self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
                     self.wfile.write(payload)

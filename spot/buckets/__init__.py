@@ -171,16 +171,23 @@ def open_bucket(
     boto3's (environment, profile, instance role), Application Default Credentials (the VM's
     service account), Azure's connection string or DefaultAzureCredential (managed identity)."""
     options = {"endpoint_url": endpoint_url, "max_attempts": max_attempts}
-    if backend == "s3":
-        from spot.buckets.s3 import S3Bucket
+    extra = {"gcs": "google-cloud-storage", "azure": "azure-storage-blob and azure-identity"}
+    try:
+        if backend == "s3":
+            from spot.buckets.s3 import S3Bucket
 
-        return S3Bucket(name, region=region, concurrency=concurrency, **options)
-    if backend == "gcs":
-        from spot.buckets.gcs import GCSBucket
+            return S3Bucket(name, region=region, concurrency=concurrency, **options)
+        if backend == "gcs":
+            from spot.buckets.gcs import GCSBucket
 
-        return GCSBucket(name, concurrency=concurrency, **options)
-    if backend == "azure":
-        from spot.buckets.azure import AzureContainer
+            return GCSBucket(name, concurrency=concurrency, **options)
+        if backend == "azure":
+            from spot.buckets.azure import AzureContainer
 
-        return AzureContainer(name, account=account, concurrency=concurrency, **options)
+            return AzureContainer(name, account=account, concurrency=concurrency, **options)
+    except ImportError as exc:
+        raise AccessError(
+            f"storage={backend} needs {extra.get(backend, backend)}: "
+            f"pip install -e '.[{backend}]' ({exc})"
+        ) from None
     raise ValueError(f"storage.backend={backend!r}: not a bucket (s3, gcs, azure)")

@@ -39,6 +39,7 @@ from spot.buckets import (
     Unsupported,
     open_bucket,
     parse_url,
+    remote_options,
 )
 from spot.checkpoint import manifest
 from spot.checkpoint.manager import committed_checkpoints
@@ -288,7 +289,10 @@ def open_store(url: str, **options) -> RemoteStore:
         backend, name, prefix = parse_url(url)
     except ValueError as exc:
         raise RemoteError(str(exc)) from None
-    return RemoteStore(open_bucket(backend, name, **options), prefix)
+    try:
+        return RemoteStore(open_bucket(backend, name, **options), prefix)
+    except BucketError as exc:
+        raise RemoteError(str(exc)) from None
 
 
 def connect(storage, run_name: str, run_id: str) -> RemoteStore | None:
@@ -297,14 +301,10 @@ def connect(storage, run_name: str, run_id: str) -> RemoteStore | None:
     if storage.backend == "local":
         return None
     prefix = "/".join(p for p in (storage.prefix.strip("/"), run_name, run_id) if p)
-    bucket = open_bucket(
-        str(storage.backend),
-        storage.bucket,
-        endpoint_url=storage.endpoint_url,
-        region=storage.region,
-        account=storage.account,
-        max_attempts=storage.max_attempts,
-    )
+    try:
+        bucket = open_bucket(str(storage.backend), storage.bucket, **remote_options(storage))
+    except BucketError as exc:
+        raise RemoteError(str(exc)) from None
     store = RemoteStore(bucket, prefix)
     store.check_access()
     return store
