@@ -8,7 +8,6 @@ that need them put `PreconditionProxy` in front of it, which enforces them as GC
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import socket
@@ -37,9 +36,7 @@ def _serve(command: list[str], port: int, log: Path) -> subprocess.Popen | None:
     """Start `command` listening on `port`; None if it exited (the port was taken meanwhile).
     It runs in the log's directory (what it writes, it writes there)."""
     with open(log, "ab") as out:
-        process = subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, cwd=log.parent
-        )
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=log.parent)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -170,9 +167,21 @@ def create_bucket(backend: str, endpoint: str, name: str) -> None:
         azure_service(endpoint).create_container(name)
 
 
-def environment_without_cloud_credentials() -> dict[str, str]:
-    """The environment with every cloud's credential variables removed (GCS: ADC's file)."""
-    env = dict(os.environ)
-    for key in ("GOOGLE_APPLICATION_CREDENTIALS", "AZURE_STORAGE_CONNECTION_STRING"):
-        env.pop(key, None)
-    return env
+def no_cloud_credentials(env: dict[str, str]) -> dict[str, str]:
+    """`env` with no way to find GCS or Azure credentials: no key files or connection string,
+    an empty gcloud configuration, and each cloud's metadata service (where a VM's identity
+    comes from) pointed at a closed port on loopback, so the test does not depend on what
+    answers at 169.254.169.254 on the machine running it."""
+    env = {k: v for k, v in env.items() if not k.startswith(("GOOGLE_", "AZURE_", "CLOUDSDK_"))}
+    empty = Path(env.get("TMPDIR", "/tmp")) / "spot-no-credentials"
+    empty.mkdir(exist_ok=True)
+    closed = f"127.0.0.1:{free_port()}"
+    return {
+        **env,
+        "HOME": str(empty),
+        "CLOUDSDK_CONFIG": str(empty),
+        "NO_GCE_CHECK": "True",
+        "GCE_METADATA_HOST": closed,
+        "GCE_METADATA_IP": closed,
+        "AZURE_POD_IDENTITY_AUTHORITY_HOST": f"http://{closed}",
+    }

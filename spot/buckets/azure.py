@@ -7,7 +7,8 @@ Identity: the blob's ETag. Create-if-absent: `If-None-Match: *`; a ranged read i
 the ETag (`If-Match`). A large file goes up as blocks (Put Block), which one Put Block List
 commits: the blob appears only then, with every block; uncommitted blocks of an aborted upload
 are discarded by the service. Every request's body carries an MD5 the service checks
-(validate_content). Retries are azure-core's (exponential, `storage.max_attempts`).
+(validate_content). Retries are the storage client's (exponential from 2 s,
+`storage.max_attempts`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from azure.core.exceptions import (
     ResourceModifiedError,
     ResourceNotFoundError,
 )
-from azure.storage.blob import BlobServiceClient
+from azure.storage.blob import BlobServiceClient, ExponentialRetry
 
 from spot.buckets import (
     AccessError,
@@ -41,6 +42,8 @@ from spot.buckets import (
 
 CONNECTION_ENV = "AZURE_STORAGE_CONNECTION_STRING"
 logging.getLogger("azure").setLevel(logging.WARNING)  # every request at INFO otherwise
+# Its failure to find credentials, as a page of warnings: check_access says it in one line.
+logging.getLogger("azure.identity").setLevel(logging.ERROR)
 
 
 def _message(exc: Exception) -> str:
@@ -79,20 +82,36 @@ class AzureContainer(Bucket):
         concurrency: int = 10,
     ):
         super().__init__(name, concurrency=concurrency)
-        options = {"retry_total": max_attempts, "connection_timeout": 5, "read_timeout": 60}
+        # The storage client's default waits 15 s before its first retry (then 18, 24, ...):
+        # 2, 4, 8, ... here, as botocore's and GCS's do, so an outage is seen in seconds.
+        retry = ExponentialRetry(initial_backoff=2, increment_base=2, retry_total=max_attempts)
+        options = {"retry_policy": retry, "connection_timeout": 5, "read_timeout": 60}
         connection = os.environ.get(CONNECTION_ENV)
-        if connection:
-            service = BlobServiceClient.from_connection_string(connection, **options)
-        else:
-            from azure.identity import DefaultAzureCredential  # the managed identity, if any
+        self._credential = None
+        try:
+            if connection:
+                service = BlobServiceClient.from_connection_string(connection, **options)
+            else:
+                from azure.identity import DefaultAzureCredential  # the managed identity, if any
 
-            url = endpoint_url or f"https://{account}.blob.core.windows.net"
-            service = BlobServiceClient(url, credential=DefaultAzureCredential(), **options)
+                url = endpoint_url or f"https://{account}.blob.core.windows.net"
+                self._credential = DefaultAzureCredential()
+                service = BlobServiceClient(url, credential=self._credential, **options)
+        except (ValueError, AzureError) as exc:  # a malformed connection string, http with a token
+            raise AccessError(f"storage.bucket={name}: {_message(exc)}") from None
         self.service = service
         self.container = service.get_container_client(name)
 
     def check_access(self) -> None:
         where = f"storage.bucket={self.name}"
+        if self._credential is not None:  # once, before the storage client retries its failure
+            try:
+                self._credential.get_token("https://storage.azure.com/.default")
+            except ClientAuthenticationError:
+                raise AccessError(
+                    f"{where}: no Azure credentials ({CONNECTION_ENV}, or storage.account with a "
+                    "managed identity, workload identity or az login)"
+                ) from None
         try:
             next(iter(self.container.list_blobs(results_per_page=1)), None)
         except ResourceNotFoundError:

@@ -69,8 +69,8 @@ class GCSBucket(Bucket):
         concurrency: int = 10,
     ):
         super().__init__(name, concurrency=concurrency)
-        # The client's retry, with a deadline in place of an attempt count.
-        self.retry: Retry = DEFAULT_RETRY.with_timeout(30.0 * max_attempts)
+        # The client's retry (1 s, doubling), with a deadline in place of an attempt count.
+        self.retry: Retry = DEFAULT_RETRY.with_timeout(10.0 * max_attempts)
         self._endpoint = endpoint_url
         self._client: storage.Client | None = None
 

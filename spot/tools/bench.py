@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from spot.buckets import add_remote_arguments, remote_arguments
 from spot.checkpoint.manager import CheckpointManager
 from spot.checkpoint.tensorfile import SnapshotBuffer
 from spot.fsutil import fsync_file
@@ -310,6 +311,9 @@ def report(results: dict, e2e: dict | None, info: dict) -> str:
         ("torch_load", "torch.load, weights_only (cold)"),
         ("upload", "upload, this project (hashed as sent, multipart)"),
         ("aws_s3_cp", "upload, aws s3 cp --recursive (same files)"),
+        ("client_upload", "upload, the client's own transfer (same files)"),
+        ("download", "download + verify, this project"),
+        ("client_download", "download, the client's own transfer"),
     ]
     for key, label in rows:
         if key in results:
@@ -329,6 +333,8 @@ def report(results: dict, e2e: dict | None, info: dict) -> str:
     ratio("persist", "raw_direct_fsync", 1.25, "background persist / raw O_DIRECT write+fsync")
     ratio("restore_verify", "torch_load", 1.3, "restore+verify / torch.load")
     ratio("upload", "aws_s3_cp", 1.0, "upload / aws s3 cp")
+    ratio("upload", "client_upload", 1.25, "upload / the client's own upload")
+    ratio("download", "client_download", 1.25, "download+verify / the client's own download")
     lines.append(
         f"  {'snapshot host memory / state size':52s} {info['snapshot_ratio']:6.3f}  (target <= 1.0)"
     )
@@ -398,7 +404,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help='upload column: s3://bucket/prefix, or "local" for a moto server on loopback',
     )
-    parser.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for --s3")
+    parser.add_argument(
+        "--remote",
+        default=None,
+        help="upload and download columns beside the client's own transfer: s3://, gs:// or "
+        "az://bucket/prefix (spot/tools/bench_remote.py)",
+    )
+    add_remote_arguments(parser)
 
 
 def command(args: argparse.Namespace) -> int:
@@ -422,6 +434,15 @@ def command(args: argparse.Namespace) -> int:
                     upload_dir / "step-000000001", args.s3, args.endpoint_url, args.repeats
                 )
             )
+        if args.remote:
+            from spot.tools.bench_remote import measure_remote
+
+            remote_dir = work / "remote"
+            manager = bench_manager(remote_dir, async_save=False)
+            manager.save(1, full_state(model, optimizer, 1), {})
+            checkpoint = remote_dir / "step-000000001"
+            options = remote_arguments(args)
+            results.update(measure_remote(checkpoint, args.remote, options, args.repeats, timed))
         e2e = None
         if args.pairs > 0:
             e2e = throughput(model, optimizer, work, args.every, args.pairs)
