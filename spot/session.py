@@ -65,7 +65,7 @@ class Session(contextlib.ExitStack):
         self.replica: CheckpointManager | None = None  # a node-local disk's emergency copies
         self.shard_writer: CheckpointManager | None = None  # fsdp, ranks > 0: their shards
         self.shards: ShardGroup | None = None  # fsdp: the ranks writing and reading shards
-        self.uploader = None  # rank 0's, with storage=s3: started after the restore
+        self.uploader = None  # rank 0's, with a bucket: started after the restore
         self.initial: Initial | None = None  # init.checkpoint's weights, for a run with none
         self.reclaimed = False  # the cloud takes this node: its agent must not restart workers
         self._own_disk = False  # this rank's run directory is not rank 0's (node-local disks)
@@ -137,8 +137,8 @@ class Session(contextlib.ExitStack):
                 raise ConfigError(
                     "storage",
                     f"fsdp on node-local disks ({self.paths.dir} is not the same directory on "
-                    "every node) needs storage=s3, where each node's shards meet; or use a "
-                    "shared file system for run.root",
+                    "every node) needs a bucket (storage=s3, gcs or azure), where each node's "
+                    "shards meet; or use a shared file system for run.root",
                 )
             keep = self.s.checkpoint.keep_last
             publisher = parts.Publisher(self.job.remote, self.paths.checkpoints, own_disk, keep)

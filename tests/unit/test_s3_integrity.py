@@ -12,7 +12,6 @@ import pytest
 
 from spot.checkpoint.manager import list_step_dirs
 from spot.checkpoint.manifest import step_dir_name
-from spot.checkpoint.storage import RemoteError, RemoteStore
 from spot.checkpoint.upload import remote_problem
 from spot.run.events import EventLog, read_events
 from tests.e2e import test_s3
@@ -137,36 +136,7 @@ def test_a_step_committed_again_replaces_an_unverifiable_remote_copy(s3_endpoint
 # ---- 13: conditional writes ---------------------------------------------------------------
 
 
-def test_a_zombie_past_its_ownership_check_cannot_replace_a_commit(
-    s3_endpoint, bucket, tmp_path, monkeypatch
-):
-    """A zombie checked that it owns the run just before its successor claimed it (the race
-    window, made deterministic by answering its first check with the stale result). The
-    successor commits step 7; the zombie's commit of its own step 7 is refused (the manifest
-    exists: If-None-Match), it checks again and stops. The successor's manifest stands, and
-    the files the zombie wrote over it show in the cheap check: never counted."""
-    client, name = bucket
-    zombie = s3_store(name, "runs/r/1", endpoint_url=s3_endpoint)
-    successor = s3_store(name, "runs/r/1", endpoint_url=s3_endpoint)
-    mine = manager(tmp_path / "zombie", EventLog(None))
-    theirs = manager(tmp_path / "successor", EventLog(None))
-    mine.save(7, state(1), {})
-    theirs.save(7, state(2), {})
-    zombie.claim()
-    successor.claim()
-    successor.upload(tmp_path / "successor" / step_dir_name(7), 7)
-    stale = iter([True])
-    monkeypatch.setattr(zombie, "owns", lambda: next(stale, None) or RemoteStore.owns(zombie))
-    with pytest.raises(RemoteError, match="another process now owns this run"):
-        zombie.upload(tmp_path / "zombie" / step_dir_name(7), 7)
-    key = successor.key(step_dir_name(7), "manifest.json")
-    committed = client.get_object(Bucket=name, Key=key)["Body"].read()
-    assert committed == (tmp_path / "successor" / step_dir_name(7) / "manifest.json").read_bytes()
-    listed = successor.list_checkpoints()[0]
-    assert (
-        remote_problem(successor, listed)
-        == "files written again after the commit, or no upload receipt"
-    )
+# A zombie past its ownership check: tests/unit/test_buckets.py, on every back end.
 
 
 def test_a_commit_whose_response_was_lost_is_not_refused_by_its_own_retry(
