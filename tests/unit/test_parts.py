@@ -1,5 +1,6 @@
-"""Sharded checkpoints on node-local disks (spot/checkpoint/parts.py), against moto's S3 server
-over HTTP: what a rank puts in the bucket, what the commit checks of it, what a rank reads back
+"""Sharded checkpoints on node-local disks (spot/checkpoint/parts.py), on every back end against
+its protocol server on loopback (moto's S3, gcp-storage-emulator behind a proxy that serves its
+preconditions, Azurite: tests/unit/test_buckets.py's fixtures): what a rank puts in the bucket, what the commit checks of it, what a rank reads back
 from its own disk and what from the bucket. The whole flow with train.py:
 tests/e2e/test_fsdp_local_disks.py and the fsdp set-up of tests/e2e/test_elastic_notice.py."""
 
@@ -16,16 +17,13 @@ from spot.checkpoint.upload import remote_problem
 from spot.fsutil import digest_file
 from spot.run.events import EventLog, read_events
 from spot.tools.cli import cmd_list
-from tests.e2e import test_s3
-from tests.helpers import assert_bitwise_equal, s3_store
+from tests.helpers import assert_bitwise_equal
+from tests.unit import test_buckets
 from tests.unit.test_sharded import DIGEST, full, trained, training_state
 
-s3_endpoint = test_s3.s3_endpoint  # its fixtures: a moto server for this module, a bucket a test
-bucket = test_s3.bucket
-pytestmark = [
-    pytest.mark.usefixtures("credentials"),  # tests/conftest.py
-    pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning"),
-]
+service = test_buckets.service  # its fixtures: a server per back end, a new bucket a test
+bucket = test_buckets.bucket
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 
 STEP = 30
 NAME = step_dir_name(STEP)
@@ -46,10 +44,11 @@ def a_part(directory, rank: int, payload: bytes) -> dict[str, dict]:
 
 
 @pytest.fixture
-def store(s3_endpoint, bucket):
-    store = s3_store(bucket[1], "runs/r/1", endpoint_url=s3_endpoint)
-    store.claim()  # the run's writer: it may commit
-    return store
+def store(bucket):
+    with test_buckets.preconditions(bucket) as (endpoint, _):
+        store = test_buckets.store_of(bucket, endpoint)
+        store.claim()  # the run's writer: it may commit
+        yield store
 
 
 def published_checkpoint(store, tmp_path) -> tuple:
@@ -85,13 +84,13 @@ def test_a_commit_names_every_rank_s_object_and_verifies(store, tmp_path):
 @pytest.mark.parametrize("damage", ["missing", "rewritten"])
 def test_a_published_shard_that_is_not_the_one_reported_is_never_committed(store, tmp_path, damage):
     """Rank 1's object is gone, or another writer replaced it (the same size, other bytes: a
-    new ETag): rank 0's upload refuses the checkpoint, and no manifest reaches the bucket."""
+    new ETag or generation): rank 0's upload refuses the checkpoint, and no manifest reaches the bucket."""
     local, _, _ = published_checkpoint(store, tmp_path)
     key = store.key(NAME, "__1_0.distcp")
     if damage == "missing":
-        store.bucket.client.delete_object(Bucket=store.bucket.name, Key=key)
+        store.bucket.delete([key])
     else:
-        store.bucket.client.put_object(Bucket=store.bucket.name, Key=key, Body=b"eno" * 999)
+        store.bucket.put(key, b"eno" * 999)
     with pytest.raises(CorruptCheckpoint, match="__1_0.distcp"):
         store.upload(local, STEP)
     assert not [c for c in store.list_checkpoints() if c.committed]
@@ -121,11 +120,12 @@ def test_a_rank_reads_its_own_disk_s_copy_and_of_others_only_the_ranges_it_needs
 
 def test_a_range_of_an_object_written_again_since_the_commit_is_refused(store, tmp_path):
     """Another writer replaced rank 0's object after the commit (the same size): the ranges a
-    rank reads are of the object the manifest names (If-Match), so the read is refused."""
+    rank reads are of the object the manifest names (conditional on its identity), so the read
+    is refused."""
     local, _, files = published_checkpoint(store, tmp_path)
     store.upload(local, STEP)
     key = store.key(NAME, "__0_0.distcp")
-    store.bucket.client.put_object(Bucket=store.bucket.name, Key=key, Body=b"rank zer0 " * 1000)
+    store.bucket.put(key, b"rank zer0 " * 1000)
     source = parts.ShardSource(store, tmp_path / "fresh" / NAME, STEP, files)
     with pytest.raises(CorruptCheckpoint, match="__0_0.distcp in the bucket was written again"):
         source({"__0_0.distcp": [(0, 10)]})
@@ -135,7 +135,7 @@ def test_a_shard_whose_bucket_copy_does_not_match_is_refused_in_one_line(store, 
     local, _, files = published_checkpoint(store, tmp_path)
     store.upload(local, STEP)
     key = store.key(NAME, "__0_0.distcp")
-    store.bucket.client.put_object(Bucket=store.bucket.name, Key=key, Body=b"rank zer0 " * 1000)
+    store.bucket.put(key, b"rank zer0 " * 1000)
     fresh = tmp_path / "fresh" / NAME
     with pytest.raises(CorruptCheckpoint, match="__0_0.distcp in the bucket does not match"):
         parts.fetch(store, fresh, STEP, files, ["__0_0.distcp"])
@@ -236,9 +236,8 @@ def test_a_checkpoint_that_met_in_the_bucket_restores_on_a_fresh_disk_from_byte_
     for step in (20, 30):  # committed on this disk, every shard in the bucket, never uploaded
         restored.step = step
         fresh.save(step, restored.state_dict(), {"reason": "test"})
-    store.bucket.client.delete_object(  # 30's shard is gone: its upload cannot be finished
-        Bucket=store.bucket.name, Key=store.key(step_dir_name(30), "__0_0.distcp")
-    )
+    # 30's shard is gone: its upload cannot be finished
+    store.bucket.delete([store.key(step_dir_name(30), "__0_0.distcp")])
     again = node_local_manager(tmp_path / "disk1", store)
     assert again.load_latest(DIGEST, {}).step == 20  # its upload finished at the restore
     assert store.committed_steps() == [20, 10]
@@ -258,11 +257,9 @@ def test_a_restore_skips_a_checkpoint_whose_shard_was_written_again_since(store,
         assert uploader.drain(30)
     uploader.close()
     key = store.key(step_dir_name(20), "__0_0.distcp")
-    body = bytearray(
-        store.bucket.client.get_object(Bucket=store.bucket.name, Key=key)["Body"].read()
-    )
+    body = bytearray(store.bucket.get(key)[0])
     body[-1] ^= 1
-    store.bucket.client.put_object(Bucket=store.bucket.name, Key=key, Body=bytes(body))
+    store.bucket.put(key, bytes(body))
     fresh = node_local_manager(tmp_path / "disk1", store)
     assert fresh.load_latest(DIGEST, {}).step == 10
     (skipped,) = [e for e in read_events(tmp_path / "disk1/events.jsonl")
