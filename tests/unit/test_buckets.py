@@ -225,3 +225,20 @@ def test_bad_input_is_one_line(bucket, tmp_path, monkeypatch):
     with pytest.raises(RemoteError) as err:
         wrong.check_access()
     assert "\n" not in str(err.value) and name in str(err.value)
+
+
+def test_a_run_url_names_its_newest_verified_checkpoint(bucket, tmp_path):
+    """`init.checkpoint` and `python -m spot export` take the bucket's run URL (s3://, gs://,
+    az://): its newest checkpoint that downloads verified."""
+    from spot.checkpoint.source import load_named
+
+    backend, endpoint, name = bucket
+    local = manager(tmp_path / "ck", EventLog(None))
+    store = store_of(bucket)
+    store.claim()
+    for step in (10, 20):
+        local.save(step, state(step), {})
+        store.upload(tmp_path / "ck" / step_dir_name(step), step)
+    scheme = {"s3": "s3", "gcs": "gs", "azure": "az"}[backend]
+    loaded, where = load_named(f"{scheme}://{name}/runs/r/1", endpoint_url=endpoint)
+    assert loaded.step == 20 and where == f"{scheme}://{name}/runs/r/1/{step_dir_name(20)}"
