@@ -39,7 +39,7 @@ class Job:
     settings: Settings
     run_id: str
     paths: RunPaths
-    remote: storage.S3Store | None
+    remote: storage.RemoteStore | None
     device: torch.device
     training_config: dict  # the keys that change what is trained (they name the config digest)
 

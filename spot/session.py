@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from spot.buckets import remote_options
+from spot.buckets import BucketError, remote_options
 from spot.checkpoint import parts, sharded, storage
 from spot.checkpoint.best import BestCheckpoint
 from spot.checkpoint.checkpointer import Checkpointer
@@ -198,8 +198,9 @@ class Session(contextlib.ExitStack):
             return None
         init = self.s.init
         try:
-            source, where = load_named(init.checkpoint, **remote_options(self.s.storage))
-        except (CorruptCheckpoint, storage.RemoteError) as exc:
+            options = remote_options(self.s.storage, init.checkpoint)
+            source, where = load_named(init.checkpoint, **options)
+        except (CorruptCheckpoint, storage.RemoteError, BucketError) as exc:
             return Unusable(f"init.checkpoint {init.checkpoint}: {one_line(exc)}")
         keep = ("model", "optimizer") if init.optimizer else ("model",)
         return Initial(where, source.step, {k: source.state[k] for k in keep})

@@ -3,7 +3,8 @@
 `rule(method, path) -> action` decides each request: "pass", "500", "503" (ServiceUnavailable),
 "slowdown" (503 SlowDown, S3's throttling), "reset" (half a response, then a TCP reset),
 "lost" (the request reaches the server, then a TCP reset instead of its response),
-("slow", seconds) (forward after a delay), or "412" (a precondition refused, as GCS's JSON API
+("slow", seconds) (forward after a delay), "flip" (a byte of the response's body flipped on
+the way: damage in flight), or "412" (a precondition refused, as GCS's JSON API
 answers it: tests/emulators.py). Loopback only.
 """
 
@@ -94,6 +95,8 @@ class FaultProxy:
                     )
                     self.close_connection = True
                     return
+                if action == "flip" and payload:
+                    payload = payload[:-1] + bytes([payload[-1] ^ 0x01])
                 if action == "reset":  # promise the whole body, send half, then RST
                     self.send_response(status)
                     self.send_header("Content-Length", str(len(payload) + 1000))

@@ -132,8 +132,12 @@ def is_url(spec: str) -> bool:
     return any(spec.startswith(f"{scheme}://") for scheme in SCHEMES)
 
 
-def remote_options(storage) -> dict:
-    """open_bucket's options from the storage config (a URL names the backend and bucket)."""
+def remote_options(storage, url: str | None = None) -> dict:
+    """open_bucket's options from the storage config (a URL names the backend and bucket). For
+    a `url` of another back end than the run's (an init.checkpoint in GCS, a run on S3): its
+    own client's defaults, not the run's endpoint or account."""
+    if url is not None and is_url(url) and parse_url(url)[0] != str(storage.backend):
+        return {"max_attempts": storage.max_attempts}
     return {
         "endpoint_url": storage.endpoint_url,
         "region": storage.region,
@@ -149,7 +153,9 @@ def add_remote_arguments(parser) -> None:
     )
     parser.add_argument("--region", default=None, help="s3:// only")
     parser.add_argument(
-        "--account", default=None, help="az:// only: the storage account (or the connection string)"
+        "--account",
+        default=None,
+        help="az:// only: the storage account (else AZURE_STORAGE_CONNECTION_STRING's)",
     )
 
 
@@ -190,4 +196,6 @@ def open_bucket(
             f"storage={backend} needs {extra.get(backend, backend)}: "
             f"pip install -e '.[{backend}]' ({exc})"
         ) from None
+    except ValueError as exc:  # the client refused the endpoint (boto3: "Invalid endpoint")
+        raise AccessError(f"storage.bucket={name}: {' '.join(str(exc).split())[:200]}") from None
     raise ValueError(f"storage.backend={backend!r}: not a bucket (s3, gcs, azure)")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import logging
 import os
+import re
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,7 +26,6 @@ from azure.core.exceptions import (
     AzureError,
     ClientAuthenticationError,
     HttpResponseError,
-    ResourceExistsError,
     ResourceModifiedError,
     ResourceNotFoundError,
 )
@@ -54,8 +54,13 @@ def _message(exc: Exception) -> str:
 def _translated(exc: Exception) -> BucketError:
     if isinstance(exc, ResourceNotFoundError):
         return NotFound(_message(exc))
-    if isinstance(exc, ResourceExistsError | ResourceModifiedError) or (
-        isinstance(exc, HttpResponseError) and exc.status_code == 412
+    # A 409 is a refused create-if-absent only when it says so (BlobAlreadyExists); the others
+    # (a lease, snapshots) are failures like any other.
+    refused = getattr(exc, "error_code", None) in ("BlobAlreadyExists", "ConditionNotMet")
+    if (
+        isinstance(exc, ResourceModifiedError)
+        or refused
+        or (isinstance(exc, HttpResponseError) and exc.status_code == 412)
     ):
         return PreconditionFailed(_message(exc))
     return BucketError(_message(exc))
@@ -88,6 +93,17 @@ class AzureContainer(Bucket):
         options = {"retry_policy": retry, "connection_timeout": 5, "read_timeout": 60}
         connection = os.environ.get(CONNECTION_ENV)
         self._credential = None
+        where = f"storage.bucket={name}"
+        if connection and account and f"accountname={account}".lower() not in connection.lower():
+            raise AccessError(  # a leftover connection string would send them elsewhere
+                f"{where}: storage.account={account} but {CONNECTION_ENV} names another "
+                "account; unset one of them"
+            )
+        if not connection and not (account and re.fullmatch(r"[a-z0-9]{3,24}", account)):
+            raise AccessError(
+                f"{where}: Azure needs the storage account (storage.account, --account: 3-24 "
+                f"lowercase letters and digits) or {CONNECTION_ENV}"
+            )
         try:
             if connection:
                 service = BlobServiceClient.from_connection_string(connection, **options)
@@ -97,8 +113,8 @@ class AzureContainer(Bucket):
                 url = endpoint_url or f"https://{account}.blob.core.windows.net"
                 self._credential = DefaultAzureCredential()
                 service = BlobServiceClient(url, credential=self._credential, **options)
-        except (ValueError, AzureError) as exc:  # a malformed connection string, http with a token
-            raise AccessError(f"storage.bucket={name}: {_message(exc)}") from None
+        except (ValueError, AzureError):  # a malformed connection string, http with a token
+            raise AccessError(f"{where}: {CONNECTION_ENV} or the endpoint is unusable") from None
         self.service = service
         self.container = service.get_container_client(name)
 

@@ -24,6 +24,7 @@ from google.api_core import exceptions as api
 from google.api_core.retry import Retry
 from google.auth.exceptions import GoogleAuthError
 from google.cloud import storage
+from google.cloud.storage.exceptions import DataCorruption, InvalidResponse
 from google.cloud.storage.retry import DEFAULT_RETRY
 
 from spot.buckets import (
@@ -47,13 +48,20 @@ def _translated(exc: Exception) -> BucketError:
     return BucketError(" ".join(str(exc).split())[:300] or type(exc).__name__)
 
 
-_FAILURES = (api.GoogleAPIError, GoogleAuthError, requests.RequestException, ValueError)
+_FAILURES = (
+    api.GoogleAPIError,
+    GoogleAuthError,
+    requests.RequestException,
+    DataCorruption,  # a download whose CRC32C does not match
+    InvalidResponse,
+    ValueError,
+)
 
 
 def _call(fn: Callable, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
-    except _FAILURES as exc:  # after the client's retries (ValueError: a checksum mismatch)
+    except _FAILURES as exc:  # after the client's retries
         raise _translated(exc) from None
 
 
@@ -77,7 +85,8 @@ class GCSBucket(Bucket):
     @property
     def client(self) -> storage.Client:
         if self._client is None:  # credentials are looked up once, here (check_access says why)
-            if self._endpoint:
+            if self._endpoint and self._endpoint.startswith("http://"):
+                # An emulator: plain HTTP, no credentials (GCS itself is only served on https).
                 from google.auth.credentials import AnonymousCredentials
 
                 self._client = storage.Client(
@@ -85,8 +94,9 @@ class GCSBucket(Bucket):
                     credentials=AnonymousCredentials(),
                     client_options={"api_endpoint": self._endpoint},
                 )
-            else:
-                self._client = storage.Client(project=None)
+            else:  # GCS, or another https endpoint of it (regional, Private Service Connect)
+                options = {"api_endpoint": self._endpoint} if self._endpoint else None
+                self._client = storage.Client(project=None, client_options=options)
             adapter = requests.adapters.HTTPAdapter(pool_maxsize=self.concurrency * 2)
             self._client._http.mount("https://", adapter)
             self._client._http.mount("http://", adapter)
@@ -176,8 +186,7 @@ class GCSBucket(Bucket):
     def put_part(self, upload, number, data):
         _, parts = upload
         part = f"{parts}/{number:05d}"
-        self.put(part, data)
-        return part
+        return part, self.put(part, data)  # the compose takes this generation of it, no other
 
     def complete(self, upload, parts) -> str:
         key, prefix = upload
@@ -195,14 +204,17 @@ class GCSBucket(Bucket):
             log.warning("could not delete the parts of %s: %s", key, exc)
         return identity
 
-    def _compose(self, key: str, sources: list[str], generation: bool = False) -> str:
+    def _compose(self, key: str, sources: list, generation: bool = False):
+        """Compose `sources` ((name, generation) each) into `key`: its generation, or for a
+        level between, (key, generation)."""
         target = self._bucket.blob(key)
         _call(
             target.compose,
-            [self._bucket.blob(source) for source in sources],
+            [self._bucket.blob(name) for name, _ in sources],
+            if_source_generation_match=[int(made) for _, made in sources],
             retry=self.retry,
         )
-        return str(target.generation) if generation else key
+        return str(target.generation) if generation else (key, str(target.generation))
 
     def abort(self, upload) -> None:
         _, prefix = upload

@@ -85,7 +85,10 @@ def cmd_remote(url: str, command: str, remote: dict) -> int:
             if not c.committed:
                 status = "INCOMPLETE: no manifest (upload interrupted or in progress)"
             else:
-                problem = remote_problem(store, c)
+                try:
+                    problem = remote_problem(store, c)
+                except BucketError as exc:
+                    problem = f"unreadable ({exc})"
                 status = "uploaded" if problem is None else f"UNVERIFIED: {problem}"
             print(f"{c.step:>9}  {c.bytes:>12}  {_when(c.modified):19}  {status}")
         return 0

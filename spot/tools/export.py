@@ -2,9 +2,9 @@
 weights in a standard format, for inference or another framework.
 
 CHECKPOINT is a step directory, a run or checkpoints directory (its newest checkpoint that
-verifies), or an s3:// run URL (spot/checkpoint/source.py; `--endpoint-url` for an S3-compatible
-store, as `list`, `verify` and `inspect` take it; a bucket that cannot be used is one line and
-exit 2). The weights are the model's state dict with no wrapper prefixes (checkpoints hold
+verifies), or a bucket's run URL, s3://, gs:// or az:// (spot/checkpoint/source.py;
+`--endpoint-url`, `--region`, `--account` as `list`, `verify` and `inspect` take them; a bucket
+that cannot be used is one line and exit 2). The weights are the model's state dict with no wrapper prefixes (checkpoints hold
 the bare module's keys: no DDP `module.`, no torch.compile `_orig_mod.`), so
 `model.load_state_dict(safetensors.torch.load_file(OUT))` or
 `model.load_state_dict(torch.load(OUT, weights_only=True))` loads them into the model class.

@@ -7,7 +7,9 @@ errors. train.py against GCS and Azure: tests/e2e/test_cloud_storage.py."""
 from __future__ import annotations
 
 import contextlib
+import os
 import uuid
+from urllib.parse import unquote
 
 import pytest
 
@@ -242,3 +244,64 @@ def test_a_run_url_names_its_newest_verified_checkpoint(bucket, tmp_path):
     scheme = {"s3": "s3", "gcs": "gs", "azure": "az"}[backend]
     loaded, where = load_named(f"{scheme}://{name}/runs/r/1", endpoint_url=endpoint)
     assert loaded.step == 20 and where == f"{scheme}://{name}/runs/r/1/{step_dir_name(20)}"
+
+
+def test_a_download_damaged_in_flight_is_a_corrupt_checkpoint_in_one_line(bucket, tmp_path):
+    """A byte of a file flipped between the service and this machine: the client's own check
+    (GCS's CRC32C) or the manifest's xxh3 refuses it; the download is a CorruptCheckpoint (the
+    restore then falls back), never an exception of the client's escaping."""
+    backend, endpoint, _ = bucket
+    local = manager(tmp_path / "ck", EventLog(None))
+    local.save(10, state(10, size=4096), {})
+    store = store_of(bucket)
+    store.claim()
+    store.upload(tmp_path / "ck" / step_dir_name(10), 10)
+
+    def rule(method: str, path: str):
+        return "flip" if method == "GET" and "model.bin" in unquote(path) else "pass"
+
+    with FaultProxy(endpoint, rule) as proxy:
+        if backend == "azure":
+            os.environ["AZURE_STORAGE_CONNECTION_STRING"] = emulators.azurite_connection(
+                f"{proxy.url}/{emulators.AZURITE_ACCOUNT}"
+            )
+        with pytest.raises(CorruptCheckpoint) as err:
+            store_of(bucket, proxy.url).download(10, tmp_path / "fresh")
+        assert any(action == "flip" for _, _, action in proxy.log)
+    assert "model.bin" in str(err.value) and "\n" not in str(err.value)
+    assert not list((tmp_path / "fresh").glob("step-*"))
+
+
+def test_an_azure_account_that_is_not_one_is_one_line(monkeypatch):
+    """Azure's account: a name of 3-24 lowercase letters and digits, given, or the connection
+    string's; one that is a connection string (a key in it) or disagrees with the connection
+    string set is refused in one line that does not repeat it."""
+    from spot.buckets import AccessError
+
+    monkeypatch.delenv("AZURE_STORAGE_CONNECTION_STRING", raising=False)
+    pasted = f"DefaultEndpointsProtocol=https;AccountName=a;AccountKey={emulators.AZURITE_KEY}"
+    for account in (None, pasted):
+        with pytest.raises(AccessError) as err:
+            open_bucket("azure", "box", account=account)
+        assert "storage.account" in str(err.value) and emulators.AZURITE_KEY not in str(err.value)
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", emulators.azurite_connection("http://x"))
+    with pytest.raises(AccessError, match="names another account"):
+        open_bucket("azure", "box", account="other")
+    open_bucket("azure", "box", account=emulators.AZURITE_ACCOUNT)  # the same: fine
+
+
+def test_an_endpoint_the_client_refuses_is_one_line():
+    from spot.buckets import AccessError
+
+    with pytest.raises(AccessError, match="storage.bucket=box: Invalid endpoint"):
+        open_bucket("s3", "box", endpoint_url="not an endpoint")
+
+
+def test_a_url_of_another_back_end_gets_its_own_client_s_defaults():
+    """An init.checkpoint in GCS for a run whose storage is MinIO: not MinIO's endpoint."""
+    from spot.buckets import remote_options
+    from spot.run.config import StorageConfig
+
+    run = StorageConfig(backend="s3", bucket="b", endpoint_url="http://minio:9000")
+    assert remote_options(run, "gs://other/run") == {"max_attempts": 5}
+    assert remote_options(run, "s3://b/run")["endpoint_url"] == "http://minio:9000"
