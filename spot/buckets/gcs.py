@@ -31,6 +31,7 @@ from spot.buckets import (
     AccessError,
     Bucket,
     BucketError,
+    MiB,
     NotFound,
     ObjectInfo,
     PreconditionFailed,
@@ -76,7 +77,10 @@ class GCSBucket(Bucket):
         max_attempts: int = 5,
         concurrency: int = 10,
     ):
-        super().__init__(name, concurrency=concurrency)
+        # Parts of 32 MiB (gsutil composes 50 MiB ones): the client sends an object up to 8 MiB
+        # as one multipart/related request and a larger one as a resumable upload, which the
+        # emulator takes 10x faster; and fewer parts, fewer composes.
+        super().__init__(name, concurrency=concurrency, part_size=32 * MiB)
         # The client's retry (1 s, doubling), with a deadline in place of an attempt count.
         self.retry: Retry = DEFAULT_RETRY.with_timeout(10.0 * max_attempts)
         self._endpoint = endpoint_url

@@ -28,6 +28,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Collection
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -253,8 +254,11 @@ class RemoteStore:
         for file in m.files:  # names were validated by parse(): a plain file name each
             if (staging / file).resolve().parent != staging.resolve():
                 raise CorruptCheckpoint(f"remote manifest names an unsafe file {file!r}")
-            if file not in left:
-                self._fetch_file(name, file, staging)
+        wanted = [file for file in m.files if file not in left]
+        # The files at once (a GCS or Azure download of one file is one stream or a few).
+        with ThreadPoolExecutor(max(1, min(len(wanted), 4)), "bucket-get") as pool:
+            for done in [pool.submit(self._fetch_file, name, f, staging) for f in wanted]:
+                done.result()  # the first failure, once every download has ended
         manifest.verify(staging, here=bool(left))  # (what is left is not here)
         final = into / name
         for file in left:  # this node's copies (each rank checks what it reads)
