@@ -49,6 +49,7 @@ from spot.run.metrics import tracker_imports
 from spot.run.preflight import validate_command_line
 from spot.run.schedule import build_scheduler, set_position
 from spot.session import Session
+from spot.shards.dataset import prefetching
 
 log = logging.getLogger("train")
 CONFIG_DIR = Path(__file__).resolve().parent / "conf"
@@ -75,7 +76,7 @@ def make_loader(dataset, sampler, cfg, device: torch.device) -> DataLoader:
     """One epoch's batches in the sampler's order (it resumes mid-epoch at the saved position)."""
     return DataLoader(
         dataset,
-        batch_sampler=sampler,
+        batch_sampler=prefetching(sampler, dataset, cfg.data.prefetch_steps),  # data=shards
         num_workers=cfg.data.num_workers,
         pin_memory=device.type == "cuda",
         generator=torch.Generator().manual_seed(cfg.seed),  # keeps the global RNG untouched

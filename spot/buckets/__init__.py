@@ -134,9 +134,11 @@ def is_url(spec: str) -> bool:
 
 def remote_options(storage, url: str | None = None) -> dict:
     """open_bucket's options from the storage config (a URL names the backend and bucket). For
-    a `url` of another back end than the run's (an init.checkpoint in GCS, a run on S3): its
-    own client's defaults, not the run's endpoint or account."""
-    if url is not None and is_url(url) and parse_url(url)[0] != str(storage.backend):
+    a `url` of another bucket back end than the run's (an init.checkpoint in GCS, a run on
+    S3): its own client's defaults, not the run's endpoint or account. A run on local disk
+    gives its storage keys to any URL (storage.endpoint_url for an init.checkpoint's MinIO)."""
+    run = str(storage.backend)
+    if url is not None and is_url(url) and run != "local" and parse_url(url)[0] != run:
         return {"max_attempts": storage.max_attempts}
     return {
         "endpoint_url": storage.endpoint_url,

@@ -110,7 +110,8 @@ class ResumableBatchSampler:
     def steps_per_epoch(self) -> int:
         return -(-self.dataset_size // self.global_batch)
 
-    def _remaining_plans(self) -> Iterator[list[list[int]]]:
+    def remaining_plans(self) -> Iterator[list[list[int]]]:
+        """This rank's plan (micro-batches) of each step left in the epoch, in order."""
         order = self.epoch_order(self.epoch)
         position = self.consumed
         while position < self.dataset_size:
@@ -119,11 +120,11 @@ class ResumableBatchSampler:
 
     def __iter__(self) -> Iterator[list[int]]:
         """Every micro-batch of this rank for the rest of the epoch, in step order."""
-        for plan in self._remaining_plans():
+        for plan in self.remaining_plans():
             yield from plan
 
     def __len__(self) -> int:
-        return sum(len(plan) for plan in self._remaining_plans())
+        return sum(len(plan) for plan in self.remaining_plans())
 
     def advance(self) -> None:
         self.consumed += self.step_size()

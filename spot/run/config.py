@@ -211,6 +211,8 @@ class DataConfig:
     shuffle: bool = True
     ledger: bool = False  # write <run dir>/ledger/rank-<r>.jsonl: each rank's indices per step
     cache_dir: str = "~/.cache/spot-train"  # a data set built once (data=stdlib) is kept here
+    cache_limit_gb: Positive = 10.0  # data=shards: the shards kept on local disk at most
+    prefetch_steps: NonNegativeInt = 8  # data=shards: the next steps' shards fetched ahead
     val: Any = None  # the validation split: a `_target_` node like `dataset` (null: none)
 
 

@@ -163,6 +163,12 @@ COMMANDS = {
     "list": ("list checkpoints (manifests only: fast)", __name__, None, None),
     "verify": ("verify every checkpoint completely; exit 1 if any is bad", __name__, None, None),
     "inspect": ("show the newest valid checkpoint (or the one PATH names)", __name__, None, None),
+    "data": (
+        "data sets as shards: python -m spot data write OUT [-- OVERRIDES]",
+        "spot.shards.write",
+        "add_arguments",
+        "command",
+    ),
     "bench": (
         "checkpoint performance on this machine",
         "spot.tools.bench",

@@ -305,3 +305,5 @@ def test_a_url_of_another_back_end_gets_its_own_client_s_defaults():
     run = StorageConfig(backend="s3", bucket="b", endpoint_url="http://minio:9000")
     assert remote_options(run, "gs://other/run") == {"max_attempts": 5}
     assert remote_options(run, "s3://b/run")["endpoint_url"] == "http://minio:9000"
+    local = StorageConfig(endpoint_url="http://minio:9000")  # storage=local: its keys go along
+    assert remote_options(local, "s3://b/run")["endpoint_url"] == "http://minio:9000"

@@ -1,0 +1,155 @@
+"""Data sets as shards (spot/shards/): the format, the writer, and reading through the bounded
+cache with prefetch, from a directory and from moto's S3 server on loopback. train.py on them:
+tests/e2e/test_shards.py."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from spot.distributed.sampler import ResumableBatchSampler
+from spot.shards.dataset import DataUnavailable, ShardedDataset, prefetching
+from spot.shards.format import INDEX, ShardError, decode, encode
+from spot.shards.write import write
+from tests.e2e import test_s3
+from tests.helpers import free_port
+
+s3_endpoint = test_s3.s3_endpoint  # its fixtures: a moto server for this module, a bucket a test
+bucket = test_s3.bucket
+pytestmark = pytest.mark.usefixtures("credentials")
+
+
+class Samples(torch.utils.data.Dataset):
+    """(a float vector, an int64 label, a bool) per index: three dtypes, a 0-dim tensor."""
+
+    def __init__(self, size: int = 300):
+        g = torch.Generator().manual_seed(0)
+        self.x, self.y = torch.randn(size, 16, generator=g), torch.arange(size) % 7
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int):
+        return self.x[i], self.y[i], bool(i % 2)
+
+
+def assert_same(a, b) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        y = y if isinstance(y, torch.Tensor) else torch.tensor(y)
+        assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y)
+
+
+def test_a_sample_round_trips_bitwise():
+    sample = (torch.randn(3, 4).to(torch.bfloat16), torch.tensor(5), torch.zeros(0), 2.5, True)
+    assert_same(decode(memoryview(encode(sample))), sample)
+
+
+def test_shards_in_a_directory_read_back_by_index_bitwise(tmp_path):
+    data = Samples()
+    index = write(data, str(tmp_path / "shards"), 2048, {})
+    assert len(index["shards"]) > 5 and index["samples"] == len(data)
+    read = ShardedDataset(str(tmp_path / "shards"), cache_dir=str(tmp_path / "cache"))
+    assert len(read) == len(data) and read.identity == f"shards:{index['digest']}"
+    for i in (0, 1, 57, 299, 150):
+        assert_same(read[i], data[i])
+    with pytest.raises(IndexError):
+        read[300]
+
+
+def test_an_index_that_does_not_add_up_is_refused(tmp_path):
+    write(Samples(), str(tmp_path / "shards"), 2048, {})
+    index = tmp_path / "shards" / INDEX
+    index.write_text(index.read_text().replace('"samples": 300', '"samples": 301', 1))
+    with pytest.raises(ShardError, match="does not add up"):
+        ShardedDataset(str(tmp_path / "shards"), cache_dir=str(tmp_path / "cache"))
+
+
+def test_from_a_bucket_the_cache_stays_under_its_limit_through_an_epoch(
+    s3_endpoint, bucket, tmp_path
+):
+    """An epoch over a data set four times the cache's limit, in a shuffled order: every
+    sample bitwise, the cache never above its limit (checked after every read), and the
+    shards the coming steps need are never the ones evicted."""
+    _, name = bucket
+    data = Samples(600)
+    index = write(data, f"s3://{name}/ds", 2048, {"endpoint_url": s3_endpoint})
+    size = sum(s["bytes"] for s in index["shards"])
+    limit = size / 4
+    read = ShardedDataset(
+        f"s3://{name}/ds",
+        cache_dir=str(tmp_path / "cache"),
+        cache_limit_gb=limit / 2**30,
+        endpoint_url=s3_endpoint,
+    )
+    largest = max(s["bytes"] for s in index["shards"])
+    sampler = ResumableBatchSampler(len(data), 8, seed=3)
+    for batch in prefetching(sampler, read, steps=1):
+        for i in batch:
+            assert_same(read[i], data[i])
+        assert read.cache.cached_bytes() <= limit + 2 * largest  # + the pinned ones
+    assert read.cache.fetched_bytes >= size  # every shard at least once
+
+
+def test_each_rank_fetches_only_the_shards_its_samples_are_in(s3_endpoint, bucket, tmp_path):
+    """Unshuffled, two ranks: rank 0's steps read the first half of each step's samples; with
+    big steps over small shards, the shards it fetched are only those its indices are in."""
+    _, name = bucket
+    data = Samples(400)
+    write(data, f"s3://{name}/ds", 1024, {"endpoint_url": s3_endpoint})
+    read = ShardedDataset(
+        f"s3://{name}/ds", cache_dir=str(tmp_path / "cache"), endpoint_url=s3_endpoint
+    )
+    sampler = ResumableBatchSampler(len(data), 100, seed=0, shuffle=False, rank=0, world_size=2)
+    wanted = set()
+    for batch in prefetching(sampler, read, steps=2):
+        for i in batch:
+            read[i]
+            wanted.add(read.locate(i)[0])
+    here = {p.name for p in (tmp_path / "cache").rglob("shard-*")}
+    assert here == {read.shards[s]["name"] for s in wanted}
+    assert len(here) < len(read.shards)
+
+
+def test_a_corrupt_shard_is_fetched_again_then_refused_in_one_line(s3_endpoint, bucket, tmp_path):
+    client, name = bucket
+    index = write(Samples(), f"s3://{name}/ds", 2048, {"endpoint_url": s3_endpoint})
+    key = f"ds/{index['shards'][2]['name']}"
+    body = bytearray(client.get_object(Bucket=name, Key=key)["Body"].read())
+    body[10] ^= 1
+    client.put_object(Bucket=name, Key=key, Body=bytes(body))
+    read = ShardedDataset(
+        f"s3://{name}/ds", cache_dir=str(tmp_path / "c"), endpoint_url=s3_endpoint
+    )
+    first = read.locate(0)[0]
+    assert first != 2 and read[0] is not None
+    start = sum(s["samples"] for s in index["shards"][:2])
+    with pytest.raises(ShardError, match=f"{index['shards'][2]['name']} does not match") as err:
+        read[start]
+    assert "\n" not in str(err.value)
+    assert not [p for p in (tmp_path / "c").rglob(".fetch-*")]
+
+
+def test_an_unreachable_bucket_is_data_unavailable_not_corrupt(s3_endpoint, bucket, tmp_path):
+    _, name = bucket
+    write(Samples(), f"s3://{name}/ds", 2048, {"endpoint_url": s3_endpoint})
+    read = ShardedDataset(
+        f"s3://{name}/ds", cache_dir=str(tmp_path / "c"), endpoint_url=s3_endpoint
+    )
+    read.remote["endpoint_url"] = f"http://127.0.0.1:{free_port()}"  # the service gone
+    read.remote["max_attempts"] = 1
+    read._bucket = None
+    with pytest.raises(DataUnavailable, match="unreachable"):
+        read[0]
+
+
+def test_a_copy_for_a_data_loader_worker_reads_the_same_cache(tmp_path):
+    write(Samples(), str(tmp_path / "shards"), 2048, {})
+    read = ShardedDataset(str(tmp_path / "shards"), cache_dir=str(tmp_path / "cache"))
+    read.prefetch(range(100))
+    copy = pickle.loads(pickle.dumps(read))
+    assert_same(copy[42], read[42])
+    loader = torch.utils.data.DataLoader(read, batch_size=50, num_workers=2)
+    assert sum(len(batch[0]) for batch in loader) == 300
