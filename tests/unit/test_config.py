@@ -68,7 +68,11 @@ def test_every_option_composes_and_validates(group, option):
     extra = {
         "storage": ["storage.bucket=my-bucket", "storage.account=myaccount"],
         "model": {"cnn": ["data=images"], "gpt": ["data=stdlib"]}.get(option, []),
-        "data": {"images": ["model=cnn"], "stdlib": ["model=gpt"]}.get(option, []),
+        "data": {
+            "images": ["model=cnn"],
+            "stdlib": ["model=gpt"],
+            "shards": ["data.dataset.url=s3://b/ds", "model.in_features=8", "model.num_classes=2"],
+        }.get(option, []),
     }
     cfg = composed(f"{group}={option}", *extra.get(group, []))
     settings = validate(cfg)
@@ -349,6 +353,8 @@ def test_the_schema_and_the_yaml_defaults_cannot_drift():
                 "azure": ["storage.bucket=my-container", "storage.account=myaccount"],
                 "images": ["model=cnn"],
                 "stdlib": ["model=gpt"],
+                "shards": ["data.dataset.url=s3://b/ds", "model.in_features=8"]
+                + ["model.num_classes=2"],
             }.get(option, [])
             composed_option = composed(f"{group}={option}", *extra)
             for key in _leaves(OmegaConf.to_container(composed_option[group], resolve=False)):
