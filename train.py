@@ -49,7 +49,8 @@ from spot.run.metrics import tracker_imports
 from spot.run.preflight import validate_command_line
 from spot.run.schedule import build_scheduler, set_position
 from spot.session import Session
-from spot.shards.dataset import prefetching
+from spot.shards.dataset import DataUnavailable, prefetching
+from spot.shards.format import ShardError
 
 log = logging.getLogger("train")
 CONFIG_DIR = Path(__file__).resolve().parent / "conf"
@@ -121,7 +122,7 @@ def train(job: Job) -> int:
     # The run directory, event log, checkpoints and metrics: closed on every way out.
     with Session(job, world, device) as run:
         restored = run.restore()  # the newest verified checkpoint, on every rank; or None
-        plan = run.plan(len(dataset), restored)  # data order, batch and length at this world size
+        plan = run.plan(dataset, restored)  # data order, batch and length at this world size
         sampler, length = plan.sampler, plan.length
         scheduler = build_scheduler(instantiate(cfg.scheduler), optimizer, length.schedule_steps)
         state = run.resume(model, optimizer, scheduler, plan, amp, data_ids["data.dataset"])
@@ -206,6 +207,12 @@ def run(cfg: DictConfig, overrides: list[str]) -> int:
     except storage.RemoteError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
+    except DataUnavailable as exc:  # the data's bucket, after its client's retries: not corrupt
+        print(f"data unavailable, retry later: {exc}", file=sys.stderr)
+        return EXIT_PREEMPTED
+    except ShardError as exc:  # a shard that does not match its index, downloaded twice
+        print(f"data error: {exc}", file=sys.stderr)
+        return EXIT_CHECKPOINT_UNUSABLE
     except Exception:
         if not torch.distributed.is_initialized():
             raise

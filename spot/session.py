@@ -7,7 +7,7 @@ each chapter, so that the story stays short and a forker edits only the story:
     world = join(job)                        # this worker's process group (or a world of one)
     with Session(job, world, device) as run: # directory, config, events, checkpoints, metrics
         restored = run.restore()             # the newest verified checkpoint, on every rank
-        plan = run.plan(len(dataset), restored)   # each step needs what the one before returns
+        plan = run.plan(dataset, restored)   # each step needs what the one before returns
         state = run.resume(model, optimizer, scheduler, plan, amp, data_identity)
         ... the loop: run.checkpointer, run.monitor, run.record(...), run.log(...)
         run.finish() or run.stop()
@@ -218,11 +218,19 @@ class Session(contextlib.ExitStack):
         if self.s.data.ledger:
             truncate_ledgers(self.paths, restored.step if restored else 0)
 
-    def plan(self, dataset_size: int, restored: Restored | None) -> Plan:
+    def plan(self, dataset, restored: Restored | None) -> Plan:
         """The data order, batch and run length at this world size, from what restore() found.
         The reference world size (for which the config's LR and batch are meant) is the config's,
-        else the one the run started with."""
+        else the one the run started with. `data.order=shards` orders by the data set's shards
+        (its `shard_ends`: spot/shards/dataset.py)."""
         s, world = self.s, self.world
+        dataset_size, groups = len(dataset), None
+        if s.data.order == "shards":
+            groups = getattr(dataset, "shard_ends", None)
+            if groups is None:
+                raise ConfigError(
+                    "data.order", "shards needs a data set stored as shards (data=shards)"
+                )
         saved = restored.state["trainer"] if restored else {}
         reference = (
             s.elastic.reference_world_size or saved.get("reference_world_size") or world.world_size
@@ -242,6 +250,8 @@ class Session(contextlib.ExitStack):
                 s.trainer.global_batch_size,
             ),
             same_micro_batches=s.trainer.strategy == "fsdp",
+            groups=groups,
+            window=s.data.window_shards,
         )
         # The length in steps at this world size (an epoch's steps depend on it under scale_lr):
         # the progress bar's total. Training stops on the configured bounds, and the LR schedule

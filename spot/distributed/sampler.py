@@ -10,7 +10,7 @@ loads none of what it skips.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -33,10 +33,15 @@ class ResumableBatchSampler:
         world_size: int = 1,
         global_batch: int | None = None,
         same_micro_batches: bool = False,
+        groups: Sequence[int] | None = None,
+        window: int = 1,
     ):
         """`same_micro_batches`: every rank runs as many micro-batches per step as the rank
         with the largest share (FSDP2 gathers and reduce-scatters in every forward and backward,
-        so the counts must match; DDP synchronizes once per step, and needs no padding)."""
+        so the counts must match; DDP synchronizes once per step, and needs no padding).
+        `groups`: the end of each run of consecutive indices stored together (a data set's
+        shards); with it, the order streams (`shard_order`): groups shuffled, samples shuffled
+        within each `window` of consecutive groups."""
         if dataset_size < 1 or batch_size < 1:
             raise ValueError(
                 f"dataset_size={dataset_size} and batch_size={batch_size} must be >= 1"
@@ -51,6 +56,10 @@ class ResumableBatchSampler:
         self.world_size = world_size
         self.global_batch = global_batch or world_size * batch_size
         self.same_micro_batches = same_micro_batches
+        self.groups = list(groups) if groups else None
+        if self.groups and (self.groups[-1] != dataset_size or window < 1):
+            raise ValueError(f"groups end at {self.groups[-1]}, not {dataset_size}; window {window}")
+        self.window = window
         self.epoch = 0
         self.consumed = 0
         self._order: tuple[int, torch.Tensor] | None = None
@@ -61,7 +70,10 @@ class ResumableBatchSampler:
             return self._order[1]
         if self.shuffle:
             generator = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**63)
-            order = torch.randperm(self.dataset_size, generator=generator)
+            if self.groups:
+                order = shard_order(self.groups, self.window, generator)
+            else:
+                order = torch.randperm(self.dataset_size, generator=generator)
         else:
             order = torch.arange(self.dataset_size)
         self._order = (epoch, order)
@@ -144,14 +156,36 @@ class ResumableBatchSampler:
             "dataset_size": self.dataset_size,
             "seed": self.seed,
             "shuffle": self.shuffle,
+            "order": self.order_name,
         }
 
+    @property
+    def order_name(self) -> str:
+        return f"shards:{len(self.groups)}x{self.window}" if self.groups else "uniform"
+
     def load_state_dict(self, state: dict) -> None:
-        for key in ("dataset_size", "seed", "shuffle"):
-            if state[key] != getattr(self, key):
+        state = {"order": "uniform", **state}  # (checkpoints from before: uniform)
+        for key in ("dataset_size", "seed", "shuffle", "order"):
+            mine = self.order_name if key == "order" else getattr(self, key)
+            if state[key] != mine:
                 raise ValueError(
                     f"data position was saved with {key}={state[key]!r}, this run has "
-                    f"{getattr(self, key)!r}: the remaining samples cannot be matched"
+                    f"{mine!r}: the remaining samples cannot be matched"
                 )
         self.epoch = int(state["epoch"])
         self.consumed = int(state["consumed"])
+
+
+def shard_order(ends: Sequence[int], window: int, generator: torch.Generator) -> torch.Tensor:
+    """An epoch's order that streams: the groups (shards, ending at `ends`) in a random order,
+    and the samples of each `window` of consecutive groups in a random order among themselves.
+    A permutation of every index, a function of the generator's seed only, so exactly-once and
+    resume at any world size hold as for a uniform order; a step then reads about `window`
+    shards, not nearly all of them."""
+    starts = [0, *ends[:-1]]
+    groups = torch.randperm(len(ends), generator=generator).tolist()
+    pieces = []
+    for at in range(0, len(groups), window):
+        block = torch.cat([torch.arange(starts[g], ends[g]) for g in groups[at : at + window]])
+        pieces.append(block[torch.randperm(len(block), generator=generator)])
+    return torch.cat(pieces)

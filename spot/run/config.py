@@ -50,6 +50,7 @@ CloudName = _choices("CloudName", "local", "aws", "gcp", "azure", "slurm")
 Signal = _choices("Signal", "SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP")
 StorageBackend = _choices("StorageBackend", "local", "s3", "gcs", "azure")
 CheckpointPolicy = _choices("CheckpointPolicy", "fixed", "young_daly")
+DataOrder = _choices("DataOrder", "uniform", "shards")
 OnCorrupt = _choices("OnCorrupt", "previous", "fail")
 OnError = _choices("OnError", "stop", "continue")
 WhenBusy = _choices("WhenBusy", "wait", "skip")
@@ -213,6 +214,8 @@ class DataConfig:
     cache_dir: str = "~/.cache/spot-train"  # a data set built once (data=stdlib) is kept here
     cache_limit_gb: Positive = 10.0  # data=shards: the shards kept on local disk at most
     prefetch_steps: NonNegativeInt = 8  # data=shards: the next steps' shards fetched ahead
+    order: DataOrder = DataOrder.uniform  # shards: shards shuffled, samples within a window
+    window_shards: PositiveInt = 4  # order=shards: the shards whose samples mix in an epoch
     val: Any = None  # the validation split: a `_target_` node like `dataset` (null: none)
 
 

@@ -81,6 +81,11 @@ class ShardedDataset(Dataset):
     def __len__(self) -> int:
         return self.index["samples"]
 
+    @property
+    def shard_ends(self) -> list[int]:
+        """The end of each shard's run of indices (data.order=shards orders by them)."""
+        return list(self._ends)
+
     def locate(self, index: int) -> tuple[int, int]:
         """(shard number, sample number in it) of a global index."""
         if not 0 <= index < len(self):

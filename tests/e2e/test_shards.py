@@ -72,3 +72,52 @@ def test_a_data_set_in_a_bucket_trains_resumes_on_an_empty_cache_and_matches_the
     for component in ("model", "optimizer"):
         assert_bitwise_equal(a[component], b[component], component)
     assert any(cache.rglob("shard-*"))  # (the limit itself: tests/unit/test_shards.py)
+
+
+def test_a_corrupt_shard_stops_with_exit_3_and_an_unreachable_bucket_with_exit_75(
+    s3_endpoint, bucket, tmp_path
+):
+    """A shard in the bucket that does not match its index (downloaded twice): exit 3 and one
+    line naming it. The bucket unreachable for the shards (503 on each, after botocore's
+    retries): exit 75, retry later, never called corrupt."""
+    from spot.run.exitcodes import EXIT_CHECKPOINT_UNUSABLE, EXIT_PREEMPTED
+    from spot.shards.write import write
+    from tests.faultproxy import FaultProxy
+    from tests.unit.test_shards import Samples
+
+    client, name = bucket
+    write(Samples(256), f"s3://{name}/ds", 1024, {"endpoint_url": s3_endpoint})
+    args = [
+        *FAST,
+        "trainer.max_steps=4",
+        "data=shards",
+        f"data.dataset.url=s3://{name}/ds",
+        "data.shuffle=false",  # step 1 reads shard 0 first
+        "model.in_features=16",
+        "model.num_classes=7",
+    ]
+
+    def unreachable(method: str, path: str):
+        return "503" if "/shard-" in path else "pass"
+
+    with FaultProxy(s3_endpoint, unreachable) as proxy:
+        cut = run_train(
+            [*args, f"data.dataset.endpoint_url={proxy.url}", f"data.cache_dir={tmp_path / 'a'}"]
+            + [f"run.root={tmp_path / 'runs-a'}"],
+            env=test_s3.env(),
+        )
+    assert cut.returncode == EXIT_PREEMPTED, cut.stderr[-2000:]
+    assert "data unavailable, retry later: shard shard-00000.bin" in cut.stderr
+
+    key = "ds/shard-00000.bin"
+    body = bytearray(client.get_object(Bucket=name, Key=key)["Body"].read())
+    body[3] ^= 1
+    client.put_object(Bucket=name, Key=key, Body=bytes(body))
+    bad = run_train(
+        [*args, f"data.dataset.endpoint_url={s3_endpoint}", f"data.cache_dir={tmp_path / 'b'}"]
+        + [f"run.root={tmp_path / 'runs-b'}"],
+        env=test_s3.env(),
+    )
+    assert bad.returncode == EXIT_CHECKPOINT_UNUSABLE, bad.stderr[-2000:]
+    last = bad.stderr.strip().splitlines()[-1]
+    assert last.startswith("data error: shard shard-00000.bin does not match its index"), last

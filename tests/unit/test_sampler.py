@@ -9,10 +9,14 @@ from torch.utils.data import DataLoader, TensorDataset
 from spot.distributed.sampler import ResumableBatchSampler
 
 
-def samplers(n, batch, world, seed=0):
+def samplers(n, batch, world, seed=0, **order):
     return [
-        ResumableBatchSampler(n, batch, seed=seed, rank=r, world_size=world) for r in range(world)
+        ResumableBatchSampler(n, batch, seed=seed, rank=r, world_size=world, **order)
+        for r in range(world)
     ]
+
+
+SHARDS = {"groups": [10, 25, 40, 52, 70, 81, 95, 103], "window": 2}  # shards of uneven sizes
 
 
 def consume(group, steps):
@@ -34,13 +38,14 @@ def test_order_depends_only_on_seed_and_epoch():
     assert not torch.equal(a.epoch_order(2), ResumableBatchSampler(100, 10, seed=4).epoch_order(2))
 
 
+@pytest.mark.parametrize("order", [{}, SHARDS], ids=["uniform", "shards"])
 @pytest.mark.parametrize("before,after", [(1, 1), (2, 3), (4, 1), (3, 2)])
-def test_exactly_once_across_world_size_change(before, after):
+def test_exactly_once_across_world_size_change(before, after, order):
     n, batch = 103, 4  # not divisible: a short last step
-    first = samplers(n, batch, before)
+    first = samplers(n, batch, before, **order)
     seen = consume(first, 5)
     state = first[0].state_dict()
-    second = samplers(n, batch, after)
+    second = samplers(n, batch, after, **order)
     for s in second:
         s.load_state_dict(state)
     seen += [i for s in second for step in s for i in step]
@@ -114,3 +119,26 @@ def test_same_micro_batches_pads_a_short_share_with_stand_ins():
     assert [len(m) for m in plans[0]] == [17, 16] and [len(m) for m in plans[1]] == [32, 1]
     ddp = ResumableBatchSampler(130, 32, seed=0, rank=1, world_size=2, global_batch=65)
     assert [len(m) for m in ddp.current_plan()] == [32]
+
+
+def test_the_shard_order_reads_a_few_shards_per_step_and_depends_on_seed_and_epoch_only():
+    """data.order=shards: a permutation of every index from (seed, epoch) alone, whose steps
+    each read at most two windows' shards, where a uniform order's read nearly all of them."""
+    ends = list(range(50, 5001, 50))  # 100 shards of 50
+    a = ResumableBatchSampler(5000, 64, seed=1, groups=ends, window=4)
+    b = ResumableBatchSampler(5000, 64, seed=1, groups=ends, window=4)
+    order = a.epoch_order(3)
+    assert torch.equal(order, b.epoch_order(3)) and not torch.equal(order, a.epoch_order(4))
+    assert sorted(order.tolist()) == list(range(5000))
+    uniform = ResumableBatchSampler(5000, 64, seed=1).epoch_order(3)
+
+    def shards_per_step(o):
+        return max(len({i // 50 for i in o[at : at + 64].tolist()}) for at in range(0, 5000, 64))
+
+    assert shards_per_step(order) <= 8 < 30 < shards_per_step(uniform)
+
+
+def test_a_position_saved_under_another_order_is_refused():
+    shards = ResumableBatchSampler(103, 4, seed=0, **SHARDS)
+    with pytest.raises(ValueError, match="order="):
+        ResumableBatchSampler(103, 4, seed=0).load_state_dict(shards.state_dict())

@@ -153,3 +153,34 @@ def test_a_copy_for_a_data_loader_worker_reads_the_same_cache(tmp_path):
     assert_same(copy[42], read[42])
     loader = torch.utils.data.DataLoader(read, batch_size=50, num_workers=2)
     assert sum(len(batch[0]) for batch in loader) == 300
+
+
+def test_in_the_shard_order_an_epoch_fetches_each_shard_about_once_within_the_limit(
+    s3_endpoint, bucket, tmp_path
+):
+    """data.order=shards with four steps fetched ahead: the cache stays under a quarter of the
+    data set throughout, and the epoch downloads about the data set once (a uniform order with
+    that limit fetches shards again and again)."""
+    _, name = bucket
+    data = Samples(600)
+    index = write(data, f"s3://{name}/ds", 2048, {"endpoint_url": s3_endpoint})
+    size = sum(s["bytes"] for s in index["shards"])
+    fetched = {}
+    for order in ("shards", "uniform"):
+        read = ShardedDataset(
+            f"s3://{name}/ds",
+            cache_dir=str(tmp_path / order),
+            cache_limit_gb=size / 4 / 2**30,
+            endpoint_url=s3_endpoint,
+        )
+        groups = {"groups": read.shard_ends, "window": 2} if order == "shards" else {}
+        sampler = ResumableBatchSampler(len(data), 8, seed=5, **groups)
+        for batch in prefetching(sampler, read, steps=4):
+            for i in batch:
+                assert_same(read[i], data[i])
+            if order == "shards":
+                assert read.cache.cached_bytes() <= size / 4 + 2 * max(
+                    s["bytes"] for s in index["shards"]
+                )
+        fetched[order] = read.cache.fetched_bytes / size
+    assert fetched["shards"] <= 1.2 and fetched["uniform"] > 3 * fetched["shards"], fetched
