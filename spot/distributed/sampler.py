@@ -58,7 +58,9 @@ class ResumableBatchSampler:
         self.same_micro_batches = same_micro_batches
         self.groups = list(groups) if groups else None
         if self.groups and (self.groups[-1] != dataset_size or window < 1):
-            raise ValueError(f"groups end at {self.groups[-1]}, not {dataset_size}; window {window}")
+            raise ValueError(
+                f"groups end at {self.groups[-1]}, not {dataset_size}; window {window}"
+            )
         self.window = window
         self.epoch = 0
         self.consumed = 0
