@@ -152,8 +152,8 @@ class ShardCache:
         self._open: dict[int, ShardFile] = {}
         self._pending: dict[int, Future] = {}
         self._locks: dict[int, threading.Lock] = {}
-        self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
+        self._fresh()
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -162,9 +162,21 @@ class ShardCache:
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+        self._fresh()
+
+    def _fresh(self) -> None:
+        """This process's own locks, threads and open files: a DataLoader worker forked while
+        a prefetch thread held a lock would otherwise wait on it for ever."""
+        self._pid = os.getpid()
         self._lock = threading.Lock()
+        self._locks, self._pending, self._open, self._pool = {}, {}, {}, None
+
+    def _here(self) -> None:
+        if self._pid != os.getpid():
+            self._fresh()
 
     def open(self, shard: int) -> ShardFile:
+        self._here()
         opened = self._open.get(shard)
         if opened is None:
             began = time.perf_counter()
@@ -177,6 +189,7 @@ class ShardCache:
         return opened
 
     def prefetch(self, needed: list[int]) -> None:
+        self._here()
         with self._lock:
             self.pinned = set(needed)
             if self._pool is None:

@@ -155,6 +155,34 @@ def test_a_copy_for_a_data_loader_worker_reads_the_same_cache(tmp_path):
     assert sum(len(batch[0]) for batch in loader) == 300
 
 
+def test_workers_forked_while_a_prefetch_thread_holds_the_cache_s_lock_still_read(tmp_path):
+    """A DataLoader forks its workers (Linux's default) while a prefetch thread may hold the
+    cache's lock: a forked copy of a held lock is held for ever in the child. Each process
+    takes its own locks (the fork happens here with the lock held, deterministically)."""
+    import threading
+
+    write(Samples(), str(tmp_path / "shards"), 2048, {})
+    read = ShardedDataset(str(tmp_path / "shards"), cache_dir=str(tmp_path / "cache"))
+    read[0]
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with read.cache._lock:
+            held.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait(10)
+    loader = torch.utils.data.DataLoader(
+        read, batch_size=50, num_workers=2, timeout=20, multiprocessing_context="fork"
+    )
+    batches = iter(loader)  # the workers fork now, the lock held
+    release.set()
+    holder.join()
+    assert sum(len(batch[0]) for batch in batches) == 300
+
+
 def test_in_the_shard_order_an_epoch_fetches_each_shard_about_once_within_the_limit(
     s3_endpoint, bucket, tmp_path
 ):
