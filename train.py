@@ -134,7 +134,7 @@ def train(job: Job) -> int:
         stop = False
         model.train()
         while not run.finished() and not stop:
-            batches = iter(make_loader(dataset, sampler, cfg, device))
+            batches = run.batches(make_loader(dataset, sampler, cfg, device))  # data wait timed
             while not sampler.epoch_finished:
                 step_samples, share = sampler.step_size(), sampler.current_indices()
                 optimizer.zero_grad(set_to_none=True)

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -45,6 +46,7 @@ from spot.fsutil import atomic_write_bytes
 from spot.interruption import InterruptionMonitor
 from spot.job import Job
 from spot.run.config import ConfigError, one_line
+from spot.run.datawait import DataWait
 from spot.run.events import EventLog
 from spot.run.metrics import make_tracker, subscribe_metrics
 from spot.run.progress import Progress
@@ -69,6 +71,8 @@ class Session(contextlib.ExitStack):
         self.initial: Initial | None = None  # init.checkpoint's weights, for a run with none
         self.reclaimed = False  # the cloud takes this node: its agent must not restart workers
         self._own_disk = False  # this rank's run directory is not rank 0's (node-local disks)
+        self._data_wait = DataWait()
+        self._logged_step = 0  # the step of the last "train" event, or of the start
 
     def __enter__(self) -> Session:
         super().__enter__()
@@ -231,6 +235,11 @@ class Session(contextlib.ExitStack):
                 raise ConfigError(
                     "data.order", "shards needs a data set stored as shards (data=shards)"
                 )
+        if s.data.partitions > 1 and s.data.partitions > len(groups):
+            raise ConfigError(
+                "data.partitions",
+                f"{s.data.partitions}: at most the data set's {len(groups)} shards",
+            )
         saved = restored.state["trainer"] if restored else {}
         reference = (
             s.elastic.reference_world_size or saved.get("reference_world_size") or world.world_size
@@ -252,6 +261,7 @@ class Session(contextlib.ExitStack):
             same_micro_batches=s.trainer.strategy == "fsdp",
             groups=groups,
             window=s.data.window_shards,
+            partitions=s.data.partitions,
         )
         # The length in steps at this world size (an epoch's steps depend on it under scale_lr):
         # the progress bar's total. Training stops on the configured bounds, and the LR schedule
@@ -408,6 +418,7 @@ class Session(contextlib.ExitStack):
         the progress line."""
         s, world = self.s, self.world
         self.state = state
+        self._logged_step = state.step
         self.ledger = Ledger(self.paths, rank=world.rank) if s.data.ledger else None
         if self.ledger is not None:
             self.callback(self.ledger.close)
@@ -484,9 +495,15 @@ class Session(contextlib.ExitStack):
         if self.ledger is not None:
             self.ledger.record(self.state.step, self.state.epoch, indices)
 
+    def batches(self, loader) -> Iterator:
+        """The loader's batches, the wait for each counted: `log` reports the data wait."""
+        return self._data_wait.over(loader)
+
     def log(self, loss_sum: torch.Tensor, samples: int, lr: float, skipped: bool = False) -> None:
-        """Every `trainer.log_every` steps and at the end: the mean loss over all ranks. A step
-        whose update the fp16 scaler skipped (inf or nan gradients) is an event of its own."""
+        """Every `trainer.log_every` steps and at the end: the mean loss over all ranks, the
+        data wait per step since the last log (the slowest rank's: every rank waits for it) and
+        the bytes the data set downloaded on all ranks. A step whose update the fp16 scaler
+        skipped (inf or nan gradients) is an event of its own."""
         step = self.state.step
         if self._resumed_at is not None:  # the first step since the start: after a membership
             recovery.report(self.events, self._notes, self._resumed_at, step)  # change, its time
@@ -499,10 +516,20 @@ class Session(contextlib.ExitStack):
             self.events.emit("step_skipped", step=step, scale=self.state.precision.scale_value())
         if step % self.s.trainer.log_every and not self.finished():
             return  # .item() would sync a GPU every step
-        loss = self.world.sum(float(loss_sum)) / samples
+        waited, fetched = self._data_wait.take()
+        loss, fetched = self.world.sums([float(loss_sum), fetched])
+        wait = round(self.world.max(waited) / max(step - self._logged_step, 1), 6)
+        self._logged_step = step
         if self.progress is not None:
-            self.progress.update(step, loss=loss, lr=lr)
-        self.events.emit("train", step=step, loss=loss, lr=lr)
+            self.progress.update(step, loss=loss / samples, lr=lr)
+        self.events.emit(
+            "train",
+            step=step,
+            loss=loss / samples,
+            lr=lr,
+            data_wait_seconds=wait,
+            data_fetched_bytes=int(fetched),
+        )
 
     def _end_progress(self) -> None:
         if self.progress is not None:

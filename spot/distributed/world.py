@@ -128,6 +128,14 @@ class World:
         dist.all_reduce(tensor, group=self.control)
         return tensor.tolist()
 
+    def max(self, value: float) -> float:
+        """The largest of the ranks' values."""
+        if not self.distributed:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.control)
+        return tensor.item()
+
     def gather(self, obj: Any) -> list[Any] | None:
         """Every rank's `obj`, in rank order, on the leader (None elsewhere)."""
         if not self.distributed:

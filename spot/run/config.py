@@ -216,6 +216,7 @@ class DataConfig:
     prefetch_steps: NonNegativeInt = 8  # data=shards: the next steps' shards fetched ahead
     order: DataOrder = DataOrder.uniform  # shards: shards shuffled, samples within a window
     window_shards: PositiveInt = 4  # order=shards: the shards whose samples mix in an epoch
+    partitions: PositiveInt = 1  # order=shards: shards dealt to this many streams, one per node
     val: Any = None  # the validation split: a `_target_` node like `dataset` (null: none)
 
 
@@ -463,6 +464,8 @@ def validate(cfg: DictConfig) -> Settings:
         raise ConfigError("trainer.max_steps", "set max_steps or max_epochs (or both)")
 
     _target("data.dataset", s.data.dataset)
+    if s.data.partitions > 1 and s.data.order != DataOrder.shards:
+        raise ConfigError("data.partitions", "above 1 needs data.order=shards")
     if s.data.val is not None:
         _target("data.val", s.data.val)
     if ck.keep_best is not None and not s.eval.every_steps:

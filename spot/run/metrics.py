@@ -80,7 +80,12 @@ def accounting_figures(events: list[dict], spot_per_hour: float, on_demand_per_h
 
 # An event's own figures under the contract's names: {event: {metric: field of the event}}.
 _FIELDS = {
-    "train": {"train/loss": "loss", "train/lr": "lr"},
+    "train": {
+        "train/loss": "loss",
+        "train/lr": "lr",
+        "data/wait_seconds": "data_wait_seconds",
+        "data/fetched_bytes": "data_fetched_bytes",
+    },
     "checkpoint": {
         "ckpt/stall_seconds": "stall_seconds",
         "ckpt/persist_seconds": "persist_seconds",

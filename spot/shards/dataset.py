@@ -86,6 +86,15 @@ class ShardedDataset(Dataset):
         """The end of each shard's run of indices (data.order=shards orders by them)."""
         return list(self._ends)
 
+    @property
+    def fetched_bytes(self) -> int:
+        """Downloaded by this process so far (the data/fetched_bytes metric)."""
+        return self.cache.fetched_bytes
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(int(shard["bytes"]) for shard in self.shards)
+
     def locate(self, index: int) -> tuple[int, int]:
         """(shard number, sample number in it) of a global index."""
         if not 0 <= index < len(self):

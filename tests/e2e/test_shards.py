@@ -4,13 +4,20 @@ whose cache is empty, ending bitwise equal to an uninterrupted run on the local 
 
 from __future__ import annotations
 
+import bisect
+import functools
+import itertools
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
+from spot.distributed.sampler import ResumableBatchSampler
 from spot.run.events import read_events
+from spot.run.exitcodes import EXIT_CHECKPOINT_UNUSABLE
 from tests.e2e import test_s3
 from tests.helpers import (
     FAST,
@@ -28,11 +35,54 @@ bucket = test_s3.bucket
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("credentials")]
 
 BASE = [*FAST, "trainer.max_steps=100", "checkpoint.every_steps=20"]
+VECTORS = ["model.in_features=32", "model.num_classes=10"]  # data=vectors' samples, for the MLP
+
+
+def write_vectors(out: str, endpoint: str | None, *overrides: str) -> dict:
+    """data=vectors (with `overrides`) as shards of about 0.02 MiB (33 of them) in `out`."""
+    from spot.shards.write import dataset_of, write
+
+    return write(
+        dataset_of(list(overrides), "dataset"), out, int(0.02 * 2**20), {"endpoint_url": endpoint}
+    )
+
+
+def shards_args(url: str, endpoint: str | None, cache: Path, root: Path) -> list[str]:
+    return [
+        *BASE,
+        *VECTORS,
+        "data=shards",  # data.order=shards
+        f"data.dataset.url={url}",
+        f"data.dataset.endpoint_url={endpoint}" if endpoint else "data.dataset.endpoint_url=null",
+        f"data.cache_dir={cache}",
+        f"run.root={root}",
+    ]
+
+
+def shards_read(index: dict, run_dir: Path, position: int, until_step: int) -> list[set[int]]:
+    """The shards each epoch reads from sample `position` of epoch 0 up to `until_step` (the
+    run's own order: its seed, one rank)."""
+    seed = OmegaConf.load(run_dir / "config.yaml").seed
+    ends = list(itertools.accumulate(s["samples"] for s in index["shards"]))
+    sampler = ResumableBatchSampler(ends[-1], 64, seed=seed, groups=ends, window=4)
+    sampler.taken = [position]
+    epochs, step = [], position // 64
+    while step < until_step:
+        epochs.append(set())
+        for plan in itertools.islice(sampler.remaining_plans(), until_step - step):
+            epochs[-1] |= {bisect.bisect_right(ends, i) for batch in plan for i in batch}
+            step += 1
+        sampler.next_epoch()
+    return epochs
 
 
 def test_a_data_set_in_a_bucket_trains_resumes_on_an_empty_cache_and_matches_the_local_one(
     s3_endpoint, bucket, tmp_path, markers
 ):
+    """Written to the bucket with `python -m spot data write`; trained from it, SIGKILLed; the
+    bucket's data rewritten (other samples) is refused on resume in one line; written back,
+    resumed on a node whose cache is empty, fetching only the shards its remaining steps read:
+    bitwise equal to an uninterrupted run on a local copy of the same shards."""
     _, name = bucket
     url = f"s3://{name}/vectors"
     written = subprocess.run(
@@ -46,32 +96,48 @@ def test_a_data_set_in_a_bucket_trains_resumes_on_an_empty_cache_and_matches_the
     )
     assert written.returncode == 0, written.stderr
     assert "wrote 4096 samples in" in written.stdout
-    reference = completed_run(BASE, tmp_path / "reference")  # data=vectors, from memory
+    index = write_vectors(str(tmp_path / "local"), None)  # the same shards, on local disk
+    assert f"identity shards:{index['digest']}" in written.stdout
+    reference = completed_run(
+        shards_args(str(tmp_path / "local"), None, tmp_path / "ref-cache", tmp_path / "ref")[:-1],
+        tmp_path / "ref",
+    )
 
     cache = tmp_path / "cache"
-    args = [
-        *BASE,
-        "data=shards",
-        f"data.dataset.url={url}",
-        f"data.dataset.endpoint_url={s3_endpoint}",
-        f"data.cache_dir={cache}",
-        "data.cache_limit_gb=0.0002",  # about a third of the data set: shards evicted
-        "model.in_features=32",  # what data=vectors' config says of its samples
-        "model.num_classes=10",
-        f"run.root={tmp_path / 'runs'}",
-    ]
+    args = [*shards_args(url, s3_endpoint, cache, tmp_path / "runs"), "data.cache_limit_gb=0.0003"]
     step = run_until_failpoint(args, "train.step@step=70", markers, env=test_s3.env())
     assert step == 70
+
+    write_vectors(url, s3_endpoint, "seed=1")  # the data set rewritten in the bucket
+    refused = run_train(args, env=test_s3.env())
+    assert refused.returncode == EXIT_CHECKPOINT_UNUSABLE, refused.stderr[-2000:]
+    assert "trained on other data" in refused.stderr.strip().splitlines()[-1]
+
+    write_vectors(url, s3_endpoint)  # written back: the same bytes, the same identity
     shutil.rmtree(cache)  # a new node: nothing cached
     result = run_train(args, env=test_s3.env())
     assert result.returncode == 0, result.stderr
     run_dir = run_dir_of(tmp_path / "runs")
-    resumed = [e["step"] for e in read_events(run_dir / "events.jsonl") if e["event"] == "resume"]
-    assert len(resumed) == 1 and resumed[0] in (40, 60)  # (60 may still be writing at the kill)
+    events = read_events(run_dir / "events.jsonl")
+    resumed = [e["step"] for e in events if e["event"] == "resume"]
+    assert resumed[-1] in (40, 60)  # (60 may still be writing at the kill)
     a, b = final_state(reference), final_state(run_dir)
     for component in ("model", "optimizer"):
         assert_bitwise_equal(a[component], b[component], component)
-    assert any(cache.rglob("shard-*"))  # (the limit itself: tests/unit/test_shards.py)
+
+    # What the resumed node downloaded: each shard its remaining steps read, at most once per
+    # epoch (the shards of the next steps are never evicted), and none it skipped. (The
+    # prefetch also asks for those of the 7 steps after the last: data.prefetch_steps=8.)
+    last_start = max(i for i, e in enumerate(events) if e["event"] == "start")
+    logged = [e for e in events[last_start:] if e["event"] == "train"]
+    fetched = sum(e["data_fetched_bytes"] for e in logged)
+    read = functools.partial(shards_read, index, run_dir, resumed[-1] * 64)
+    size = {n: s["bytes"] for n, s in enumerate(index["shards"])}
+    assert sum(size[n] for n in set().union(*read(100))) <= fetched
+    assert fetched <= sum(size[n] for epoch in read(107) for n in epoch)
+    assert all(e["data_wait_seconds"] >= 0 for e in logged)
+    cached = sum(p.stat().st_size for p in cache.rglob("shard-*"))
+    assert 0 < cached <= 0.0003 * 2**30  # (the limit through an epoch: test_shards.py's unit)
 
 
 def test_a_corrupt_shard_stops_with_exit_3_and_an_unreachable_bucket_with_exit_75(
@@ -80,7 +146,7 @@ def test_a_corrupt_shard_stops_with_exit_3_and_an_unreachable_bucket_with_exit_7
     """A shard in the bucket that does not match its index (downloaded twice): exit 3 and one
     line naming it. The bucket unreachable for the shards (503 on each, after botocore's
     retries): exit 75, retry later, never called corrupt."""
-    from spot.run.exitcodes import EXIT_CHECKPOINT_UNUSABLE, EXIT_PREEMPTED
+    from spot.run.exitcodes import EXIT_PREEMPTED
     from spot.shards.write import write
     from tests.faultproxy import FaultProxy
     from tests.unit.test_shards import Samples

@@ -112,3 +112,32 @@ def test_a_recovery_becomes_its_total_and_its_parts():
     total = "elastic/recovery_seconds"
     parts = [v for k, v in figures.items() if k.startswith("elastic/recovery_") and k != total]
     assert len(parts) == 6 and sum(parts) == pytest.approx(4.0)
+
+
+def test_the_data_wait_counts_the_time_batches_took_to_arrive_and_the_bytes_fetched():
+    """DataWait (the data/wait_seconds and data/fetched_bytes figures): a batch that takes
+    0.2 s to arrive is 0.2 s of waiting; the bytes are the data set's, since the last take,
+    carried over from one epoch's loader to the next."""
+    import time
+
+    from spot.run.datawait import DataWait
+
+    class Slow(list):
+        fetched_bytes = 0
+
+        def __iter__(self):
+            for item in super().__iter__():
+                if item == "slow":
+                    time.sleep(0.2)
+                Slow.fetched_bytes += 10
+                yield item
+
+    loader = Slow(["a", "slow", "b"])
+    loader.dataset = loader
+    wait = DataWait()
+    assert list(wait.over(loader)) == ["a", "slow", "b"]
+    seconds, fetched = wait.take()
+    assert seconds >= 0.2 and fetched == 30
+    assert wait.take() == (0.0, 0)
+    assert next(wait.over(loader)) == "a"  # the next epoch's loader, the same data set
+    assert wait.take()[1] == 10

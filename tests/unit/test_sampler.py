@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import bisect
+
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -17,6 +19,7 @@ def samplers(n, batch, world, seed=0, **order):
 
 
 SHARDS = {"groups": [10, 25, 40, 52, 70, 81, 95, 103], "window": 2}  # shards of uneven sizes
+PARTITIONS = {**SHARDS, "partitions": 3}  # streams of uneven lengths
 
 
 def consume(group, steps):
@@ -38,7 +41,7 @@ def test_order_depends_only_on_seed_and_epoch():
     assert not torch.equal(a.epoch_order(2), ResumableBatchSampler(100, 10, seed=4).epoch_order(2))
 
 
-@pytest.mark.parametrize("order", [{}, SHARDS], ids=["uniform", "shards"])
+@pytest.mark.parametrize("order", [{}, SHARDS, PARTITIONS], ids=["uniform", "shards", "partitions"])
 @pytest.mark.parametrize("before,after", [(1, 1), (2, 3), (4, 1), (3, 2)])
 def test_exactly_once_across_world_size_change(before, after, order):
     n, batch = 103, 4  # not divisible: a short last step
@@ -142,3 +145,40 @@ def test_a_position_saved_under_another_order_is_refused():
     shards = ResumableBatchSampler(103, 4, seed=0, **SHARDS)
     with pytest.raises(ValueError, match="order="):
         ResumableBatchSampler(103, 4, seed=0).load_state_dict(shards.state_dict())
+
+
+def shards_read(group, ends) -> list[set[int]]:
+    """The shards each of `group`'s ranks reads in an epoch."""
+    read = [set() for _ in group]
+    for rank, sampler in enumerate(group):
+        for plan in sampler.remaining_plans():
+            read[rank] |= {bisect.bisect_right(ends, i) for batch in plan for i in batch}
+    return read
+
+
+@pytest.mark.parametrize("nodes,share", [(4, 1 / 4), (2, 1 / 2), (1, 1.0)])
+def test_with_partitions_a_node_reads_only_its_share_of_the_shards(nodes, share):
+    """data.partitions=4: with 4 nodes (or 2: a divisor), each node's ranks read only the
+    shards of their partitions in an epoch, 1/nodes of the data set, where one partition has
+    every node read nearly every shard. Still every index once."""
+    ends, per_node = list(range(40, 40 * 32 + 1, 40)), 2  # 32 shards of 40
+    group = samplers(ends[-1], 8, nodes * per_node, seed=5, groups=ends, window=2, partitions=4)
+    read = shards_read(group, ends)
+    for node in range(nodes):
+        mine = set().union(*read[node * per_node : (node + 1) * per_node])
+        assert len(mine) == 32 * share, (node, sorted(mine))
+    seen = [i for s in group for plan in s.remaining_plans() for b in plan for i in b]
+    assert sorted(seen) == list(range(ends[-1]))
+    single = samplers(ends[-1], 8, 4 * per_node, seed=5, groups=ends, window=2)
+    whole = shards_read(single, ends)
+    assert min(len(set().union(*whole[n * 2 : n * 2 + 2])) for n in range(4)) > 24
+
+
+def test_partitions_need_shards_and_are_part_of_the_order():
+    with pytest.raises(ValueError, match="partitions=2"):
+        ResumableBatchSampler(103, 4, seed=0, partitions=2)
+    with pytest.raises(ValueError, match="partitions=9"):
+        ResumableBatchSampler(103, 4, seed=0, **{**SHARDS, "partitions": 9})
+    two = ResumableBatchSampler(103, 4, seed=0, **PARTITIONS)
+    with pytest.raises(ValueError, match="order="):
+        ResumableBatchSampler(103, 4, seed=0, **SHARDS).load_state_dict(two.state_dict())
