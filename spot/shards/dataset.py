@@ -18,14 +18,19 @@ is where the bytes come from:
   resume (spot/run/data_identity.py).
 
 DataLoader workers each get a copy (pickled without the client or threads) that reads the same
-cache: a shard one of them fetched is there for all (atomic renames).
+cache: a shard one of them fetched is there for all (atomic renames). So do the ranks of a node:
+each process evicts only shards it used, never one any live reader of the directory pinned
+(`.pins-<pid>-<n>` files), and fetches again a shard another one evicted.
 """
 
 from __future__ import annotations
 
 import errno
+import itertools
+import json
 import logging
 import os
+import shutil
 import threading
 import time
 import uuid
@@ -135,7 +140,11 @@ class ShardedDataset(Dataset):
 
     def _download(self, name: str, target: Path) -> None:
         if not is_url(self.url):
-            os.link(Path(self.url).expanduser() / name, target)  # (a copy where links fail)
+            source = Path(self.url).expanduser() / name
+            try:
+                os.link(source, target)
+            except OSError:  # another file system (or one without links): a copy
+                shutil.copyfile(source, target)
             return
         self._bucket_of().download(f"{self._prefix}/{name}".lstrip("/"), target)
 
@@ -151,6 +160,7 @@ class ShardCache:
 
     def __init__(self, directory: Path, limit: int, fetch, shards: list[dict]):
         self.directory, self.limit, self.fetch, self.shards = directory, limit, fetch, shards
+        self._numbers = {shard["name"]: number for number, shard in enumerate(shards)}
         self.directory.mkdir(parents=True, exist_ok=True)
         self.threads = 4
         self.pinned: set[int] = set()
@@ -177,6 +187,7 @@ class ShardCache:
         """This process's own locks, threads and open files: a DataLoader worker forked while
         a prefetch thread held a lock would otherwise wait on it for ever."""
         self._pid = os.getpid()
+        self._pins = self.directory / f".pins-{self._pid}-{next(_READERS)}"
         self._lock = threading.Lock()
         self._locks, self._pending, self._open, self._pool = {}, {}, {}, None
 
@@ -189,9 +200,12 @@ class ShardCache:
         opened = self._open.get(shard)
         if opened is None:
             began = time.perf_counter()
-            path = self._ensure(shard)
+            try:
+                opened = ShardFile(self._ensure(shard))
+            except FileNotFoundError:  # another reader of the directory evicted it just now
+                opened = ShardFile(self._ensure(shard))
             self.waited_seconds += time.perf_counter() - began
-            opened = self._open[shard] = ShardFile(path)
+            self._open[shard] = opened
         with self._lock:
             self._used[shard] = None
             self._used.move_to_end(shard)
@@ -200,7 +214,9 @@ class ShardCache:
     def prefetch(self, needed: list[int]) -> None:
         self._here()
         with self._lock:
-            self.pinned = set(needed)
+            if set(needed) != self.pinned:
+                self.pinned = set(needed)
+                self._publish_pins()
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="shard-fetch")
             for shard in needed:
@@ -219,7 +235,8 @@ class ShardCache:
     def _fetched(self, shard: int) -> Path:
         entry = self.shards[shard]
         path = self.directory / entry["name"]
-        if shard in self._used or (path.exists() and self._matches(path, entry)):
+        known = shard in self._used and path.exists()  # (another reader may have evicted it)
+        if known or (path.exists() and self._matches(path, entry)):
             with self._lock:
                 self._used.setdefault(shard, None)
             return path
@@ -258,10 +275,51 @@ class ShardCache:
         size, digest = digest_file(path)
         return size == entry["bytes"] and digest == entry["digest"]
 
+    def _publish_pins(self) -> None:
+        """What this reader's next steps need, for the other readers of the directory."""
+        part = self._pins.with_name(f"{self._pins.name}.tmp")
+        part.write_text(json.dumps(sorted(self.pinned)))
+        os.replace(part, self._pins)
+
+    def _pinned_elsewhere(self) -> set[int]:
+        """The shards other live readers of the directory pinned (a dead one's pins go)."""
+        pinned: set[int] = set()
+        for path in self.directory.glob(".pins-*-*"):
+            if path == self._pins or path.suffix == ".tmp":
+                continue
+            try:
+                os.kill(int(path.name.split("-")[1]), 0)
+            except ProcessLookupError:
+                path.unlink(missing_ok=True)
+                continue
+            except (PermissionError, ValueError):
+                pass  # alive, another user's
+            try:
+                pinned.update(json.loads(path.read_text()))
+            except (OSError, ValueError):
+                continue  # removed meanwhile
+        return pinned
+
+    def _on_disk(self) -> dict[int, tuple[int, float]]:
+        """The shards in the directory, every reader's: {number: (bytes, when fetched)}."""
+        found = {}
+        for entry in os.scandir(self.directory):
+            number = self._numbers.get(entry.name)
+            if number is not None:
+                try:
+                    stat = entry.stat()
+                except FileNotFoundError:
+                    continue
+                found[number] = (stat.st_size, stat.st_mtime)
+        return found
+
     def _evict(self, keep: int) -> None:
-        """Least recently used first, until under the limit; never a pinned one or `keep`."""
+        """Until the directory is under the limit: the shards this reader used, least recently
+        first, then the others' (or an earlier process's), oldest first; never one pinned by any
+        live reader, nor `keep`. (A reader whose shard another evicted fetches it again.)"""
         with self._lock:
-            total = sum(self.shards[s]["bytes"] for s in self._used)
+            on_disk = self._on_disk()
+            total = sum(size for size, _ in on_disk.values())
             pinned = sum(self.shards[s]["bytes"] for s in self.pinned)
             if pinned > self.limit and not self._warned:
                 self._warned = True
@@ -272,18 +330,26 @@ class ShardCache:
                     pinned / 2**20,
                     self.limit / 2**20,
                 )
-            for shard in list(self._used):
+            if total <= self.limit:
+                return
+            spared = {keep, *self.pinned, *self._pinned_elsewhere()}
+            others = sorted((at, n) for n, (_, at) in on_disk.items() if n not in self._used)
+            for shard in [*self._used, *(n for _, n in others)]:
                 if total <= self.limit:
                     break
-                if shard == keep or shard in self.pinned:
+                if shard in spared or shard not in on_disk:
                     continue
-                self._used.pop(shard)
+                self._used.pop(shard, None)
                 self._open.pop(shard, None)
                 (self.directory / self.shards[shard]["name"]).unlink(missing_ok=True)
-                total -= self.shards[shard]["bytes"]
+                total -= on_disk[shard][0]
 
     def cached_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.directory.glob("shard-*"))
+        """The shards in the directory, every reader's."""
+        return sum(size for size, _ in self._on_disk().values())
+
+
+_READERS = itertools.count()  # tells apart the readers of one process (each data set's cache)
 
 
 class DataUnavailable(RuntimeError):

@@ -4,6 +4,7 @@ tests/e2e/test_shards.py."""
 
 from __future__ import annotations
 
+import os
 import pickle
 
 import pytest
@@ -212,3 +213,64 @@ def test_in_the_shard_order_an_epoch_fetches_each_shard_about_once_within_the_li
                 )
         fetched[order] = read.cache.fetched_bytes / size
     assert fetched["shards"] <= 1.2 and fetched["uniform"] > 3 * fetched["shards"], fetched
+
+
+PINNING_READER = """
+import sys
+from spot.shards.dataset import ShardedDataset
+url, cache, limit, end = sys.argv[1:]
+read = ShardedDataset(url, cache_dir=cache, cache_limit_gb=float(limit))
+read.prefetch(range(int(end)))
+for i in range(int(end)):
+    read[i]
+print("pinned", flush=True)
+sys.stdin.read()  # until the test closes stdin
+"""
+
+
+def test_the_ranks_of_a_node_share_the_cache_and_never_evict_what_another_pinned(tmp_path):
+    """Two readers of one cache directory (the ranks of a node), each a process: the other
+    one's pinned shards are never evicted, the directory stays under the limit but for them;
+    once it has exited, they are not spared. A shard another reader evicted is fetched again."""
+    import subprocess
+    import sys
+
+    write(Samples(), str(tmp_path / "shards"), 2048, {})
+    url, cache = str(tmp_path / "shards"), tmp_path / "cache"
+    read = ShardedDataset(url, cache_dir=str(cache), cache_limit_gb=1)
+    theirs = {0, 1}
+    end = read.shard_ends[1]
+    largest = max(s["bytes"] for s in read.shards)
+    limit = 2 * largest
+    other = subprocess.Popen(
+        [sys.executable, "-c", PINNING_READER, url, str(cache), str(limit / 2**30), str(end)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert other.stdout.readline().strip() == "pinned"
+        read = ShardedDataset(url, cache_dir=str(cache), cache_limit_gb=limit / 2**30)
+        names = {n: s["name"] for n, s in enumerate(read.shards)}
+        folder = read.cache.directory
+        pinned_bytes = sum(read.shards[n]["bytes"] for n in theirs)
+        for i in range(end, len(read)):
+            read.prefetch([i])
+            assert_same(read[i], Samples()[i])
+            assert all((folder / names[n]).exists() for n in theirs)
+            assert read.cache.cached_bytes() <= limit + pinned_bytes + largest
+    finally:
+        other.stdin.close()
+        other.wait(30)
+    for i in range(end, len(read)):  # the other reader gone: its shards may go too
+        read.prefetch([i])
+        read[i]
+    assert not all((folder / names[n]).exists() for n in theirs)
+    assert read.cache.cached_bytes() <= limit
+    assert not list(folder.glob(".pins-*")) or all(
+        str(os.getpid()) in p.name for p in folder.glob(".pins-*")
+    )
+    last = read.locate(len(read) - 1)[0]
+    read.cache._open.clear()  # as if another reader had evicted it after we opened it:
+    (folder / names[last]).unlink()
+    assert_same(read[len(read) - 1], Samples()[len(read) - 1])  # fetched again
