@@ -48,8 +48,8 @@ def write_vectors(out: str, endpoint: str | None, *overrides: str) -> dict:
 
 
 def shards_args(url: str, endpoint: str | None, cache: Path, root: Path) -> list[str]:
+    """train.py on the shards at `url` (data=shards, in the shard order), cached in `cache`."""
     return [
-        *BASE,
         *VECTORS,
         "data=shards",  # data.order=shards
         f"data.dataset.url={url}",
@@ -98,13 +98,12 @@ def test_a_data_set_in_a_bucket_trains_resumes_on_an_empty_cache_and_matches_the
     assert "wrote 4096 samples in" in written.stdout
     index = write_vectors(str(tmp_path / "local"), None)  # the same shards, on local disk
     assert f"identity shards:{index['digest']}" in written.stdout
-    reference = completed_run(
-        shards_args(str(tmp_path / "local"), None, tmp_path / "ref-cache", tmp_path / "ref")[:-1],
-        tmp_path / "ref",
-    )
+    local = shards_args(str(tmp_path / "local"), None, tmp_path / "ref-cache", tmp_path / "ref")
+    reference = completed_run([*BASE, *local[:-1]], tmp_path / "ref")  # (run.root: its own)
 
     cache = tmp_path / "cache"
-    args = [*shards_args(url, s3_endpoint, cache, tmp_path / "runs"), "data.cache_limit_gb=0.0003"]
+    args = [*BASE, *shards_args(url, s3_endpoint, cache, tmp_path / "runs")]
+    args.append("data.cache_limit_gb=0.0003")  # about a third of the data set
     step = run_until_failpoint(args, "train.step@step=70", markers, env=test_s3.env())
     assert step == 70
 
@@ -187,3 +186,39 @@ def test_a_corrupt_shard_stops_with_exit_3_and_an_unreachable_bucket_with_exit_7
     assert bad.returncode == EXIT_CHECKPOINT_UNUSABLE, bad.stderr[-2000:]
     last = bad.stderr.strip().splitlines()[-1]
     assert last.startswith("data error: shard shard-00000.bin does not match its index"), last
+
+
+def test_from_a_bucket_2_then_3_then_1_ranks_with_sigkills_read_each_sample_once(
+    s3_endpoint, bucket, tmp_path, markers
+):
+    """One epoch from the bucket in the shard order with two partitions: 2 ranks, SIGKILLed;
+    3 ranks, SIGKILLed; 1 rank to the end. The ledger: every sample of the epoch exactly once
+    across both changes, though each world took its own part of each partition per step."""
+    from tests.e2e.test_elastic import epoch_indices, ranks
+
+    _, name = bucket
+    url = f"s3://{name}/vectors"
+    write_vectors(url, s3_endpoint)
+    args = [
+        *FAST,
+        *shards_args(url, s3_endpoint, tmp_path / "cache", tmp_path / "runs"),
+        "trainer.max_steps=null",
+        "trainer.max_epochs=1",  # 4096 samples: 128, then 192, then 64 per step
+        "checkpoint.every_steps=5",
+        "data.ledger=true",
+        "data.partitions=2",
+        "data.cache_limit_gb=0.0003",
+        "elastic.reference_world_size=2",
+    ]
+    env = test_s3.env()
+    assert run_until_failpoint([*args, *ranks(2)], "train.step@step=12", markers, env=env) == 12
+    assert run_until_failpoint([*args, *ranks(3)], "train.step@step=17", markers, env=env) == 17
+    result = run_train([*args, *ranks(1)], env=env, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_dir = run_dir_of(tmp_path / "runs")
+    events = read_events(run_dir / "events.jsonl")
+    changes = [
+        (e["previous"], e["world_size"]) for e in events if e["event"] == "world_size_change"
+    ]
+    assert changes == [(2, 3), (3, 1)]
+    assert epoch_indices(run_dir, 0) == list(range(4096))  # nothing skipped, nothing twice
