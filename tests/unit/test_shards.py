@@ -274,3 +274,58 @@ def test_the_ranks_of_a_node_share_the_cache_and_never_evict_what_another_pinned
     read.cache._open.clear()  # as if another reader had evicted it after we opened it:
     (folder / names[last]).unlink()
     assert_same(read[len(read) - 1], Samples()[len(read) - 1])  # fetched again
+
+
+FULL_DISK_READER = """
+import sys
+from spot.shards.dataset import ShardedDataset
+from spot.shards.format import ShardError
+url, cache, endpoint = sys.argv[1:]
+read = ShardedDataset(url, cache_dir=cache, endpoint_url=endpoint or None)
+try:
+    for i in range(len(read)):
+        read[i]
+except ShardError as exc:
+    print(f"ShardError: {exc}")
+"""
+
+
+def _can_mount_a_small_disk() -> bool:
+    import shutil
+    import subprocess
+
+    if shutil.which("unshare") is None:
+        return False
+    mount = "mount -t tmpfs -o size=16k none /mnt"
+    return (
+        subprocess.run(["unshare", "-rm", "sh", "-c", mount], capture_output=True).returncode == 0
+    )
+
+
+@pytest.mark.skipif(not _can_mount_a_small_disk(), reason="no user namespaces to mount a tmpfs")
+@pytest.mark.parametrize("source", ["directory", "bucket"])
+def test_a_cache_on_a_full_disk_is_one_clear_line(source, s3_endpoint, bucket, tmp_path):
+    """The cache directory on a 16 KiB file system (a tmpfs in a user namespace) and shards of
+    about 8 KiB: the download that fills it stops with one line saying the disk is full, from a
+    directory (copied: another file system) and from the bucket; never 'unreachable'."""
+    import subprocess
+    import sys
+
+    _, name = bucket
+    url = str(tmp_path / "shards") if source == "directory" else f"s3://{name}/ds"
+    write(Samples(2000), url, 8192, {"endpoint_url": s3_endpoint})
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    endpoint = s3_endpoint if source == "bucket" else ""
+    script = 'mount -t tmpfs -o size=16k none "$1" && exec "$2" -c "$3" "$4" "$1/spot" "$5"'
+    read = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", script, "sh", str(cache), sys.executable]
+        + [FULL_DISK_READER, url, endpoint],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert read.returncode == 0, read.stderr[-2000:]
+    (line,) = read.stdout.strip().splitlines()
+    assert line.startswith(f"ShardError: the shard cache {cache}/spot/"), line
+    assert line.endswith("is on a full disk"), line
