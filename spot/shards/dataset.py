@@ -62,6 +62,8 @@ class ShardedDataset(Dataset):
         region: str | None = None,
         account: str | None = None,
     ):
+        if not url:
+            raise ValueError("url is not set: the shards' directory or s3://, gs://, az:// URL")
         self.url = url.rstrip("/")
         self.remote = {"endpoint_url": endpoint_url, "region": region, "account": account}
         self.prefetch_threads = prefetch_threads

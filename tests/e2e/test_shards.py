@@ -222,3 +222,31 @@ def test_from_a_bucket_2_then_3_then_1_ranks_with_sigkills_read_each_sample_once
     ]
     assert changes == [(2, 3), (3, 1)]
     assert epoch_indices(run_dir, 0) == list(range(4096))  # nothing skipped, nothing twice
+
+
+def test_a_validation_split_of_shards_is_evaluated_and_an_unset_one_is_one_line(tmp_path):
+    """`data write --split val` and data.val.url: evaluation reads it (its own cache, the
+    dataset's keys); eval.every_steps without data.val.url exits 2 naming the key."""
+    from spot.shards.write import dataset_of, write
+
+    write(dataset_of([], "dataset"), str(tmp_path / "train"), 2**16, {})
+    write(dataset_of([], "val"), str(tmp_path / "val"), 2**16, {})
+    args = [
+        *FAST,
+        *shards_args(str(tmp_path / "train"), None, tmp_path / "cache", tmp_path / "runs"),
+        "trainer.max_steps=10",
+        "eval.every_steps=5",
+    ]
+    unset = run_train(args)
+    assert unset.returncode == 2, unset.stderr[-2000:]
+    assert unset.stderr.strip().splitlines()[-1].startswith("config error: data.val: ")
+    assert "url is not set" in unset.stderr
+    result = run_train([*args, f"data.val.url={tmp_path / 'val'}"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    evals = [
+        e
+        for e in read_events(run_dir_of(tmp_path / "runs") / "events.jsonl")
+        if e["event"] == "eval"
+    ]
+    assert [e["step"] for e in evals] == [5, 10] and all(e["loss"] > 0 for e in evals)
+    assert len(list((tmp_path / "cache").glob("shards/*"))) == 2  # train's and val's

@@ -134,6 +134,25 @@ def test_run_id_is_stable_and_ignores_non_training_keys():
         ]
     )
     assert a != run_id_from_overrides(["optimizer.lr=0.2", "trainer.max_steps=10"])
+
+
+def test_where_the_shards_are_read_from_and_cached_is_not_another_run():
+    """data=shards on a new node: another copy of the data set (its identity is checked on
+    resume), another cache limit or prefetch depth resume the same run; another order does not."""
+    base = ["data=shards", "model.in_features=32", "data.dataset.url=s3://a/ds"]
+    a = run_id_from_overrides(base)
+    assert a == run_id_from_overrides(
+        [
+            *base[:2],
+            "data.dataset.url=gs://b/copy",
+            "data.dataset.endpoint_url=http://127.0.0.1:9000",
+            "data.dataset.region=eu-west-1",
+            "data.dataset.account=acct",
+            "data.cache_limit_gb=50",
+            "data.prefetch_steps=16",
+        ]
+    )
+    assert a != run_id_from_overrides([*base, "data.partitions=2"])
     assert len(a) == 12 and a.isalnum()
 
 
