@@ -111,6 +111,17 @@ class StdlibBytes(Dataset):
         return (len(self.data) - 1) // self.block_size
 
     def __getitem__(self, index: int):
+        return next_byte_pairs(self.stored(index))
+
+    def stored(self, index: int) -> torch.Tensor:
+        """The window as `python -m spot data write` stores it: its block_size + 1 bytes, 16
+        times smaller than the int64 pairs; `next_byte_pairs` makes the pairs again (the
+        reader's `data.dataset.transform`: conf/data/stdlib_shards.yaml)."""
         start = index * self.block_size
-        window = torch.from_numpy(self.data[start : start + self.block_size + 1].astype(np.int64))
-        return window[:-1], window[1:]
+        return torch.from_numpy(np.array(self.data[start : start + self.block_size + 1]))
+
+
+def next_byte_pairs(window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) of a window of bytes: targets shifted by one, as int64 class indices."""
+    window = window.to(torch.int64)
+    return window[:-1], window[1:]

@@ -36,7 +36,7 @@ import time
 import uuid
 from bisect import bisect_right
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import islice
 from pathlib import Path
@@ -61,12 +61,16 @@ class ShardedDataset(Dataset):
         endpoint_url: str | None = None,
         region: str | None = None,
         account: str | None = None,
+        transform: Callable | None = None,
     ):
+        """`transform`: what each stored sample becomes (a data set that stores a compact form,
+        `stored(i)`, names the function that expands it: conf/data/stdlib_shards.yaml)."""
         if not url:
             raise ValueError("url is not set: the shards' directory or s3://, gs://, az:// URL")
         self.url = url.rstrip("/")
         self.remote = {"endpoint_url": endpoint_url, "region": region, "account": account}
         self.prefetch_threads = prefetch_threads
+        self.transform = transform
         self._bucket, self._prefix = None, ""
         body = self._read_index()
         self.index = parse_index(body, f"{self.url}/{INDEX}")
@@ -111,7 +115,8 @@ class ShardedDataset(Dataset):
 
     def __getitem__(self, index: int):
         shard, number = self.locate(int(index))
-        return self.cache.open(shard)[number]
+        sample = self.cache.open(shard)[number]
+        return sample if self.transform is None else self.transform(sample)
 
     def prefetch(self, indices: Iterable[int]) -> None:
         """Pin and fetch ahead the shards of `indices` (in the order they are needed)."""

@@ -44,7 +44,9 @@ _DTYPES = [
     torch.int8,
     torch.uint8,
     torch.bool,
-]
+    torch.uint16,  # token ids of a vocabulary up to 65536, half of int32's bytes
+    torch.uint32,
+]  # (codes are stored: new ones only at the end)
 _CODE = {dtype: code for code, dtype in enumerate(_DTYPES)}
 
 

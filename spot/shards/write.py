@@ -43,11 +43,19 @@ def dataset_of(overrides: list[str], split: str):
     return instantiate(node)
 
 
+def samples(dataset):
+    """What is stored of each sample: `dataset.stored(i)` where the data set defines it (a
+    compact form, e.g. a window of tokens as uint16 rather than int64 pairs, which the reader's
+    `data.dataset.transform` expands again), else `dataset[i]`."""
+    stored = getattr(dataset, "stored", dataset.__getitem__)
+    return (stored(number) for number in range(len(dataset)))
+
+
 def write(dataset, out: str, shard_bytes: int, remote: dict) -> dict:
     if not is_url(out):
         writer = ShardWriter(Path(out).expanduser(), shard_bytes)
-        for number in range(len(dataset)):
-            writer.add(dataset[number])
+        for sample in samples(dataset):
+            writer.add(sample)
         return writer.close()
     from spot.checkpoint.upload import send_files
 
@@ -56,8 +64,8 @@ def write(dataset, out: str, shard_bytes: int, remote: dict) -> dict:
     bucket.check_access()
     with tempfile.TemporaryDirectory(prefix="spot-shards-") as tmp:
         writer = ShardWriter(Path(tmp), shard_bytes)
-        for number in range(len(dataset)):
-            writer.add(dataset[number])
+        for sample in samples(dataset):
+            writer.add(sample)
         index = writer.close()
         keys = {s["name"]: f"{prefix}/{s['name']}".lstrip("/") for s in index["shards"]}
         send_files(bucket, keys, Path(tmp), {s["name"]: s for s in index["shards"]})

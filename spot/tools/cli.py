@@ -236,7 +236,17 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    after: list[str] = []
+    if "--" in argv:  # the Hydra overrides of a tool that takes them: argparse alone drops them
+        at = argv.index("--")  # after an option that follows a positional (`write OUT --x 1 --`)
+        argv, after = argv[:at], argv[at + 1 :]
+    tools = parser()
+    args = tools.parse_args(argv)
+    if after:
+        if not hasattr(args, "overrides"):
+            tools.error(f"{args.command} takes no overrides after --")
+        args.overrides = [*args.overrides, *after]
     return args.func(args)
 
 

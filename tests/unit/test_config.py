@@ -72,6 +72,7 @@ def test_every_option_composes_and_validates(group, option):
             "images": ["model=cnn"],
             "stdlib": ["model=gpt"],
             "shards": ["data.dataset.url=s3://b/ds", "model.in_features=8", "model.num_classes=2"],
+            "stdlib_shards": ["data.dataset.url=s3://b/ds", "model=gpt", "model.block_size=128"],
         }.get(option, []),
     }
     cfg = composed(f"{group}={option}", *extra.get(group, []))
@@ -374,6 +375,8 @@ def test_the_schema_and_the_yaml_defaults_cannot_drift():
                 "stdlib": ["model=gpt"],
                 "shards": ["data.dataset.url=s3://b/ds", "model.in_features=8"]
                 + ["model.num_classes=2"],
+                "stdlib_shards": ["data.dataset.url=s3://b/ds", "model=gpt"]
+                + ["model.block_size=128"],
             }.get(option, [])
             composed_option = composed(f"{group}={option}", *extra)
             for key in _leaves(OmegaConf.to_container(composed_option[group], resolve=False)):

@@ -162,3 +162,33 @@ def test_the_model_is_causal():
     assert torch.equal(la[0, :10], lb[0, :10]) and not torch.equal(la[0, 10:], lb[0, 10:])
     with pytest.raises(ValueError, match="longer than block_size"):
         model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_the_corpus_as_shards_stores_windows_of_bytes_and_reads_back_the_same_pairs(tmp_path):
+    """`python -m spot data write -- data=stdlib` stores each window as its 129 bytes
+    (`stored`); data=stdlib_shards' transform makes the same int64 pairs again, bitwise, from
+    shards about 16 times smaller than the pairs would be."""
+    from spot.shards.dataset import ShardedDataset
+    from spot.shards.write import write
+
+    full = StdlibBytes(str(tmp_path / "corpus"), block_size=128)
+
+    class First(torch.utils.data.Dataset):  # the first 600 windows, stored as the corpus does
+        def __len__(self):
+            return 600
+
+        def __getitem__(self, i):
+            return full[i]
+
+        def stored(self, i):
+            return full.stored(i)
+
+    index = write(First(), str(tmp_path / "shards"), 2**16, {})
+    read = ShardedDataset(
+        str(tmp_path / "shards"), cache_dir=str(tmp_path / "c"), transform=corpus.next_byte_pairs
+    )
+    for i in (0, 1, 299, 599):
+        (x, y), (a, b) = read[i], full[i]
+        assert x.dtype == a.dtype == torch.int64 and torch.equal(x, a) and torch.equal(y, b)
+    stored = sum(s["bytes"] for s in index["shards"])
+    assert stored < 600 * 2 * 128 * 8 / 12  # int64 pairs: 2 KiB a window

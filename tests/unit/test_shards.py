@@ -329,3 +329,16 @@ def test_a_cache_on_a_full_disk_is_one_clear_line(source, s3_endpoint, bucket, t
     (line,) = read.stdout.strip().splitlines()
     assert line.startswith(f"ShardError: the shard cache {cache}/spot/"), line
     assert line.endswith("is on a full disk"), line
+
+
+def test_data_write_takes_the_overrides_after_its_options(tmp_path, capsys):
+    """`python -m spot data write OUT --shard-mb 0.01 -- data.dataset.size=100` (argparse alone
+    refused the overrides after an option that follows the positional)."""
+    from spot.tools.cli import main
+
+    out = tmp_path / "shards"
+    assert (
+        main(["data", "write", str(out), "--shard-mb", "0.01", "--", "data.dataset.size=100"]) == 0
+    )
+    assert "wrote 100 samples in" in capsys.readouterr().out
+    assert len(ShardedDataset(str(out), cache_dir=str(tmp_path / "c"))) == 100
