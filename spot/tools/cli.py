@@ -193,6 +193,12 @@ COMMANDS = {
         "add_arguments",
         "command",
     ),
+    "bench-data": (
+        "a data set of shards from a bucket vs local disk vs mosaic streaming, side by side",
+        "spot.tools.bench_data",
+        "add_arguments",
+        "command",
+    ),
     "bench-restart": (
         "elastic worker restarts, forkserver vs spawn, side by side: where the time goes",
         "spot.tools.restart_bench",
