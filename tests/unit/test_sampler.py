@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import itertools
 
 import pytest
 import torch
@@ -182,3 +183,42 @@ def test_partitions_need_shards_and_are_part_of_the_order():
     two = ResumableBatchSampler(103, 4, seed=0, **PARTITIONS)
     with pytest.raises(ValueError, match="order="):
         ResumableBatchSampler(103, 4, seed=0, **SHARDS).load_state_dict(two.state_dict())
+
+
+def test_what_a_world_size_change_costs_with_partitions():
+    """data.partitions=4, 2 ranks a node, 64 shards: at 3 nodes (not a divisor of 4) a node reads
+    half the shards, not a third; from 4 nodes to 3 at half the epoch, the nodes together fetch
+    1.25 times the data set in that epoch (a node keeps its cache), 1.0 without the change."""
+    ends = list(range(100, 6401, 100))
+
+    def group(nodes, state=None):
+        ranks = samplers(6400, 16, 2 * nodes, seed=1, groups=ends, window=4, partitions=4)
+        for sampler in ranks if state else ():
+            sampler.load_state_dict(state)
+        return ranks
+
+    def by_node(read):
+        return [set().union(*read[n : n + 2]) for n in range(0, len(read), 2)]
+
+    assert max(len(s) for s in by_node(shards_read(group(3), ends))) == 32
+    four = group(4)
+    half = four[0].steps_per_epoch() // 2
+    before = by_node(shards_read([_Steps(s, half) for s in four], ends))
+    for sampler in four:
+        for _ in range(half):
+            sampler.advance()
+    after = by_node(shards_read(group(3, four[0].state_dict()), ends))
+    fetched = sum(map(len, before)) + sum(
+        len(a - b) for a, b in zip(after, before[:3], strict=True)
+    )
+    assert fetched == 80 and sum(map(len, by_node(shards_read(group(4), ends)))) == 64
+
+
+class _Steps:
+    """A sampler's first `steps` steps only."""
+
+    def __init__(self, sampler, steps: int):
+        self.sampler, self.steps = sampler, steps
+
+    def remaining_plans(self):
+        return itertools.islice(self.sampler.remaining_plans(), self.steps)
