@@ -49,7 +49,8 @@ from spot.run.metrics import tracker_imports
 from spot.run.preflight import validate_command_line
 from spot.run.schedule import build_scheduler, set_position
 from spot.session import Session
-from spot.shards.dataset import DataUnavailable, prefetching
+from spot.shards.cache import DataUnavailable
+from spot.shards.dataset import prefetching
 from spot.shards.format import ShardError
 
 log = logging.getLogger("train")

@@ -220,20 +220,32 @@ class ResumableBatchSampler:
                     f"data position was saved with {key}={state[key]!r}, this run has "
                     f"{mine!r}: the remaining samples cannot be matched"
                 )
+        taken = [int(n) for n in state.get("taken", [state["consumed"]])]
+        streams = self.epoch_streams(int(state["epoch"]))
+        if (
+            len(taken) != self.partitions
+            or sum(taken) != state["consumed"]
+            or not all(0 <= n <= len(s) for n, s in zip(taken, streams, strict=True))
+        ):
+            raise ValueError(
+                f"data position {taken} does not fit {self.partitions} partition(s) and "
+                f"{state['consumed']} samples consumed"
+            )
         self.epoch = int(state["epoch"])
-        self.taken = [int(n) for n in state.get("taken", [state["consumed"]])]
+        self.taken = taken
 
 
 def _split(total: int, left: list[int]) -> list[int]:
-    """`total` samples taken from streams with `left` samples each: near-equal parts, the
-    first streams one more where it does not divide; a stream short of its part gives the rest
-    to the others."""
+    """`total` samples taken from streams with `left` samples each: near-equal parts, one more
+    from the streams with the most left where it does not divide (so the streams drain
+    together); a stream short of its part gives the rest to the others."""
     parts = [0] * len(left)
     while total:
         open_ = [i for i, n in enumerate(left) if parts[i] < n]
         base, extra = divmod(total, len(open_))
-        for k, i in enumerate(open_):
-            give = min(base + (k < extra), left[i] - parts[i])
+        fuller = set(sorted(open_, key=lambda i: (parts[i] - left[i], i))[:extra])
+        for i in open_:
+            give = min(base + (i in fuller), left[i] - parts[i])
             parts[i] += give
             total -= give
     return parts

@@ -338,12 +338,11 @@ NON_TRAINING_LEAVES = (
     "data.val",
     "data.cache_dir",  # where a corpus is cached is not what it holds (its digest says that)
     "data.dataset.cache_dir",
-    # data=shards: where the shards are read from and how they are cached, not what they are
-    # (their digest, the data set's identity, is checked on resume): a new node may read a copy
-    # in its own cloud, with another cache, and resume the same run.
+    # data=shards: how the shards are reached and cached, not which they are (their URL names
+    # them, and their digest is checked on resume): a new node with another endpoint, region,
+    # account or cache resumes the same run.
     "data.cache_limit_gb",
     "data.prefetch_steps",
-    "data.dataset.url",
     "data.dataset.cache_limit_gb",
     "data.dataset.endpoint_url",
     "data.dataset.region",

@@ -20,7 +20,8 @@ class DataWait:
         """The loader's batches; the time each took to arrive is counted."""
         dataset = getattr(loader, "dataset", None)
         if dataset is not self._dataset:
-            self._dataset, self._fetched_before = dataset, self._fetched()
+            self._dataset = dataset
+            self._fetched_before = self._fetched()
         return self._timed(iter(loader))
 
     def _timed(self, batches: Iterator) -> Iterator:

@@ -138,14 +138,13 @@ def test_run_id_is_stable_and_ignores_non_training_keys():
 
 
 def test_where_the_shards_are_read_from_and_cached_is_not_another_run():
-    """data=shards on a new node: another copy of the data set (its identity is checked on
-    resume), another cache limit or prefetch depth resume the same run; another order does not."""
+    """data=shards on a new node: another endpoint, region, account, cache limit or prefetch
+    depth resume the same run; another data set (URL) or order does not."""
     base = ["data=shards", "model.in_features=32", "data.dataset.url=s3://a/ds"]
     a = run_id_from_overrides(base)
     assert a == run_id_from_overrides(
         [
-            *base[:2],
-            "data.dataset.url=gs://b/copy",
+            *base,
             "data.dataset.endpoint_url=http://127.0.0.1:9000",
             "data.dataset.region=eu-west-1",
             "data.dataset.account=acct",
@@ -154,6 +153,7 @@ def test_where_the_shards_are_read_from_and_cached_is_not_another_run():
         ]
     )
     assert a != run_id_from_overrides([*base, "data.partitions=2"])
+    assert a != run_id_from_overrides([*base[:2], "data.dataset.url=s3://a/other"])
     assert len(a) == 12 and a.isalnum()
 
 

@@ -222,3 +222,16 @@ class _Steps:
 
     def remaining_plans(self):
         return itertools.islice(self.sampler.remaining_plans(), self.steps)
+
+
+def test_partitions_drain_together_when_the_batch_does_not_divide():
+    """A global batch of 10 over 4 partitions: the extra samples go to the streams with the
+    most left, so no stream runs ahead (each node keeps reading its own shards to the end)."""
+    ends = list(range(10, 401, 10))
+    sampler = ResumableBatchSampler(400, 10, seed=0, groups=ends, window=2, partitions=4)
+    for _ in range(35):
+        sampler.advance()
+        assert max(sampler.taken) - min(sampler.taken) <= 1, sampler.taken
+    for taken in ([100, 100, 100, 60], [110, 100, 90, 50], [350]):  # sum, bounds, count
+        with pytest.raises(ValueError, match="does not fit"):
+            sampler.load_state_dict({**sampler.state_dict(), "taken": taken})

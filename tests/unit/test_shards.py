@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import os
 import pickle
+import time
 
 import pytest
 import torch
 
 from spot.distributed.sampler import ResumableBatchSampler
-from spot.shards.dataset import DataUnavailable, ShardedDataset, prefetching
+from spot.shards.cache import DataUnavailable
+from spot.shards.dataset import ShardedDataset, prefetching
 from spot.shards.format import INDEX, ShardError, decode, encode
 from spot.shards.write import write
 from tests.e2e import test_s3
@@ -342,3 +344,71 @@ def test_data_write_takes_the_overrides_after_its_options(tmp_path, capsys):
     )
     assert "wrote 100 samples in" in capsys.readouterr().out
     assert len(ShardedDataset(str(out), cache_dir=str(tmp_path / "c"))) == 100
+
+
+RACING_READER = """
+import json, sys, time
+from pathlib import Path
+from spot.shards.dataset import ShardedDataset
+url, cache, endpoint, go = sys.argv[1:]
+read = ShardedDataset(url, cache_dir=cache, endpoint_url=endpoint)
+while not Path(go).exists():
+    time.sleep(0.005)
+for i in range(len(read)):
+    read[i]
+print(json.dumps(read.fetched_bytes), flush=True)
+"""
+
+
+def test_the_ranks_of_a_node_fetch_each_shard_once_between_them(s3_endpoint, bucket, tmp_path):
+    """Two processes reading the same shards from the bucket at the same moment, into one
+    cache directory (the ranks of a node in the partitioned order): each shard is downloaded
+    once on the node, the other process waiting for it and finding it there."""
+    import json
+    import subprocess
+    import sys
+
+    _, name = bucket
+    index = write(Samples(600), f"s3://{name}/ds", 2048, {"endpoint_url": s3_endpoint})
+    go = tmp_path / "go"
+    readers = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACING_READER, f"s3://{name}/ds", str(tmp_path / "cache")]
+            + [s3_endpoint, str(go)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    time.sleep(3)  # both have read the index and wait (a start line, not a measured time)
+    go.touch()
+    fetched = [json.loads(r.communicate(timeout=120)[0]) for r in readers]
+    assert sum(fetched) == sum(s["bytes"] for s in index["shards"]), fetched
+
+
+def test_a_reader_lets_go_of_shards_another_evicted_and_stale_files_are_removed(tmp_path):
+    """A shard another process evicted is dropped from this one's open files (its mapping
+    would keep the blocks on disk); a killed process's temporary download, an hour old, is
+    removed by the next reader of the directory, a recent one left; a shard missing from a
+    local data set is one line."""
+    write(Samples(), str(tmp_path / "shards"), 2048, {})
+    read = ShardedDataset(str(tmp_path / "shards"), cache_dir=str(tmp_path / "cache"))
+    first, later = read.locate(0)[0], read.locate(len(read) - 1)[0]
+    read[0]
+    (read.cache.directory / read.shards[first]["name"]).unlink()  # another reader's eviction
+    other = ShardedDataset(str(tmp_path / "shards"), cache_dir=str(tmp_path / "cache"))
+    other[len(read) - 1]  # ... which fetched the next shard this one reads: no fetch here
+    read[len(read) - 1]
+    assert first not in read.cache._open and later in read.cache._open
+
+    old, recent = read.cache.directory / ".fetch-old", read.cache.directory / ".fetch-recent"
+    old.write_bytes(b"x")
+    recent.write_bytes(b"x")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    ShardedDataset(str(tmp_path / "shards"), cache_dir=str(tmp_path / "cache"))
+    assert not old.exists() and recent.exists()
+
+    (tmp_path / "shards" / read.shards[1]["name"]).unlink()
+    fresh = ShardedDataset(str(tmp_path / "shards"), cache_dir=str(tmp_path / "other"))
+    with pytest.raises(ShardError, match=f"shard {read.shards[1]['name']} is missing from"):
+        fresh[read.shard_ends[0]]
