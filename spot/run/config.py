@@ -348,6 +348,10 @@ NON_TRAINING_LEAVES = (
     "data.dataset.region",
     "data.dataset.account",
 )
+# What names a run (its id: another value, another run) but is not compared with a checkpoint's
+# config: where a data set of shards is, whose digest the resume checks instead (a copy at
+# another URL resumes the run given its run.id).
+LOCATION_LEAVES = ("data.dataset.url",)
 
 
 def _target(key: str, node: Any) -> None:
@@ -520,7 +524,7 @@ def training_view(cfg: DictConfig) -> dict:
     container = OmegaConf.to_container(cfg, resolve=True)
     for key in NON_TRAINING_KEYS:
         container.pop(key, None)
-    for leaf in NON_TRAINING_LEAVES:
+    for leaf in (*NON_TRAINING_LEAVES, *LOCATION_LEAVES):
         *parents, name = leaf.split(".")
         node = container
         for part in parents:

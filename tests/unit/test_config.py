@@ -14,7 +14,14 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from spot.run.config import ConfigError, Settings, schema_defaults, schema_type, validate
+from spot.run.config import (
+    ConfigError,
+    Settings,
+    schema_defaults,
+    schema_type,
+    training_view,
+    validate,
+)
 from spot.run.exitcodes import EXIT_BAD_CONFIG
 from spot.run.identity import run_id_from_overrides
 from spot.run.preflight import validate_command_line
@@ -154,6 +161,10 @@ def test_where_the_shards_are_read_from_and_cached_is_not_another_run():
     )
     assert a != run_id_from_overrides([*base, "data.partitions=2"])
     assert a != run_id_from_overrides([*base[:2], "data.dataset.url=s3://a/other"])
+    # ... but a copy elsewhere, given the run's run.id, is not another training config:
+    shards = [*base[:2], "model.num_classes=2"]
+    here, there = (training_view(composed(*shards, f"data.dataset.url={u}")) for u in "ab")
+    assert here == there
     assert len(a) == 12 and a.isalnum()
 
 
