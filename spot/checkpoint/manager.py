@@ -78,15 +78,25 @@ def committed_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return committed
 
 
-def config_difference(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested config dicts."""
+def config_difference(
+    saved: dict, current: dict, prefix: str = "", defaults: dict | None = None
+) -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts. With `defaults` (the
+    schema's, same shape): a key the saved config lacks whose value is its default is no
+    difference (a key added to the template since, which keeps the old behaviour at its
+    default)."""
     keys = sorted(set(saved) | set(current))
     diffs = []
     for key in keys:
         a, b = saved.get(key), current.get(key)
-        dotted = f"{prefix}{key}"
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += config_difference(a, b, dotted + ".")
+        dotted, default = f"{prefix}{key}", (defaults or {}).get(key)
+        added = key not in saved and defaults is not None
+        if isinstance(b, dict) and (isinstance(a, dict) or added):
+            inner = default if isinstance(default, dict) else {}
+            inner = inner if defaults is not None else None
+            diffs += config_difference(a or {}, b, dotted + ".", inner)
+        elif added and key in defaults and b == default:
+            continue
         elif a != b:
             diffs.append(f"{dotted}: {a!r} -> {b!r}")
     return diffs
@@ -487,13 +497,16 @@ class CheckpointManager:
 
     # ---- loading --------------------------------------------------------------------------
 
-    def load_latest(self, config_digest: str, training_config: dict) -> LoadedCheckpoint | None:
+    def load_latest(
+        self, config_digest: str, training_config: dict, defaults: dict | None = None
+    ) -> LoadedCheckpoint | None:
         """The newest checkpoint that verifies, local or remote, loaded into memory; or None.
 
         A remote checkpoint newer than every local one is downloaded into the checkpoint
         directory, verified, and used. A corrupt one is reported and moved aside (local) or
         skipped (remote) with on_corrupt=previous, or stops the run (fail). A valid one written
-        by a different training config is refused: resuming it would train something else.
+        by a different training config is refused: resuming it would train something else
+        (one whose only differences are keys added since, at their `defaults`, is not).
         """
         # On node-local disks a sharded checkpoint is whole only in the bucket: each node's disk
         # holds its own ranks' shards, which the ranks read from there where they match.
@@ -541,15 +554,17 @@ class CheckpointManager:
                 if source == "local":
                     self._quarantine(path)
                 continue
+            saved = loaded.manifest.get("training_config", {})
             if loaded.manifest.get("config_digest") != config_digest:
-                diffs = config_difference(
-                    loaded.manifest.get("training_config", {}), training_config
-                )
-                raise CheckpointUnusable(
-                    f"checkpoint {path} was written by a different training config "
-                    f"({'; '.join(diffs[:4]) or 'digest differs'}); use another run.name/run.id "
-                    "or restore the config"
-                )
+                diffs = config_difference(saved, training_config, defaults=defaults)
+                if saved and not diffs:
+                    log.info("checkpoint %s: keys added since, at their defaults", path)
+                else:
+                    raise CheckpointUnusable(
+                        f"checkpoint {path} was written by a different training config "
+                        f"({'; '.join(diffs[:4]) or 'digest differs'}); use another "
+                        "run.name/run.id or restore the config"
+                    )
             self.last_committed_step = step  # a save at this step again would be a copy
             if self.meets_in_bucket:
                 self._abandon_newer(step)

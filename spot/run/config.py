@@ -519,6 +519,12 @@ def _try_optimizer_and_scheduler(cfg: DictConfig) -> None:
             raise ConfigError(key, message) from None
 
 
+def training_defaults() -> dict:
+    """The schema's defaults as `training_view` shows a config: what a key added to the
+    template since a checkpoint was written is taken to have been then."""
+    return training_view(OmegaConf.create(schema_defaults()))
+
+
 def training_view(cfg: DictConfig) -> dict:
     """The resolved config minus what does not change the training (for the config digest)."""
     container = OmegaConf.to_container(cfg, resolve=True)

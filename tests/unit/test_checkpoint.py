@@ -240,3 +240,19 @@ def test_spot_cli_lists_verifies_and_inspects(tmp_path):
         and "step: 10" in inspected.stdout
         and "w: (64, 64)" in inspected.stdout
     )
+
+
+def test_a_checkpoint_from_before_a_key_was_added_resumes_if_the_key_is_at_its_default(tmp_path):
+    """A checkpoint's config lacks a key the template added since (data.partitions): at its
+    default (the old behaviour) it resumes, though the digest differs; set otherwise it is a
+    different training config, refused naming the key."""
+    m = manager(tmp_path / "ck")
+    m.save(7, make_state(7), {"epoch": 0})
+    m.close()
+    defaults = {"lr": 0.001, "data": {"partitions": 1}}
+    now = {"lr": 0.1, "data": {"partitions": 1}}
+    assert m.load_latest("e" * 16, now, defaults).step == 7
+    with pytest.raises(CheckpointUnusable, match=r"data.partitions: None -> 2"):
+        m.load_latest("e" * 16, {**now, "data": {"partitions": 2}}, defaults)
+    with pytest.raises(CheckpointUnusable, match=r"data: None -> \{'partitions': 1\}"):
+        m.load_latest("e" * 16, now)  # (without the defaults: any new key is a difference)
