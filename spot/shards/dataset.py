@@ -24,6 +24,7 @@ never evicting what another live reader pinned).
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 from bisect import bisect_right
@@ -156,7 +157,8 @@ class ShardedDataset(Dataset):
 
 def prefetching(sampler, dataset, steps: int) -> Iterator[list[int]]:
     """The sampler's micro-batches, and before each step's first, the shards of this rank's next
-    `steps` steps asked for (a data set without `prefetch`: the sampler as it is)."""
+    `steps` steps asked for, into the next epoch's first ones at the end of this one (a data set
+    without `prefetch`: the sampler as it is)."""
     if not hasattr(dataset, "prefetch") or steps < 1:
         return sampler
     return _Prefetching(sampler, dataset, steps)
@@ -172,7 +174,17 @@ class _Prefetching:
     def __iter__(self) -> Iterator[list[int]]:
         plans = self.sampler.remaining_plans()
         window = deque(islice(plans, self.steps))
+        following: list | None = None  # the next epoch's first plans, once this one runs short
         while window:
-            self.dataset.prefetch(i for plan in window for batch in plan for i in batch)
+            ahead = list(window)
+            if len(ahead) < self.steps:
+                following = following if following is not None else self._next_epoch()
+                ahead += following[: self.steps - len(ahead)]
+            self.dataset.prefetch(i for plan in ahead for batch in plan for i in batch)
             yield from window.popleft()
             window.extend(islice(plans, 1))
+
+    def _next_epoch(self) -> list:
+        after = copy.copy(self.sampler)  # (its position and order are replaced, not mutated)
+        after.next_epoch()
+        return list(islice(after.remaining_plans(), self.steps))

@@ -412,3 +412,17 @@ def test_a_reader_lets_go_of_shards_another_evicted_and_stale_files_are_removed(
     fresh = ShardedDataset(str(tmp_path / "shards"), cache_dir=str(tmp_path / "other"))
     with pytest.raises(ShardError, match=f"shard {read.shards[1]['name']} is missing from"):
         fresh[read.shard_ends[0]]
+
+
+def test_at_the_end_of_an_epoch_the_next_one_s_first_shards_are_fetched_ahead(tmp_path):
+    """The prefetch window runs into the next epoch: its first step need not wait."""
+    write(Samples(), str(tmp_path / "shards"), 2048, {})
+    read = ShardedDataset(str(tmp_path / "shards"), cache_dir=str(tmp_path / "cache"))
+    sampler = ResumableBatchSampler(len(read), 8, seed=2, groups=read.shard_ends, window=2)
+    last_step = None
+    for plan in prefetching(sampler, read, steps=3):
+        last_step = {read.locate(i)[0] for i in plan}
+    sampler.next_epoch()
+    first_steps = {read.locate(i)[0] for plan in list(sampler)[:2] for i in plan}
+    assert not first_steps <= last_step  # (else this would show nothing)
+    assert first_steps | last_step == read.cache.pinned
