@@ -39,8 +39,8 @@ train: install ## a short CPU training on built-in synthetic data, with checkpoi
 # a file's shared fixtures are built once), then the multi-process and timing-measuring ones
 # (marked serial) alone, so no other test competes with their timeouts and ratios.
 test: install-test lint ## lint, then the whole test suite on CPU (what .ci/run calls)
-	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not serial"
-	$(BIN)/python -m pytest -m serial
+	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not serial" --durations=15
+	$(BIN)/python -m pytest -m serial --durations=10
 
 test-fast: install-test ## the unit tests while you work (tests/unit: no train.py runs, not multi-process)
 	$(BIN)/python -m pytest -n 2 tests/unit
