@@ -78,7 +78,11 @@ def make_loader(dataset, sampler, cfg, device: torch.device) -> DataLoader:
     """One epoch's batches in the sampler's order (it resumes mid-epoch at the saved position)."""
     return DataLoader(
         dataset,
-        batch_sampler=prefetching(sampler, dataset, cfg.data.prefetch_steps),  # data=shards
+        # data=shards: the shards of the next steps fetched ahead, and kept while the workers'
+        # queued batches (2 each: DataLoader's prefetch_factor) still read them
+        batch_sampler=prefetching(
+            sampler, dataset, cfg.data.prefetch_steps, in_flight=2 * cfg.data.num_workers
+        ),
         num_workers=cfg.data.num_workers,
         pin_memory=device.type == "cuda",
         generator=torch.Generator().manual_seed(cfg.seed),  # keeps the global RNG untouched

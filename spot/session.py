@@ -45,7 +45,7 @@ from spot.evaluation import evaluate, figure_names
 from spot.fsutil import atomic_write_bytes
 from spot.interruption import InterruptionMonitor
 from spot.job import Job
-from spot.run.config import ConfigError, one_line, training_defaults
+from spot.run.config import ConfigError, keys_added, one_line
 from spot.run.datawait import DataWait
 from spot.run.events import EventLog
 from spot.run.metrics import make_tracker, subscribe_metrics
@@ -191,7 +191,7 @@ class Session(contextlib.ExitStack):
         """Rank 0: what this attempt starts from."""
         try:
             loaded = self.checkpoints.load_latest(
-                self.job.digest, self.job.training_config, training_defaults()
+                self.job.digest, self.job.training_config, keys_added()
             )
         except CheckpointUnusable as exc:
             return Unusable(str(exc))

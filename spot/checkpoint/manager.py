@@ -79,23 +79,23 @@ def committed_checkpoints(root: Path) -> list[tuple[int, Path]]:
 
 
 def config_difference(
-    saved: dict, current: dict, prefix: str = "", defaults: dict | None = None
+    saved: dict, current: dict, prefix: str = "", added: dict | None = None
 ) -> list[str]:
-    """Dotted keys whose values differ between two nested config dicts. With `defaults` (the
-    schema's, same shape): a key the saved config lacks whose value is its default is no
-    difference (a key added to the template since, which keeps the old behaviour at its
-    default)."""
+    """Dotted keys whose values differ between two nested config dicts. With `added` (keys added
+    to the template since, each at the value that trains as before it existed: the same shape),
+    a key the saved config lacks that has that value (and type) here is no difference."""
     keys = sorted(set(saved) | set(current))
     diffs = []
     for key in keys:
         a, b = saved.get(key), current.get(key)
-        dotted, default = f"{prefix}{key}", (defaults or {}).get(key)
-        added = key not in saved and defaults is not None
-        if isinstance(b, dict) and (isinstance(a, dict) or added):
-            inner = default if isinstance(default, dict) else {}
-            inner = inner if defaults is not None else None
-            diffs += config_difference(a or {}, b, dotted + ".", inner)
-        elif added and key in defaults and b == default:
+        dotted, was = f"{prefix}{key}", (added or {}).get(key)
+        new = key not in saved and added is not None
+        if isinstance(a, dict) and isinstance(b, dict):
+            inner = was if isinstance(was, dict) else ({} if added is not None else None)
+            diffs += config_difference(a, b, dotted + ".", inner)
+        elif new and isinstance(b, dict) and isinstance(was, dict):
+            diffs += config_difference({}, b, dotted + ".", was)
+        elif new and key in added and b == was and type(b) is type(was):
             continue
         elif a != b:
             diffs.append(f"{dotted}: {a!r} -> {b!r}")
@@ -498,7 +498,7 @@ class CheckpointManager:
     # ---- loading --------------------------------------------------------------------------
 
     def load_latest(
-        self, config_digest: str, training_config: dict, defaults: dict | None = None
+        self, config_digest: str, training_config: dict, added: dict | None = None
     ) -> LoadedCheckpoint | None:
         """The newest checkpoint that verifies, local or remote, loaded into memory; or None.
 
@@ -506,7 +506,8 @@ class CheckpointManager:
         directory, verified, and used. A corrupt one is reported and moved aside (local) or
         skipped (remote) with on_corrupt=previous, or stops the run (fail). A valid one written
         by a different training config is refused: resuming it would train something else
-        (one whose only differences are keys added since, at their `defaults`, is not).
+        (one whose only differences are keys `added` to the template since, at the values that
+        train as before, is not).
         """
         # On node-local disks a sharded checkpoint is whole only in the bucket: each node's disk
         # holds its own ranks' shards, which the ranks read from there where they match.
@@ -556,9 +557,9 @@ class CheckpointManager:
                 continue
             saved = loaded.manifest.get("training_config", {})
             if loaded.manifest.get("config_digest") != config_digest:
-                diffs = config_difference(saved, training_config, defaults=defaults)
+                diffs = config_difference(saved, training_config, added=added)
                 if saved and not diffs:
-                    log.info("checkpoint %s: keys added since, at their defaults", path)
+                    log.info("checkpoint %s: keys added since, at their old values", path)
                 else:
                     raise CheckpointUnusable(
                         f"checkpoint {path} was written by a different training config "

@@ -519,10 +519,23 @@ def _try_optimizer_and_scheduler(cfg: DictConfig) -> None:
             raise ConfigError(key, message) from None
 
 
-def training_defaults() -> dict:
-    """The schema's defaults as `training_view` shows a config: what a key added to the
-    template since a checkpoint was written is taken to have been then."""
-    return training_view(OmegaConf.create(schema_defaults()))
+# Training keys added to the schema after checkpoints were written without them, each with the
+# value that trains as the template did before the key existed: a checkpoint whose config lacks
+# one resumes when this run has that value (anything else is another training config). Add a
+# key here when you add a training key to the schema.
+KEYS_ADDED = {"data.order": "uniform", "data.window_shards": 4, "data.partitions": 1}
+
+
+def keys_added() -> dict:
+    """KEYS_ADDED as nested dicts, the shape of `training_view`."""
+    nested: dict = {}
+    for dotted, value in KEYS_ADDED.items():
+        *parents, name = dotted.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[name] = value
+    return nested
 
 
 def training_view(cfg: DictConfig) -> dict:

@@ -13,15 +13,18 @@ DataLoader workers).
   (and unmaps) shards no longer on disk, so their blocks are freed.
 - **Readers.** Each process publishes what it pinned (`.pins-<id>`), and holds `.alive-<id>`
   locked while it lives: a reader whose lock is free is gone, and its pins with it. Locks, not
-  process ids: nodes sharing a directory, or containers with their own pid namespaces, cannot
+  process ids, and ids with a random part: containers with their own pid namespaces cannot
   mistake each other.
+
+The directory must be on a node-local disk: on NFS, flock is emulated with per-process POSIX
+locks (two threads of a process would both hold a stripe) and a shard another node deleted
+faults the mapping that reads it.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
-import itertools
 import json
 import logging
 import os
@@ -43,7 +46,6 @@ from spot.shards.format import ShardError, ShardFile
 log = logging.getLogger(__name__)
 STRIPES = 1024  # lock files for fetches across processes (never removed: a removed lock file
 # would let two processes each lock their own)
-STALE_SECONDS = 3600  # a temporary file this old is a killed process's
 
 
 class DataUnavailable(RuntimeError):
@@ -65,6 +67,7 @@ class ShardCache:
         self._used: OrderedDict[int, None] = OrderedDict()  # verified here, least recent first
         self._fresh()
         _remove_stale(self.directory)
+        self._readers.pinned_elsewhere()  # (and the files of readers gone go)
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -102,10 +105,13 @@ class ShardCache:
         if opened is None:
             self._forget_evicted()
             began = time.perf_counter()
-            try:
-                opened = ShardFile(self._ensure(shard))
-            except FileNotFoundError:  # another reader of the directory evicted it just now
-                opened = ShardFile(self._ensure(shard))
+            for attempt in range(1, 4):
+                try:
+                    opened = ShardFile(self._ensure(shard))
+                    break
+                except FileNotFoundError:  # another reader evicted it just now: fetch again
+                    if attempt == 3:
+                        raise
             self.waited_seconds += time.perf_counter() - began
             self._open[shard] = opened
         with self._lock:
@@ -162,15 +168,18 @@ class ShardCache:
         path, entry = self._path(shard), self.shards[shard]
         if shard in self._used and path.exists():
             return True
-        if path.exists() and _matches(path, entry):
-            with self._lock:
-                self._used.setdefault(shard, None)
-            return True
-        return False
+        try:
+            if not (path.exists() and _matches(path, entry)):
+                return False
+        except FileNotFoundError:  # evicted by another reader while being checked
+            return False
+        with self._lock:
+            self._used.setdefault(shard, None)
+        return True
 
     def _download(self, entry: dict, path: Path) -> None:
         for attempt in (1, 2):
-            part = self.directory / f".fetch-{entry['name']}-{uuid.uuid4().hex[:8]}"
+            part = self.directory / f".fetch+{self._readers.announce()}+{uuid.uuid4().hex[:8]}"
             try:
                 self.fetch(entry["name"], part)
                 if _matches(part, entry):
@@ -255,17 +264,12 @@ def _matches(path: Path, entry: dict) -> bool:
 
 
 def _remove_stale(directory: Path) -> None:
-    """Temporary files a killed process left (a download, a pins file being written)."""
-    before = time.time() - STALE_SECONDS
-    for path in itertools.chain(directory.glob(".fetch-*"), directory.glob(".pins-*.tmp")):
-        try:
-            if path.stat().st_mtime < before:
-                path.unlink()
-        except FileNotFoundError:
-            continue
-
-
-_IDS = itertools.count()  # tells apart the readers of one process (each data set's cache)
+    """Temporary files of readers gone (killed mid-download, or writing its pins): each is
+    named after its reader (`+<id>+`), whose `.alive-<id>` lock is free once it is gone. (Not
+    by age: a download hard-linked from a local data set keeps its source's old mtime.)"""
+    for path in directory.glob(".*+*+*"):
+        if not _lives(directory / f".alive-{path.name.split('+')[1]}"):
+            path.unlink(missing_ok=True)
 
 
 class Readers:
@@ -274,31 +278,32 @@ class Readers:
 
     def __init__(self, directory: Path):
         self.directory = directory
-        self.id = f"{socket.gethostname()}-{os.getpid()}-{next(_IDS)}"
+        self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self._alive = None  # the locked file that says this reader lives (from its first pins)
 
     def publish(self, pinned: set[int]) -> None:
-        if self._alive is None:
-            self._alive = self._announce()
-        part = self.directory / f".pins-{self.id}.tmp"
+        part = self.directory / f".pins+{self.announce()}+tmp"
         part.write_text(json.dumps(sorted(pinned)))
         os.replace(part, self.directory / f".pins-{self.id}")
 
-    def _announce(self):
-        """`.alive-<id>`, locked by this process while it lives (locked under a temporary
-        name first: a file visible unlocked would look like a dead reader's)."""
-        part = self.directory / f".alive-{self.id}.tmp"
-        alive = open(part, "wb")  # noqa: SIM115 (held open, locked, for the process's life)
-        fcntl.flock(alive, fcntl.LOCK_EX)
-        os.replace(part, self.directory / f".alive-{self.id}")
-        return alive
+    def announce(self) -> str:
+        """This reader's id, `.alive-<id>` locked by this process while it lives (created
+        locked: its lock is taken on the open file before the name appears, so no other reader
+        sees it unlocked and takes it for a gone reader's)."""
+        if self._alive is None:
+            part = self.directory / f".new-alive-{self.id}"  # (not a temporary file's name)
+            alive = open(part, "wb")  # noqa: SIM115 (held open, locked, for the process's life)
+            fcntl.flock(alive, fcntl.LOCK_EX)
+            os.replace(part, self.directory / f".alive-{self.id}")
+            self._alive = alive
+        return self.id
 
     def pinned_elsewhere(self) -> set[int]:
         """The shards the other live readers pinned; a gone reader's files are removed."""
         pinned: set[int] = set()
         for path in self.directory.glob(".pins-*"):
             other = path.name[len(".pins-") :]
-            if other == self.id or other.endswith(".tmp"):
+            if other == self.id:
                 continue
             if not _lives(self.directory / f".alive-{other}"):
                 path.unlink(missing_ok=True)

@@ -155,18 +155,20 @@ class ShardedDataset(Dataset):
         return state
 
 
-def prefetching(sampler, dataset, steps: int) -> Iterator[list[int]]:
+def prefetching(sampler, dataset, steps: int, in_flight: int = 0) -> Iterator[list[int]]:
     """The sampler's micro-batches, and before each step's first, the shards of this rank's next
-    `steps` steps asked for, into the next epoch's first ones at the end of this one (a data set
-    without `prefetch`: the sampler as it is)."""
+    `steps` steps asked for, into the next epoch's first ones at the end of this one; those of
+    the last `in_flight` micro-batches handed out stay pinned (DataLoader workers read them
+    after the sampler has moved on: num_workers x prefetch_factor). A data set without
+    `prefetch`: the sampler as it is."""
     if not hasattr(dataset, "prefetch") or steps < 1:
         return sampler
-    return _Prefetching(sampler, dataset, steps)
+    return _Prefetching(sampler, dataset, steps, in_flight)
 
 
 class _Prefetching:
-    def __init__(self, sampler, dataset, steps: int):
-        self.sampler, self.dataset, self.steps = sampler, dataset, steps
+    def __init__(self, sampler, dataset, steps: int, in_flight: int):
+        self.sampler, self.dataset, self.steps, self.in_flight = sampler, dataset, steps, in_flight
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -174,14 +176,18 @@ class _Prefetching:
     def __iter__(self) -> Iterator[list[int]]:
         plans = self.sampler.remaining_plans()
         window = deque(islice(plans, self.steps))
+        handed: deque[list[int]] = deque(maxlen=self.in_flight)  # (0: keeps none)
         following: list | None = None  # the next epoch's first plans, once this one runs short
         while window:
             ahead = list(window)
             if len(ahead) < self.steps:
                 following = following if following is not None else self._next_epoch()
                 ahead += following[: self.steps - len(ahead)]
-            self.dataset.prefetch(i for plan in ahead for batch in plan for i in batch)
-            yield from window.popleft()
+            plans_needed = [list(handed), *ahead]  # (handed: micro-batches, as a plan is)
+            self.dataset.prefetch(i for plan in plans_needed for batch in plan for i in batch)
+            for batch in window.popleft():
+                handed.append(batch)
+                yield batch
             window.extend(islice(plans, 1))
 
     def _next_epoch(self) -> list:

@@ -211,8 +211,11 @@ def test_from_a_bucket_2_then_3_then_1_ranks_with_sigkills_read_each_sample_once
         "elastic.reference_world_size=2",
     ]
     env = test_s3.env()
-    assert run_until_failpoint([*args, *ranks(2)], "train.step@step=12", markers, env=env) == 12
-    assert run_until_failpoint([*args, *ranks(3)], "train.step@step=17", markers, env=env) == 17
+    # Each killed once its checkpoint is committed (else the next world resumes from the one
+    # before, and the world-size changes are not those the test names).
+    for world, step in ((2, 10), (3, 15)):
+        at = f"checkpoint.committed@step={step}"
+        assert run_until_failpoint([*args, *ranks(world)], at, markers, env=env) == step
     result = run_train([*args, *ranks(1)], env=env, timeout=240)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     run_dir = run_dir_of(tmp_path / "runs")

@@ -242,17 +242,23 @@ def test_spot_cli_lists_verifies_and_inspects(tmp_path):
     )
 
 
-def test_a_checkpoint_from_before_a_key_was_added_resumes_if_the_key_is_at_its_default(tmp_path):
-    """A checkpoint's config lacks a key the template added since (data.partitions): at its
-    default (the old behaviour) it resumes, though the digest differs; set otherwise it is a
-    different training config, refused naming the key."""
+def test_a_checkpoint_from_before_a_key_was_added_resumes_at_the_key_s_old_value(tmp_path):
+    """A checkpoint's config lacks a key the template added since (data.partitions): at the
+    value that trains as before (KEYS_ADDED) it resumes, though the digest differs; any other
+    value, another type, or a new key not in the table is a different training config."""
+    from spot.run.config import keys_added
+
     m = manager(tmp_path / "ck")
     m.save(7, make_state(7), {"epoch": 0})
     m.close()
-    defaults = {"lr": 0.001, "data": {"partitions": 1}}
-    now = {"lr": 0.1, "data": {"partitions": 1}}
-    assert m.load_latest("e" * 16, now, defaults).step == 7
-    with pytest.raises(CheckpointUnusable, match=r"data.partitions: None -> 2"):
-        m.load_latest("e" * 16, {**now, "data": {"partitions": 2}}, defaults)
-    with pytest.raises(CheckpointUnusable, match=r"data: None -> \{'partitions': 1\}"):
-        m.load_latest("e" * 16, now)  # (without the defaults: any new key is a difference)
+    now = {"lr": 0.1, "data": {"partitions": 1, "order": "uniform"}}
+    assert m.load_latest("e" * 16, now, keys_added()).step == 7
+    for data, named in (
+        ({"partitions": 2}, r"data.partitions: None -> 2"),
+        ({"partitions": True}, r"data.partitions: None -> True"),
+        ({"partitions": 1, "new": {}}, r"data.new: None -> \{\}"),
+    ):
+        with pytest.raises(CheckpointUnusable, match=named):
+            m.load_latest("e" * 16, {**now, "data": data}, keys_added())
+    with pytest.raises(CheckpointUnusable, match=r"data: None -> \{"):
+        m.load_latest("e" * 16, now)  # (without the table: any new key is a difference)

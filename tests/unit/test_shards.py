@@ -388,9 +388,9 @@ def test_the_ranks_of_a_node_fetch_each_shard_once_between_them(s3_endpoint, buc
 
 def test_a_reader_lets_go_of_shards_another_evicted_and_stale_files_are_removed(tmp_path):
     """A shard another process evicted is dropped from this one's open files (its mapping
-    would keep the blocks on disk); a killed process's temporary download, an hour old, is
-    removed by the next reader of the directory, a recent one left; a shard missing from a
-    local data set is one line."""
+    would keep the blocks on disk); a killed reader's temporary download is removed by the next
+    reader of the directory, a live one's left; a shard missing from a local data set is one
+    line."""
     write(Samples(), str(tmp_path / "shards"), 2048, {})
     read = ShardedDataset(str(tmp_path / "shards"), cache_dir=str(tmp_path / "cache"))
     first, later = read.locate(0)[0], read.locate(len(read) - 1)[0]
@@ -401,12 +401,13 @@ def test_a_reader_lets_go_of_shards_another_evicted_and_stale_files_are_removed(
     read[len(read) - 1]
     assert first not in read.cache._open and later in read.cache._open
 
-    old, recent = read.cache.directory / ".fetch-old", read.cache.directory / ".fetch-recent"
-    old.write_bytes(b"x")
-    recent.write_bytes(b"x")
-    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    folder = read.cache.directory
+    gone = folder / ".fetch+host-1-dead+0a1b"  # a download of a reader killed: no .alive lock
+    mine = folder / f".fetch+{read.cache._readers.announce()}+2c3d"  # a live reader's, in progress
+    gone.write_bytes(b"x")
+    mine.write_bytes(b"x")
     ShardedDataset(str(tmp_path / "shards"), cache_dir=str(tmp_path / "cache"))
-    assert not old.exists() and recent.exists()
+    assert not gone.exists() and mine.exists()
 
     (tmp_path / "shards" / read.shards[1]["name"]).unlink()
     fresh = ShardedDataset(str(tmp_path / "shards"), cache_dir=str(tmp_path / "other"))
@@ -426,3 +427,16 @@ def test_at_the_end_of_an_epoch_the_next_one_s_first_shards_are_fetched_ahead(tm
     first_steps = {read.locate(i)[0] for plan in list(sampler)[:2] for i in plan}
     assert not first_steps <= last_step  # (else this would show nothing)
     assert first_steps | last_step == read.cache.pinned
+
+
+def test_the_batches_data_loader_workers_still_hold_keep_their_shards_pinned(tmp_path):
+    """A DataLoader with workers takes micro-batches from the sampler ahead of reading them:
+    the shards of the last `in_flight` handed out stay pinned after the sampler moved on."""
+    write(Samples(), str(tmp_path / "shards"), 2048, {})
+    read = ShardedDataset(str(tmp_path / "shards"), cache_dir=str(tmp_path / "cache"))
+    sampler = ResumableBatchSampler(len(read), 8, seed=2, groups=read.shard_ends, window=1)
+    batches = iter(prefetching(sampler, read, steps=1, in_flight=3))
+    handed = [next(batches) for _ in range(5)]
+    shards = [{read.locate(i)[0] for i in batch} for batch in handed]
+    assert not set().union(*shards[1:4]) <= shards[4]  # (else this would show nothing)
+    assert set().union(*shards[1:]) == read.cache.pinned  # the 3 before the step handed out
