@@ -67,7 +67,6 @@ class ShardCache:
         self._used: OrderedDict[int, None] = OrderedDict()  # verified here, least recent first
         self._fresh()
         _remove_stale(self.directory)
-        self._readers.pinned_elsewhere()  # (and the files of readers gone go)
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -270,6 +269,10 @@ def _remove_stale(directory: Path) -> None:
     for path in directory.glob(".*+*+*"):
         if not _lives(directory / f".alive-{path.name.split('+')[1]}"):
             path.unlink(missing_ok=True)
+    for alive in directory.glob(".alive-*"):  # (a reader that fetched but never pinned)
+        if not _lives(alive):
+            (directory / f".pins-{alive.name[len('.alive-') :]}").unlink(missing_ok=True)
+            alive.unlink(missing_ok=True)
 
 
 class Readers:
@@ -279,7 +282,7 @@ class Readers:
     def __init__(self, directory: Path):
         self.directory = directory
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-        self._alive = None  # the locked file that says this reader lives (from its first pins)
+        self._alive = None  # the locked file that says this reader lives (from its first need)
 
     def publish(self, pinned: set[int]) -> None:
         part = self.directory / f".pins+{self.announce()}+tmp"

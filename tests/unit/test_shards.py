@@ -404,10 +404,12 @@ def test_a_reader_lets_go_of_shards_another_evicted_and_stale_files_are_removed(
     folder = read.cache.directory
     gone = folder / ".fetch+host-1-dead+0a1b"  # a download of a reader killed: no .alive lock
     mine = folder / f".fetch+{read.cache._readers.announce()}+2c3d"  # a live reader's, in progress
-    gone.write_bytes(b"x")
-    mine.write_bytes(b"x")
+    left = [folder / ".alive-host-1-dead", folder / ".pins-host-1-dead"]  # its announcement
+    for path in (gone, mine, *left):
+        path.write_bytes(b"[]")
     ShardedDataset(str(tmp_path / "shards"), cache_dir=str(tmp_path / "cache"))
-    assert not gone.exists() and mine.exists()
+    assert not any(p.exists() for p in (gone, *left)) and mine.exists()
+    assert (folder / f".alive-{read.cache._readers.id}").exists()
 
     (tmp_path / "shards" / read.shards[1]["name"]).unlink()
     fresh = ShardedDataset(str(tmp_path / "shards"), cache_dir=str(tmp_path / "other"))
