@@ -53,13 +53,16 @@ class DataUnavailable(RuntimeError):
 
 
 class ShardCache:
-    """`fetch(name, target)` downloads one shard; `shards` are the index's entries."""
+    """`fetch(name, target)` downloads one shard; `shards` are the index's entries; `threads`
+    fetch ahead."""
 
-    def __init__(self, directory: Path, limit: int, fetch: Callable, shards: list[dict]):
+    def __init__(
+        self, directory: Path, limit: int, fetch: Callable, shards: list[dict], threads: int = 4
+    ):
         self.directory, self.limit, self.fetch, self.shards = directory, limit, fetch, shards
         self._numbers = {shard["name"]: number for number, shard in enumerate(shards)}
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.threads = 4
+        self.threads = threads  # fetching ahead
         self.pinned: set[int] = set()
         self.fetched_bytes = 0  # downloaded by this process
         self.waited_seconds = 0.0  # reads that waited for a fetch

@@ -60,7 +60,6 @@ class ShardedDataset(Dataset):
             raise ValueError("url is not set: the shards' directory or s3://, gs://, az:// URL")
         self.url = url.rstrip("/")
         self.remote = {"endpoint_url": endpoint_url, "region": region, "account": account}
-        self.prefetch_threads = prefetch_threads
         self.transform = transform
         self._bucket, self._prefix = None, ""
         body = self._read_index()
@@ -71,8 +70,9 @@ class ShardedDataset(Dataset):
             total += int(shard["samples"])
             self._ends.append(total)
         cache = Path(cache_dir).expanduser() / self.index["digest"][:32]
-        self.cache = ShardCache(cache, int(cache_limit_gb * GiB), self._download, self.shards)
-        self.cache.threads = prefetch_threads
+        self.cache = ShardCache(
+            cache, int(cache_limit_gb * GiB), self._download, self.shards, prefetch_threads
+        )
 
     # ---- the data set -----------------------------------------------------------------------
 
